@@ -1,0 +1,148 @@
+"""PixelDiT: a patch-level DiT (or MM-DiT) for semantics plus pixel-level PiT blocks for detail.
+
+The network maps a noisy image x_t (B, 3, H, W), a time t in [0, 1] and a condition to a velocity of
+the same shape as x_t. H and W may be any multiples of the patch size p (2D RoPE on the patch grid).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import LabelEmbedder, RMSNorm, TimestepEmbedder, rope_2d
+from .patch_blocks import MMDiTBlock, PatchBlock
+from .pixel_blocks import PiTBlock, PixelEmbed, PixelHead, patchify_pixels, unpatchify_pixels
+from .sizes import ModelArgs
+
+
+class PixelDiT(nn.Module):
+    """Dual-level pixel diffusion transformer; class-conditional or text-to-image per ``args.conditioning``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        D, p = args.hidden_size, args.patch_size
+        self.patch_embed = nn.Linear(p * p * args.in_channels, D)
+        self.t_embed = TimestepEmbedder(D)
+        if args.conditioning == "class":
+            self.y_embed = LabelEmbedder(args.num_classes, D)
+            self.patch_blocks = nn.ModuleList(
+                [PatchBlock(D, args.num_heads, args.mlp_hidden, args.qk_norm) for _ in range(args.depth)]
+            )
+        else:
+            self.text_proj = nn.Sequential(RMSNorm(args.text_dim), nn.Linear(args.text_dim, D))
+            self.patch_blocks = nn.ModuleList(
+                [MMDiTBlock(D, args.num_heads, args.mlp_hidden, args.qk_norm, last=i == args.depth - 1)
+                 for i in range(args.depth)]
+            )
+        self.pixel_embed = PixelEmbed(args.in_channels, args.pixel_dim, p)
+        self.pixel_blocks = nn.ModuleList(
+            [PiTBlock(D, args.pixel_dim, p, args.attn_dim, args.attn_heads, args.pixel_mlp_ratio, args.qk_norm)
+             for _ in range(args.pixel_depth)]
+        )
+        self.head = PixelHead(args.pixel_dim, args.in_channels)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation in one place (works on the meta device and under ZeRO-3 init).
+
+        - every Linear: Xavier-uniform weight, zero bias (DiT);
+        - timestep MLP and label table: N(0, 0.02);
+        - AdaLN-Zero modulation of patch blocks and per-pixel AdaLN of PiT blocks: zero, so every
+          block starts as the identity;
+        - output head linear: zero, so a fresh model predicts exactly zero velocity.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        if hasattr(self, "y_embed"):
+            nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        for m in self.modules():
+            if m.__class__.__name__ in ("AdaLNZero", "PixelwiseAdaLN"):
+                nn.init.zeros_(m.linear.weight)
+                nn.init.zeros_(m.linear.bias)
+        nn.init.zeros_(self.head.linear.weight)
+        nn.init.zeros_(self.head.linear.bias)
+
+    def null_condition(self, batch: int, device=None) -> dict[str, torch.Tensor]:
+        """Class-conditional: the null-class ids for classifier-free guidance."""
+        if self.args.conditioning != "class":
+            raise ValueError("null_condition is for class-conditional models; text models take the encoder's empty-prompt embedding")
+        return {"y": torch.full((batch,), self.args.num_classes, dtype=torch.long, device=device)}
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        p = self.args.patch_size
+        if x.dim() != 4 or x.shape[1] != self.args.in_channels or x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(
+                f"expected images (B, {self.args.in_channels}, H, W) with H, W multiples of patch size {p}; got {tuple(x.shape)}"
+            )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        return_features_at: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Predict the velocity.
+
+        x: (B, 3, H, W) noisy image; t: (B,) time in [0, 1];
+        y: (B,) class ids (class-conditional; ``num_classes`` is the null class);
+        context: (B, T, text_dim) text-encoder states and context_mask: (B, T) bool (text-to-image);
+        return_features_at: 1-based patch block whose image-token output (B, L, D) is also returned (REPA).
+        Returns v (B, 3, H, W), or (v, features) when return_features_at is set.
+        """
+        self._check_input(x)
+        a = self.args
+        B, _, H, W = x.shape
+        p = a.patch_size
+        gh, gw = H // p, W // p
+        rope_patch = rope_2d(a.hidden_size // a.num_heads, gh, gw, device=x.device)  # 2 x (L, hd)
+        rope_pixel = rope_2d(a.attn_dim // a.attn_heads, gh, gw, device=x.device)  # 2 x (L, hd_pix)
+
+        t_emb = self.t_embed(t)  # (B, D)
+        s = self.patch_embed(patchify_pixels(x, p).reshape(B, gh * gw, -1))  # (B, L, D)
+        features = None
+        if a.conditioning == "class":
+            if y is None:
+                raise ValueError("class-conditional PixelDiT needs y (B,) class ids")
+            c = F.silu(t_emb + self.y_embed(y))  # (B, D)
+            for i, block in enumerate(self.patch_blocks):
+                s = block(s, c, rope_patch)  # (B, L, D)
+                if return_features_at == i + 1:
+                    features = s
+        else:
+            if context is None:
+                raise ValueError("text-to-image PixelDiT needs context (B, T, text_dim) text-encoder states")
+            txt = self.text_proj(context)  # (B, T, D)
+            c = F.silu(t_emb)  # (B, D): both streams modulated by the timestep only
+            for i, block in enumerate(self.patch_blocks):
+                s, txt = block(s, txt, c, rope_patch, context_mask)  # (B, L, D), (B, T, D)
+                if return_features_at == i + 1:
+                    features = s
+
+        s_cond = F.silu(t_emb[:, None, :] + s).reshape(B * gh * gw, a.hidden_size)  # (B*L, D)
+        pix = self.pixel_embed(x)  # (B*L, p*p, Dp)
+        for block in self.pixel_blocks:
+            pix = block(pix, s_cond, B, rope_pixel)  # (B*L, p*p, Dp)
+        v = unpatchify_pixels(self.head(pix), B, H, W, p)  # (B, 3, H, W)
+        if return_features_at is not None:
+            if features is None:
+                raise ValueError(f"return_features_at={return_features_at} outside 1..{a.depth}")
+            return v, features
+        return v
+
+
+def build_model(args: ModelArgs, device: torch.device | str | None = None) -> PixelDiT:
+    """Build a PixelDiT; ``device="meta"`` builds it without allocating weights."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return PixelDiT(args)

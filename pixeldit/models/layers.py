@@ -80,19 +80,24 @@ class Attention(nn.Module):
     attend jointly.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, out_proj: bool = True):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, kv_only: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.kv_only = kv_only  # a stream that only provides keys/values (no queries, no output)
+        self.qkv = nn.Linear(dim, (2 if kv_only else 3) * dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm and not kv_only else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim) if out_proj else None
+        self.proj = None if kv_only else nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L, C) -> q, k, v each (B, heads, L, hd), q/k normalised."""
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(B, L, C) -> q, k, v each (B, heads, L, hd), q/k normalised (q is None when kv_only)."""
         B, L, _ = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, L, hd)
+        n = 2 if self.kv_only else 3
+        qkv = self.qkv(x).view(B, L, n, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (n, B, h, L, hd)
+        if self.kv_only:
+            k, v = qkv.unbind(0)
+            return None, self.k_norm(k), v
         q, k, v = qkv.unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 

@@ -27,14 +27,14 @@ class AdaLNZero(nn.Module):
 class PatchBlock(nn.Module):
     """DiT block on patch tokens: the same per-feature AdaLN parameters for every token.
 
-    ``pre_only=True`` keeps only what produces keys/values (AdaLN shift/scale, norm, QKV): the text
-    stream of the last MM-DiT block, whose outputs nothing reads (as in SD3).
+    ``pre_only=True`` keeps only what produces keys/values (AdaLN shift/scale, norm, K/V projection):
+    the text stream of the last MM-DiT block, whose outputs nothing reads.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: bool = True, pre_only: bool = False):
         super().__init__()
         self.norm1 = RMSNorm(dim, affine=False)
-        self.attn = Attention(dim, num_heads, qk_norm, out_proj=not pre_only)
+        self.attn = Attention(dim, num_heads, qk_norm, kv_only=pre_only)
         self.adaln = AdaLNZero(dim, n=2 if pre_only else 6)
         if not pre_only:
             self.norm2 = RMSNorm(dim, affine=False)
@@ -75,12 +75,13 @@ class MMDiTBlock(nn.Module):
         qi, ki, vi = self.img.attn.qkv_heads(modulate(self.img.norm1(x), mi[0], mi[1]))  # (B, h, L, hd)
         qt, kt, vt = self.txt.attn.qkv_heads(modulate(self.txt.norm1(txt), mt[0], mt[1]))  # (B, h, T, hd)
         qi, ki = apply_rope(qi, *rope), apply_rope(ki, *rope)
-        q, k, v = torch.cat([qi, qt], 2), torch.cat([ki, kt], 2), torch.cat([vi, vt], 2)  # (B, h, L+T, hd)
+        k, v = torch.cat([ki, kt], 2), torch.cat([vi, vt], 2)  # (B, h, L+T, hd)
+        q = qi if self.last else torch.cat([qi, qt], 2)  # (B, h, L[+T], hd): last block: image queries only
         mask = None
         if text_mask is not None:
             keep_img = torch.ones(x.shape[0], L, dtype=torch.bool, device=x.device)
             mask = torch.cat([keep_img, text_mask.bool()], dim=1)[:, None, None, :]  # (B, 1, 1, L+T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)  # (B, L+T, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)  # (B, L[+T], D)
         x = x + mi[2] * self.img.attn.proj(out[:, :L])  # (B, L, D)
         x = x + mi[5] * self.img.mlp(modulate(self.img.norm2(x), mi[3], mi[4]))  # (B, L, D)
         if self.last:  # nothing reads the text stream after the last block

@@ -21,12 +21,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., C)
-        if self.weight is not None:
-            x = x * self.weight.float()
-        return x.to(dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)  # (..., C)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,126 @@
+"""Conditions of a batch and the frozen networks that make them (outside the DeepSpeed engine).
+
+``build_conditioner`` returns a callable ``batch -> (cond, null_cond)``, the model's keyword arguments:
+ - class-conditional: ``{"y": (B,) class ids}`` from the ``label`` column; null = the null class id;
+ - text-to-image, ``conditioning.text_mode=online``: the frozen ``TextEncoder`` encodes the captions of
+   every batch: ``{"context": (B, T, C), "context_mask": (B, T) bool}``; null = the empty-prompt embedding;
+ - text-to-image, ``text_mode=cached``: embeddings precomputed per shard (``TextEmbeddingCache``, checked
+   against the encoder fingerprint) looked up by (shard, sample_index); null = the cache's null embedding.
+   The encoder is loaded only if ``conditioning.text_encoder`` is set (for the preview prompts); without
+   it, previews use the captions of the first batch.
+``build_teacher`` loads the frozen DINOv2 teacher when any stage uses REPA (else None).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pixeldit.models import ModelArgs
+
+from .config import RunConfig
+
+Cond = dict[str, torch.Tensor]
+
+
+class ClassConditioner:
+    def __init__(self, num_classes: int, device: torch.device):
+        self.num_classes, self.device = num_classes, device
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[Cond, Cond]:
+        y = batch["label"].to(self.device)  # (B,)
+        return {"y": y}, {"y": torch.full_like(y, self.num_classes)}
+
+    def for_prompts(self, count: int) -> tuple[Cond, Cond]:
+        """Conditions of a preview grid: classes 0, 1, ... (mod num_classes)."""
+        y = torch.arange(count, device=self.device) % self.num_classes
+        return {"y": y}, {"y": torch.full_like(y, self.num_classes)}
+
+
+class TextConditioner:
+    """Captions -> text-encoder states, online (``encoder``) or from the embedding cache (``cache``)."""
+
+    def __init__(self, device: torch.device, encoder=None, cache=None, preview_prompts: list[str] | None = None):
+        if encoder is None and cache is None:
+            raise ValueError("text conditioning needs a text encoder or an embedding cache")
+        self.device, self.encoder, self.cache = device, encoder, cache
+        self.preview_prompts = preview_prompts or []
+        self._first: Cond | None = None  # first batch's condition: preview fallback without an encoder
+
+    def _pack(self, emb: torch.Tensor, mask: torch.Tensor) -> Cond:
+        return {"context": emb.to(self.device), "context_mask": mask.to(self.device)}  # (B, T, C), (B, T)
+
+    def null(self, batch_size: int) -> Cond:
+        source = self.cache if self.cache is not None else self.encoder
+        emb, mask = source.null(batch_size) if source is self.cache else source.encode_null(batch_size)
+        return self._pack(emb, mask)
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[Cond, Cond]:
+        if self.cache is not None:
+            cond = self._pack(*self.cache.lookup(batch["shard"], batch["sample_index"]))
+        else:
+            cond = self._pack(*self.encoder.encode(batch["caption"]))
+        if self._first is None:
+            self._first = {k: v.detach().clone() for k, v in cond.items()}
+        return cond, self.null(len(batch["caption"]))
+
+    def for_prompts(self, count: int) -> tuple[Cond, Cond]:
+        if self.encoder is not None and self.preview_prompts:
+            prompts = [self.preview_prompts[i % len(self.preview_prompts)] for i in range(count)]
+            cond = self._pack(*self.encoder.encode(prompts))
+        elif self._first is not None:
+            idx = torch.arange(count) % self._first["context"].shape[0]
+            cond = {k: v[idx.to(v.device)] for k, v in self._first.items()}
+        else:
+            raise RuntimeError("no preview prompts: set conditioning.text_encoder or train one step first")
+        return cond, self.null(count)
+
+
+def resolved_system_prompt(cfg: RunConfig, args: ModelArgs) -> str:
+    """The system prompt a text model is trained with ("" for class models), for checkpoint metadata."""
+    if args.conditioning == "class":
+        return ""
+    from pixeldit.diffusion import DEFAULT_SYSTEM_PROMPT
+
+    return DEFAULT_SYSTEM_PROMPT if cfg.conditioning.system_prompt is None else cfg.conditioning.system_prompt
+
+
+def load_text_encoder(cfg: RunConfig, args: ModelArgs, device: torch.device):
+    """The frozen TextEncoder of a text-to-image run (None for class models or a cache-only run)."""
+    c = cfg.conditioning
+    if args.conditioning == "class" or not c.text_encoder:
+        return None
+    from pixeldit.diffusion import TextEncoder
+
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" and device.type == "cuda" else torch.float32
+    encoder = TextEncoder.from_pretrained(c.text_encoder, system_prompt=c.system_prompt, max_length=args.text_len,
+                                          dtype=dtype, device=device)
+    if encoder.dim != args.text_dim:
+        raise ValueError(f"conditioning.text_encoder {c.text_encoder} has width {encoder.dim} but the model "
+                         f"expects text_dim={args.text_dim}; set model.overrides.text_dim={encoder.dim}")
+    return encoder
+
+
+def build_conditioner(cfg: RunConfig, args: ModelArgs, device: torch.device, stage_index: int, encoder=None):
+    """Conditioner of stage ``stage_index`` (the embedding cache belongs to the stage's dataset)."""
+    if args.conditioning == "class":
+        return ClassConditioner(args.num_classes, device)
+    c = cfg.conditioning
+    cache = None
+    if c.text_mode == "cached":
+        from pixeldit.diffusion import TextEmbeddingCache
+
+        expect = encoder.fingerprint() if encoder is not None else {
+            "system_prompt": resolved_system_prompt(cfg, args), "max_length": args.text_len, "dim": args.text_dim}
+        root = c.embedding_cache or cfg.stages[stage_index].data_path.rstrip("/") + "/text_emb"
+        cache = TextEmbeddingCache(root, expect=expect, storage_options=cfg.data.storage_options)
+    return TextConditioner(device, encoder, cache, cfg.logging.image_prompts)
+
+
+def build_teacher(cfg: RunConfig, device: torch.device):
+    """The frozen DINOv2 teacher for REPA, or None when no stage uses REPA."""
+    if not cfg.uses_repa:
+        return None
+    from pixeldit.diffusion import DinoV2Teacher
+
+    return DinoV2Teacher.from_pretrained(cfg.conditioning.repa_teacher).to(device).eval()

@@ -1,0 +1,376 @@
+"""The one typed run configuration of a training run.
+
+A ``RunConfig`` tree of dataclasses is built from defaults, then a YAML file, then dotted CLI overrides
+(``stages.1.lr=5e-5``; CLI > file > defaults), validated up front and saved into the run folder
+(``{run_dir}/config.yaml``). The progressive curriculum is ``stages``: a list of ``StageConfig``, each with
+its own steps, batch, LR, data path, bucket table and time shift. DeepSpeed settings that also live here
+(micro batch, accumulation, precision, gradient clipping) are filled into / checked against the ZeRO JSON
+in ``ds_configs/`` by ``pixeldit.train.engine.build_ds_config``.
+
+Example (YAML)::
+
+    run_dir: runs/t2i
+    model: {size: T2I}
+    deepspeed: {zero: zero2, precision: bf16}
+    stages:
+      - {name: s512-fixed, steps: 100000, data_path: s3://bkt/data, resolution: 512, buckets: fixed,
+         micro_batch: 32, lr: 1.0e-4, warmup_steps: 2000, shift: 3.0, repa: true}
+      - {name: s512-aspect, steps: 50000, data_path: s3://bkt/data, resolution: 512, buckets: aspect, shift: 3.0}
+      - {name: s1024, steps: 30000, data_path: s3://bkt/data, resolution: 1024, buckets: aspect,
+         micro_batch: 8, lr: 5.0e-5, shift: 4.0, grad_checkpointing: true}
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pixeldit.models import MODEL_SIZES, ModelArgs, get_model_args
+
+BucketMode = Literal["fixed", "aspect"]
+Schedule = Literal["constant", "cosine"]
+Precision = Literal["bf16", "fp32"]
+ZeroConfig = Literal["zero1", "zero2", "zero3", "zero3_offload"]
+WandbMode = Literal["offline", "online", "disabled"]
+TextMode = Literal["online", "cached"]
+OptimizerName = Literal["adamw"]
+SamplerName = Literal["euler", "heun", "flow_dpm"]  # pixeldit.diffusion.samplers
+
+
+@dataclass
+class ModelConfig:
+    size: str = "debug"  # a key of pixeldit.models.MODEL_SIZES
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields, e.g. {text_dim: 384}
+
+    def args(self) -> ModelArgs:
+        return get_model_args(self.size, **self.overrides)
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage: the trainer runs ``steps`` optimizer steps, then moves to the next stage."""
+
+    name: str = "stage0"
+    steps: int = 1000
+    data_path: str = ""  # dataset root written by data_pipeline (local folder or s3://bucket/prefix)
+    resolution: int = 256  # base resolution of the bucket table
+    buckets: BucketMode = "fixed"  # fixed: every image center-cropped to resolution^2; aspect: ratio buckets
+    bucket_align: int = 32  # bucket sides are multiples of this (bucket_table(resolution, bucket_align))
+    micro_batch: int = 32  # images per rank per micro step
+    grad_accum: int = 1  # micro steps per optimizer step
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warmup at the start of this stage
+    schedule: Schedule = "constant"  # after warmup: constant, or cosine down to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0
+    shift: float = 1.0  # timestep shift (SD3-style resolution shift)
+    repa: bool = False  # REPA loss on in this stage
+    grad_checkpointing: bool = False  # activation checkpointing of patch and PiT blocks
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 = off)
+
+
+@dataclass
+class ObjectiveSection:
+    """Fields of pixeldit.diffusion.objective.ObjectiveConfig that do not change per stage (shift does)."""
+
+    t_mean: float = 0.0  # logit-normal timestep sampling
+    t_std: float = 1.0
+    repa_weight: float = 0.5
+    cond_drop_prob: float = 0.1  # classifier-free guidance dropout
+
+
+@dataclass
+class DeepSpeedSection:
+    zero: ZeroConfig = "zero2"  # ds_configs/{zero}.json
+    config_dir: str = ""  # folder of the ZeRO JSON files; empty: the repository's ds_configs/
+    precision: Precision = "bf16"
+
+
+@dataclass
+class DataSection:
+    num_workers: int = 4  # DataLoader workers per rank (0: load in the training process)
+    prefetch_factor: int = 2
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (e.g. s3 endpoint_url)
+
+
+@dataclass
+class ConditioningConfig:
+    text_mode: TextMode = "online"  # online: run the frozen TextEncoder per batch; cached: embedding cache
+    text_encoder: str = ""  # path of the text encoder (HF folder)
+    system_prompt: str | None = None  # prepended to captions; None: pixeldit.diffusion.DEFAULT_SYSTEM_PROMPT
+    embedding_cache: str = ""  # cached embeddings (text_mode=cached); empty: {stage data_path}/text_emb
+    repa_teacher: str = ""  # path of the DINOv2 teacher (HF folder); needed when any stage has repa
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # save every N optimizer steps (and at every stage end and at the end)
+    keep: int = 3  # keep the last k step folders
+    resume_from: str = ""  # a step folder to start from when the run has no checkpoint of its own yet
+    load_universal: bool = False  # resume_from is a DeepSpeed universal checkpoint (any world size)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbMode = "offline"
+    project: str = "pixeldit"
+    run_name: str = ""
+    log_every: int = 10
+    progress_bar: bool = True
+    image_every: int = 0  # image grid from the EMA model every N steps (0: off)
+    image_count: int = 8
+    image_sample_steps: int = 25
+    image_sampler: SamplerName = "euler"
+    image_cfg_scale: float = 4.0
+    image_prompts: list[str] = field(default_factory=lambda: [
+        "a red circle on a white background", "a photo of a cat", "a mountain lake at sunrise",
+        "a bowl of fruit on a wooden table"])  # text-to-image previews
+    peak_tflops: float = 0.0  # per-device dense peak for MFU; 0: guess from the device name (none on CPU)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/debug"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    data: DataSection = field(default_factory=DataSection)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ema_decay: float = 0.9999
+    max_consecutive_nonfinite: int = 20  # non-finite losses in a row before the run stops
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    @property
+    def uses_repa(self) -> bool:
+        return any(s.repa for s in self.stages)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; errors name the key ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}={value!r}; valid values: {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(f"{where}: {value!r} matches none of {_type_name(tp)} ({'; '.join(errors)})")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return _from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_convert(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise TypeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{where}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported annotation {tp!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; valid keys here: {names}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain dict/list tree (tuples as lists) of a config, for YAML and checkpoint metadata."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    return _from_dict(RunConfig, data)
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` override to a plain dict tree; value parsed as YAML (1e-4, true, [1, 2])."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key.path=value (e.g. stages.0.lr=1e-4)")
+    path, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and raw.strip():
+        value = raw  # keep strings verbatim (paths with ':' etc.)
+    parts = path.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]))
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = _index(node, last, path)
+        node[idx] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ValueError(f"override {override!r}: {'.'.join(parts[:-1])} is not a section")
+
+
+def _index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ValueError(f"override key {where!r}: list index {part!r} invalid; valid indices 0..{len(node) - 1}")
+    return int(part)
+
+
+def _child(node: Any, part: str, where: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if isinstance(node, dict):
+        if part not in node:
+            raise ValueError(f"override key {where!r} does not exist; valid keys: {sorted(node)}")
+        return node[part]
+    raise ValueError(f"override key {where!r}: parent is not a section")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults < YAML file at ``path`` < dotted ``overrides``; validated."""
+    tree = to_dict(RunConfig())
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: top level must be a mapping of config keys")
+        try:
+            tree = to_dict(_from_dict(RunConfig, loaded))  # type-checked; unset keys keep their defaults
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+    for ov in overrides:
+        apply_override(tree, ov)
+    cfg = from_dict(tree)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the config as YAML atomically (tmp file then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Fail early, naming the key at fault."""
+    if cfg.model.size not in MODEL_SIZES:
+        raise ValueError(f"model.size={cfg.model.size!r}; valid sizes: {', '.join(MODEL_SIZES)}")
+    args = cfg.model.args()
+    if not cfg.stages:
+        raise ValueError("stages: the curriculum needs at least one stage")
+    names = [s.name for s in cfg.stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stages: stage names must be unique, got {names}")
+    for i, s in enumerate(cfg.stages):
+        where = f"stages.{i} ({s.name})"
+        for key in ("steps", "micro_batch", "grad_accum", "resolution", "bucket_align"):
+            if getattr(s, key) <= 0:
+                raise ValueError(f"{where}.{key}={getattr(s, key)} must be positive")
+        if not s.data_path:
+            raise ValueError(f"{where}.data_path is empty: set the dataset root written by data_pipeline")
+        if s.lr <= 0 or s.warmup_steps < 0 or not 0.0 <= s.min_lr_ratio <= 1.0:
+            raise ValueError(f"{where}: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
+        if s.shift <= 0:
+            raise ValueError(f"{where}.shift={s.shift} must be positive")
+        if s.bucket_align % args.patch_size or s.resolution % s.bucket_align:
+            raise ValueError(
+                f"{where}: bucket_align {s.bucket_align} must be a multiple of the patch size {args.patch_size} "
+                f"and resolution {s.resolution} a multiple of bucket_align"
+            )
+    if cfg.uses_repa and not cfg.conditioning.repa_teacher:
+        raise ValueError("conditioning.repa_teacher is empty but a stage has repa: true (set the DINOv2 path)")
+    if args.conditioning == "text":
+        c = cfg.conditioning
+        if c.text_mode == "online" and not c.text_encoder:
+            raise ValueError("conditioning.text_encoder is empty: a text-to-image model with text_mode=online needs it")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay={cfg.ema_decay} must be in (0, 1)")
+    if cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
+        raise ValueError("checkpoint.every and checkpoint.keep must be positive")
+    if cfg.max_consecutive_nonfinite <= 0:
+        raise ValueError("max_consecutive_nonfinite must be positive")
+    if cfg.logging.log_every <= 0 or cfg.logging.image_every < 0:
+        raise ValueError("logging.log_every must be positive and logging.image_every >= 0")
+    if cfg.data.num_workers < 0:
+        raise ValueError("data.num_workers must be >= 0")
+    if cfg.optim.grad_clip < 0:
+        raise ValueError("optim.grad_clip must be >= 0 (0 = off)")

@@ -1,0 +1,145 @@
+"""Logging of a training run: per-step JSONL, progress bar, wandb (offline by default), throughput and MFU.
+
+Rank 0 logs; other ranks only time their steps. Every optimizer step appends one line to
+``{run_dir}/losses.jsonl`` (step, stage, loss, flow, repa, lr, grad_norm, skipped, bucket, samples/s, mfu):
+a resumed run appends the steps it re-runs again, so the file also shows that they are identical.
+wandb runs in ``offline`` mode unless ``logging.wandb=online`` (``disabled`` turns it off); its run id is
+kept in ``{run_dir}/wandb_id.txt`` so a resumed run continues the same wandb run.
+
+MFU = model FLOPs of the step (3x forward per image from ``pixeldit.models.flops``; the recomputed forward
+of activation checkpointing is not counted) / (step time x world size x peak FLOP/s per device).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pixeldit.models import ModelArgs
+from pixeldit.models.flops import forward_flops
+
+from .config import RunConfig, to_dict
+
+# dense bf16 peak TFLOP/s per device, matched against torch.cuda.get_device_name()
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def device_peak_tflops(override: float = 0.0) -> float | None:
+    """Peak dense bf16 TFLOP/s of this device: the config value, else a table lookup; None if unknown (CPU)."""
+    if override > 0:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+class FlopCounter:
+    """Model FLOPs of training on one image of (height, width): 3x forward, cached per size."""
+
+    def __init__(self, args: ModelArgs):
+        self.args = args
+        self._cache: dict[tuple[int, int], int] = {}
+
+    def train_flops(self, height: int, width: int) -> int:
+        if (height, width) not in self._cache:
+            self._cache[(height, width)] = 3 * forward_flops(self.args, height, width)
+        return self._cache[(height, width)]
+
+
+class MetricsLogger:
+    """Rank-0 sink for step records and image grids; a no-op on other ranks."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, initial_step: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.run_dir = Path(cfg.run_dir)
+        self.peak = device_peak_tflops(cfg.logging.peak_tflops)
+        self.wandb_run = None
+        self.bar = None
+        if rank != 0:
+            return
+        self.jsonl = open(self.run_dir / "losses.jsonl", "a")
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+        if cfg.logging.wandb != "disabled":
+            self.wandb_run = self._init_wandb()
+
+    def _init_wandb(self):
+        import wandb
+
+        id_file = self.run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        return wandb.init(project=self.cfg.logging.project, name=self.cfg.logging.run_name or self.run_dir.name,
+                          id=run_id, resume="allow", dir=str(self.run_dir), mode=self.cfg.logging.wandb,
+                          config=to_dict(self.cfg))
+
+    def mfu(self, flops: float, seconds: float) -> float | None:
+        if self.peak is None or seconds <= 0:
+            return None
+        return flops / (seconds * self.world_size * self.peak * 1e12)
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        step = record["step"]
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % self.cfg.logging.log_every == 0:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                     sps=f"{record.get('samples_per_s') or 0:.1f}")
+        if self.wandb_run is not None and step % self.cfg.logging.log_every == 0:
+            self.wandb_run.log({f"train/{k}": v for k, v in record.items()
+                                if isinstance(v, (int, float)) and v is not None}, step=step)
+
+    def log_images(self, step: int, grid: torch.Tensor, path: Path) -> None:
+        """grid (3, H, W) in [-1, 1]: saved as PNG (atomically) and sent to wandb."""
+        if self.rank != 0:
+            return
+        from PIL import Image
+
+        arr = ((grid.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.png")
+        Image.fromarray(arr).save(tmp)
+        os.replace(tmp, path)
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({"samples/ema": wandb.Image(str(path))}, step=step)
+
+    def write(self, text: str) -> None:
+        if self.rank == 0:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.rank != 0:
+            return
+        self.jsonl.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+class StepTimer:
+    """Wall time of one step (device synchronised)."""
+
+    def __enter__(self) -> "StepTimer":
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,286 @@
+"""``run_training``: the distributed training loop, read top to bottom.
+
+    cfg = load_config("run.yaml", ["stages.0.steps=100"])
+    result = run_training(cfg)          # under torchrun / SLURM (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)
+
+Outline:
+ 1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1);
+ 2. rank 0 saves the config into the run folder; find ``checkpoints/latest`` (auto-resume);
+ 3. for each curriculum stage from the one the checkpoint is in: build the engine (engine.py), the EMA,
+    the loader; load the checkpoint (the same path serves a resume and a stage boundary, so both are exact);
+ 4. every step: agree on the stop flag; set the LR; for each micro-batch draw the batch, build the
+    condition, compute the loss with a generator seeded by (seed, rank, step, micro) and agree (all-reduce)
+    on whether it is finite; backward; optimizer step; EMA update; log; checkpoint every N steps and at
+    the end of the stage;
+ 5. a non-finite loss skips the step (no backward, no update, counted); ``max_consecutive_nonfinite`` in a
+    row raises ``NonFiniteLossError``, leaving the last good checkpoint as ``latest``.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointManager, read_meta
+from .conditioning import build_conditioner, build_teacher, load_text_encoder, resolved_system_prompt
+from .config import RunConfig, save_config, to_dict
+from .curriculum import Curriculum
+from .ema import EMA
+from .engine import EngineBundle, build_engine
+from .loader import TrainLoader, build_loader
+from .metrics import FlopCounter, MetricsLogger, StepTimer
+from .preview import write_preview
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    status: Literal["finished", "stopped"]
+    step: int  # optimizer steps completed
+    stage: int  # index of the stage of the last step
+    checkpoint: str | None  # path of the last checkpoint
+    losses: list[float] = field(default_factory=list)  # mean loss of every step run by this call
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    owns_group: bool  # this call created the process group (and destroys it at the end)
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (single rank if unset)."""
+    import deepspeed
+    import deepspeed.comm
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(pick_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owns = not dist.is_initialized()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if owns:
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    elif not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_init_required=False, verbose=False)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns)
+
+
+def pick_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """The noise/timestep generator of one micro-batch: depends on (seed, rank, step, micro) only."""
+    value = int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(value & ((1 << 63) - 1))
+
+
+def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[str, Any]:
+    stage = cfg.stages[stage_index]
+    return {"stage_index": stage_index, "stage_name": stage.name, "model_args": cfg.model.args().to_dict(),
+            "resolution": stage.resolution, "shift": stage.shift, "buckets": stage.buckets,
+            "bucket_align": stage.bucket_align, "text_encoder": cfg.conditioning.text_encoder,
+            "system_prompt": resolved_system_prompt(cfg, cfg.model.args()), "zero": cfg.deepspeed.zero,
+            "precision": cfg.deepspeed.precision, "world_size": world_size,
+            "ema_decay": cfg.ema_decay}
+
+
+def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+    # 1-2. process group, run folder, resume point
+    info = init_distributed()
+    rank, world = info.rank, info.world_size
+    run_dir = Path(cfg.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    dist.barrier()
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, rank, world)
+    curriculum = Curriculum(cfg.stages)
+    latest, universal = ckpt.latest(), False
+    if latest is None and cfg.checkpoint.resume_from:  # e.g. a universal checkpoint for a new world size
+        latest, universal = Path(cfg.checkpoint.resume_from), cfg.checkpoint.load_universal
+    step = read_meta(latest)["step"] if latest is not None else 0
+    args = cfg.model.args()
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    teacher = build_teacher(cfg, device)
+    encoder = load_text_encoder(cfg, args, device)
+    metrics = MetricsLogger(cfg, rank, world, step)
+    flops = FlopCounter(args)
+    losses: list[float] = []
+    nonfinite = {"consecutive": 0, "total": 0}
+    status: Literal["finished", "stopped"] = "finished"
+    try:
+        # 3. stages
+        while step < curriculum.total_steps and status == "finished":
+            stage_index = curriculum.stage_of(step)
+            span, stage = curriculum.span(stage_index), cfg.stages[stage_index]
+            objective = curriculum.objective(stage_index, cfg.objective)
+            conditioner = build_conditioner(cfg, args, device, stage_index, encoder)
+            bundle = build_engine(cfg, stage_index, world, teacher.dim if teacher is not None else None, universal)
+            ema = EMA(bundle.model, cfg.ema_decay, bundle.zero3, world, rank)
+            loader = build_loader(cfg, stage_index, rank, world,
+                                  args.num_classes if args.conditioning == "class" else None)
+            if latest is not None:
+                client = ckpt.load(bundle.engine, latest, ema=ema)
+                if client.get("stage_index") == stage_index:  # mid-stage: continue the stream
+                    loader.load_state_dict(_rescale_loader_state(client["loader"], read_meta(latest), world))
+                nonfinite = dict(client.get("nonfinite", nonfinite))
+            metrics.write(f"stage {stage_index} ({stage.name}): steps {span.start}..{span.end - 1}, "
+                          f"{len(loader)} micro-batches per epoch per rank, start at step {step}")
+            saved_at = step if latest is not None and latest.parent == ckpt.root else -1
+            universal = False  # later loads (stage boundaries) read this run's own checkpoints
+
+            def save() -> Path:
+                client_state = {"stage_index": stage_index, "step": step, "loader": loader.state_dict(),
+                                "lr_schedule": bundle.schedule.state_dict(), "nonfinite": dict(nonfinite)}
+                return ckpt.save(bundle.engine, step, client_state, _checkpoint_meta(cfg, stage_index, world), ema)
+
+            # 4. steps of this stage
+            while step < span.end:
+                if _all_agree(stop_requested is not None and stop_requested(), device):
+                    if saved_at != step:
+                        latest = save()
+                    status = "stopped"
+                    break
+                lr = bundle.schedule.apply(bundle.engine.optimizer, step - span.start)
+                with StepTimer() as timer:
+                    out = _train_step(cfg, bundle, loader, conditioner, teacher, objective, rank, step, device)
+                # 5. non-finite handling
+                if out["skipped"]:
+                    nonfinite["consecutive"] += 1
+                    nonfinite["total"] += 1
+                    if nonfinite["consecutive"] >= cfg.max_consecutive_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{nonfinite['consecutive']} non-finite losses in a row (last at step {step}, stage "
+                            f"{stage.name}); stopping. The last good checkpoint is "
+                            f"{ckpt.latest() or 'none (no checkpoint yet)'}; lower stages[{stage_index}].lr "
+                            f"or check the data, then resume")
+                else:
+                    nonfinite["consecutive"] = 0
+                    ema.update()
+                step += 1
+                losses.append(out["loss"])
+                images = stage.micro_batch * stage.grad_accum * world
+                model_flops = sum(flops.train_flops(h, w) for h, w in out["sizes"]) * stage.micro_batch * world
+                metrics.log_step({
+                    "step": step, "stage": stage_index, "loss": out["loss"], "flow": out["flow"],
+                    "repa": out["repa"], "lr": lr, "grad_norm": out["grad_norm"], "skipped": out["skipped"],
+                    "nonfinite_total": nonfinite["total"], "bucket": out["buckets"][0],
+                    "samples_per_s": images / timer.seconds, "samples_per_s_per_rank": images / timer.seconds / world,
+                    "mfu": metrics.mfu(model_flops, timer.seconds), "step_time_s": timer.seconds,
+                })
+                if cfg.logging.image_every and step % cfg.logging.image_every == 0:
+                    write_preview(cfg, bundle, ema, conditioner, stage, step, metrics, device)
+                periodic = step % cfg.checkpoint.every == 0 and nonfinite["consecutive"] == 0  # none mid-streak
+                if periodic or step == span.end:
+                    latest = save()
+                    saved_at = step
+            loader.close()
+            bundle.engine.destroy()
+            del bundle, ema, loader
+            gc.collect()
+        dist.barrier()
+    finally:
+        metrics.close()
+        if info.owns_group:  # also on errors, so the process exits cleanly
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
+    final = ckpt.latest()
+    return TrainResult(status, step, curriculum.stage_of(max(step - 1, 0)), str(final) if final else None, losses)
+
+
+def _rescale_loader_state(state: dict, meta: dict, world_size: int) -> dict:
+    """Same world size: unchanged (exact resume). Another world size (universal checkpoint): the epoch plan
+    differs, so keep the epoch and the fraction of it already consumed (approximate, documented)."""
+    saved_world = int(meta.get("world_size", world_size))
+    if saved_world == world_size:
+        return state
+    return {"epoch": state["epoch"], "position": state["position"] * saved_world // world_size}
+
+
+def _all_agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank if any rank's flag is true."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _train_step(cfg: RunConfig, bundle: EngineBundle, loader: TrainLoader, conditioner, teacher, objective,
+                rank: int, step: int, device: torch.device) -> dict[str, Any]:
+    """One optimizer step over grad_accum micro-batches; returns rank-averaged losses and what was run.
+
+    Every rank draws the same bucket at every micro-batch (rank-aligned plan). The loss of each micro-batch
+    is checked for finiteness on all ranks together BEFORE its backward. A non-finite one skips the step:
+    - on the first micro-batch: no backward, no optimizer step;
+    - on a later one, gradients of earlier micro-batches are already accumulated inside ZeRO's buffers:
+      they are dropped through DeepSpeed's own overflow path (the non-finite loss is back-propagated at an
+      accumulation boundary; ``engine.step()`` sees a non-finite gradient norm, skips the update and clears
+      every buffer), checked with ``engine.was_step_applied()``.
+    The remaining micro-batches of a skipped step are drawn (the data stream stays aligned) but not computed.
+    """
+    engine = bundle.engine
+    accum = engine.gradient_accumulation_steps()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sizes, buckets, skipped = [], [], False
+    for micro in range(accum):
+        batch = loader.next()
+        sizes.append(tuple(batch["x0"].shape[-2:]))
+        buckets.append(batch["bucket"])
+        if skipped:
+            continue
+        x0 = batch["x0"].to(device, non_blocking=True)  # (B, 3, H, W)
+        cond, null_cond = conditioner(batch)
+        gen = step_generator(cfg.seed, rank, step, micro, device)
+        engine.set_gradient_accumulation_boundary(micro == accum - 1)
+        out = engine(x0, cond, null_cond, objective, teacher, gen)
+        stats = torch.stack([out["loss"].detach().double(), out["flow"].detach().double(),
+                             out["repa"].detach().double()])
+        if _all_agree(not bool(torch.isfinite(stats).all()), device):
+            skipped = True
+            if micro > 0:
+                _discard_accumulated(engine, out["loss"], step)
+            del out
+            continue
+        engine.backward(out["loss"])
+        sums += stats
+    if skipped:
+        sums.fill_(float("nan"))
+        grad_norm = None
+    else:
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else None
+        dist.all_reduce(sums)
+        sums /= dist.get_world_size() * accum
+    loss, flow, repa = (float(v) for v in sums.cpu())
+    return {"loss": loss, "flow": flow, "repa": repa, "grad_norm": grad_norm, "skipped": skipped,
+            "sizes": sizes, "buckets": buckets}
+
+
+def _discard_accumulated(engine, bad_loss: torch.Tensor, step: int) -> None:
+    """Drop the gradients accumulated so far in this step via DeepSpeed's overflow skip (see _train_step)."""
+    engine.set_gradient_accumulation_boundary(True)
+    engine.backward(bad_loss)
+    engine.step()
+    if engine.was_step_applied():
+        raise RuntimeError(
+            f"step {step}: the loss was non-finite but DeepSpeed applied the optimizer step (its gradient "
+            f"overflow check is off); remove 'check_grad_overflow: false' from the bf16 section of the ZeRO JSON")
+

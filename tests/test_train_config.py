@@ -1,0 +1,130 @@
+"""Run config (YAML + dotted overrides + validation), DeepSpeed JSON filling, LR schedule, EMA partitions."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pixeldit.train.config import RunConfig, StageConfig, load_config, save_config
+from pixeldit.train.ds_config import build_ds_config
+from pixeldit.train.ema import consolidate_ema, partition_state
+from pixeldit.train.optim import LRSchedule
+
+YAML = """
+run_dir: {run_dir}
+model: {{size: debug}}
+deepspeed: {{zero: zero3, precision: bf16}}
+stages:
+  - {{name: a, steps: 10, data_path: /data/x, resolution: 64, bucket_align: 16, micro_batch: 4, lr: 1.0e-4}}
+  - {{name: b, steps: 5, data_path: s3://bkt/y, resolution: 128, bucket_align: 16, buckets: aspect,
+     micro_batch: 2, grad_accum: 2, lr: 5.0e-5, shift: 4.0, grad_checkpointing: true}}
+"""
+
+
+def test_yaml_then_overrides_then_save_roundtrip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(YAML.format(run_dir=tmp_path / "run"))
+    cfg = load_config(path, ["stages.1.lr=2e-5", "optim.betas=[0.9, 0.95]", "logging.wandb=disabled",
+                             "model.overrides.num_classes=7", "stages.0.data_path=s3://b/p:q"])
+    assert cfg.stages[1].lr == 2e-5 and cfg.stages[0].lr == 1e-4
+    assert cfg.stages[1].grad_checkpointing and cfg.stages[1].shift == 4.0
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.eps == 1e-8  # untouched default
+    assert cfg.model.args().num_classes == 7
+    assert cfg.stages[0].data_path == "s3://b/p:q"
+    assert cfg.total_steps == 15
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    (["stages.0.buckets=square"], "valid values: fixed, aspect"),
+    (["stages.5.lr=1"], "valid indices 0..1"),
+    (["optim.lrr=1"], "unknown config keys"),
+    (["stages.0.steps=1.5"], "expected an integer"),
+    (["stages.0.micro_batch=0"], "stages.0 (a).micro_batch=0 must be positive"),
+    (["deepspeed.zero=zero4"], "zero1, zero2, zero3, zero3_offload"),
+    (["stages.0.repa=true"], "conditioning.repa_teacher is empty"),
+    (["stages.0.bucket_align=24"], "multiple of the patch size 16"),
+    (["model.size=XXL"], "valid sizes"),
+    (["stages.0.lr"], "must look like key.path=value"),
+])
+def test_invalid_configs_name_the_key(tmp_path, override, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(YAML.format(run_dir=tmp_path / "run"))
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(path, override)
+
+
+def _cfg(tmp_path, **ds):
+    stage = StageConfig(name="s", data_path="/x", micro_batch=3, grad_accum=2)
+    cfg = RunConfig(stages=[stage])
+    if ds:
+        (tmp_path / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, **ds}))
+        cfg.deepspeed.config_dir = str(tmp_path)
+    return cfg
+
+
+def test_ds_config_filled_from_run_config(tmp_path):
+    for zero in ("zero1", "zero2", "zero3", "zero3_offload"):
+        cfg = _cfg(tmp_path)
+        cfg.deepspeed.zero = zero
+        ds = build_ds_config(cfg, cfg.stages[0], world_size=4)
+        assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+        assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 1.0
+        assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+        assert ds["zero_optimization"]["stage"] == (1 if zero == "zero1" else 2 if zero == "zero2" else 3)
+    ok = _cfg(tmp_path, train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps=2)
+    assert build_ds_config(ok, ok.stages[0], 1)["train_micro_batch_size_per_gpu"] == 3
+
+
+@pytest.mark.parametrize("ds, key", [
+    ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu"),
+    ({"gradient_clipping": 0.5}, "gradient_clipping"),
+    ({"bf16": {"enabled": False}}, "bf16.enabled"),
+    ({"optimizer": {"type": "Adam"}}, "optimizer"),
+])
+def test_ds_config_conflict_names_file_and_key(tmp_path, ds, key):
+    cfg = _cfg(tmp_path, **ds)
+    with pytest.raises(ValueError, match=f"zero2.json: .*'{key}'"):
+        build_ds_config(cfg, cfg.stages[0], world_size=1)
+
+
+def test_lr_schedule_warmup_constant_cosine():
+    const = LRSchedule(1e-3, steps=100, warmup_steps=10)
+    assert const.lr_at(0) == pytest.approx(1e-4) and const.lr_at(9) == 1e-3 and const.lr_at(99) == 1e-3
+    cos = LRSchedule(1e-3, steps=110, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert cos.lr_at(10) == pytest.approx(1e-3)
+    assert cos.lr_at(60) == pytest.approx(0.55e-3)
+    assert cos.lr_at(110) == pytest.approx(1e-4)
+    assert all(cos.lr_at(i) >= cos.lr_at(i + 1) for i in range(10, 110))
+    with pytest.raises(ValueError, match="constant, cosine"):
+        LRSchedule(1e-3, 10, schedule="linear")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_ema_partitions_consolidate_back(tmp_path, world_size):
+    """ZeRO-3 EMA files of any world size consolidate to the full state dict (padding dropped)."""
+    full = {"a.weight": torch.randn(5, 7), "b.bias": torch.randn(3), "c": torch.randn(1)}
+    for r in range(world_size):
+        parts = partition_state(full, world_size, r)
+        assert all(p.numel() == -(-full[k].numel() // world_size) for k, p in parts.items())
+        torch.save({"layout": "zero3", "decay": 0.9, "world_size": world_size, "rank": r,
+                    "shapes": {k: list(v.shape) for k, v in full.items()}, "shadow": parts},
+                   tmp_path / f"ema_rank{r:05d}.pt")
+    back = consolidate_ema(tmp_path)
+    assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
+
+
+@pytest.mark.parametrize("name", ["t2i_curriculum", "imagenet_xl"])
+def test_example_configs_load_and_fill_ds_config(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "pixeldit" / "train" / "configs" / f"{name}.yaml"
+    cfg = load_config(path)
+    for stage in cfg.stages:
+        ds = build_ds_config(cfg, stage, world_size=8)
+        assert ds["train_batch_size"] == stage.micro_batch * stage.grad_accum * 8
+    if name == "t2i_curriculum":
+        assert [s.resolution for s in cfg.stages] == [512, 512, 1024] and cfg.uses_repa
+        assert [s.shift for s in cfg.stages] == [3.0, 3.0, 4.0] and cfg.stages[2].grad_checkpointing

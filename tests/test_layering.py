@@ -73,6 +73,7 @@ def test_models_do_not_read_environment():
         ("pixeldit/diffusion", ("pixeldit.train", "launchers", "tools", "deepspeed")),
         ("pixeldit/train", ("launchers", "tools")),
         ("pixeldit/models", ("data_pipeline",)),
+        ("pixeldit/release", ("pixeldit.train", "deepspeed", "launchers", "tools", "data_pipeline")),
     ],
 )
 def test_dependencies_flow_one_way(package, forbidden):

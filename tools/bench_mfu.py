@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -23,8 +24,8 @@ import torch
 from pixeldit.models import build_model, get_model_args
 from pixeldit.models.flops import train_flops_per_image
 from pixeldit.train.activation_checkpointing import apply_activation_checkpointing
+from pixeldit.train.metrics import device_peak_tflops
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 DEFAULT_CASES = ["XL/16@256:bs=128", "XL/16@256:bs=256:ckpt", "T2I@512:bs=64:ckpt", "T2I@1024:bs=16:ckpt"]
 
 
@@ -52,13 +53,10 @@ class Case:
 
 
 def peak_tflops(override: float | None) -> float:
-    if override:
-        return override
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return value
-    raise ValueError(f"unknown peak for {name!r}: pass --peak-tflops")
+    peak = device_peak_tflops(override or 0.0)
+    if peak is None:
+        raise ValueError(f"unknown peak for {torch.cuda.get_device_name()!r}: pass --peak-tflops")
+    return peak
 
 
 def run_case(case: Case, steps: int, warmup: int, compile_model: bool) -> dict:
@@ -138,12 +136,20 @@ def main(argv: list[str] | None = None) -> None:
         results.append(r)
         print(f"| {r['size']} | {r['res']} | {r['batch']} | {'on' if r['ckpt'] else 'off'} | "
               f"{'yes' if r['compile'] else 'no'} | {r['step_s']:.3f} | {r['img_per_s']:.1f} | "
-              f"{r['tflops']:.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} |", flush=True)
+              f"{r['tflops']:.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} |"
+              f"  (warmup incl. compile {r['warmup_s']:.0f} s)", flush=True)
         gc.collect()
         torch.cuda.empty_cache()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f, indent=1)
+        if a.json:  # after every case, so a run cut short keeps the cases it finished
+            write_json(a.json, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results})
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Atomic write: tmp file then rename."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,45 +1,72 @@
 """pixeldit-release: training checkpoint (any ZeRO stage, any world size) -> release folder, or -> universal.
 
-    pixeldit-release runs/t2i releases/pixeldit-t2i                  # EMA weights, bf16, from checkpoints/latest
-    pixeldit-release runs/t2i/checkpoints/step_00100000 out --weights raw --dtype fp32 --max-shard-gb 2
-    pixeldit-release runs/t2i --universal                            # DeepSpeed universal checkpoint beside it
+    pixeldit-release runs/t2i releases/pixeldit-t2i                    # EMA weights, bf16, from checkpoints/latest
+    pixeldit-release runs/t2i/checkpoints/step_00100000 out --weights raw --dtype fp32 --max-shard-size 2GB
+    pixeldit-release runs/t2i --universal                              # universal checkpoint for another world size
+
+A release folder holds config.json, model.safetensors (or shards + model.safetensors.index.json) and a
+model card README.md; load it with ``pixeldit.release.from_pretrained`` or sample with ``pixeldit-sample``.
+Sampler defaults stored in config.json: the paper's (FlowDPM-Solver; class models 100 steps, CFG 3.25 on
+[0.1, 1.0]; text models 25 steps, CFG 4.5) with the stage's time shift, unless the flags below say otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
-from pixeldit.release import SamplerDefaults
+from pixeldit.diffusion import SAMPLERS
 from pixeldit.train.export import export_release, to_universal
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
-def main(argv: list[str] | None = None) -> None:
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB', '1048576' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"size {text!r}: use a number with an optional unit "
+                                         f"({', '.join(u for u in _UNITS if u)}), e.g. 5GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pixeldit-release", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="run folder (uses checkpoints/latest) or a step folder")
-    ap.add_argument("out", nargs="?", help="release folder to write (not with --universal)")
-    ap.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    ap.add_argument("out", nargs="?", help="release folder to write (with --universal: optional output folder)")
+    ap.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    ap.add_argument("--max-shard-gb", type=float, default=5.0, help="shard model.safetensors above this size")
-    ap.add_argument("--sampler", default="flow_dpm")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--cfg-scale", type=float, default=4.5)
-    ap.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0))
-    ap.add_argument("--shift", type=float, default=None, help="sampling time shift (default: the checkpoint's stage)")
-    ap.add_argument("--universal", action="store_true", help="write a DeepSpeed universal checkpoint instead")
+    ap.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
+                    help="shard model.safetensors above this size (default 5GB)")
+    ap.add_argument("--sampler", choices=list(SAMPLERS), default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--cfg-scale", type=float, default=None)
+    ap.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"))
+    ap.add_argument("--shift", type=float, default=None, help="sampling time shift (default: the stage's)")
+    ap.add_argument("--universal", action="store_true",
+                    help="write a DeepSpeed universal checkpoint (resume on another number of ranks) instead")
+    ap.add_argument("--workers", type=int, default=1, help="processes of the universal conversion")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     a = ap.parse_args(argv)
     t0 = time.time()
     if a.universal:
-        out = to_universal(a.checkpoint, a.out)
-        print(f"universal checkpoint: {out} ({time.time() - t0:.1f}s); resume on any world size with "
-              f"resume_from={out}")
+        out = to_universal(a.checkpoint, a.out, workers=a.workers)
+        print(f"universal checkpoint: {out} ({time.time() - t0:.1f} s). Resume it on any number of ranks in a new "
+              f"run folder:\n  pixeldit-train --config RUN.yaml run_dir=NEW_RUN checkpoint.resume_from={out} "
+              f"checkpoint.load_universal=true")
         return
     if not a.out:
         ap.error("the release folder (out) is required unless --universal")
-    sampler = SamplerDefaults(a.sampler, a.steps, a.cfg_scale, tuple(a.cfg_interval), a.shift)
-    out = export_release(a.checkpoint, a.out, weights=a.weights, dtype=a.dtype,
-                         max_shard_bytes=int(a.max_shard_gb * 2**30), sampler=sampler)
-    print(f"release: {out} ({time.time() - t0:.1f}s)")
+    sampler = {"sampler": a.sampler, "steps": a.steps, "cfg_scale": a.cfg_scale, "shift": a.shift,
+               "cfg_interval": tuple(a.cfg_interval) if a.cfg_interval else None}
+    out = export_release(a.checkpoint, a.out, weights=a.weights, dtype=a.dtype, max_shard_bytes=a.max_shard_size,
+                         sampler=sampler)
+    print(f"release: {out} ({a.weights} weights, {a.dtype}, {time.time() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

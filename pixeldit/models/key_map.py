@@ -1,17 +1,20 @@
 """Key map between training checkpoints and release weights, next to the model it describes.
 
-Training wraps the model and the REPA projector in one module (``model.*``, ``projector.*``); a release
-holds the bare ``PixelDiT.state_dict()`` keys. Bump ``RELEASE_FORMAT_VERSION`` and add a rename rule
-here whenever a parameter name of the model changes, so old releases keep loading.
+Training wraps the model and the REPA projector in one module (``pixeldit.train.engine.TrainModule``:
+``model.*`` and ``projector.*``), so DeepSpeed's consolidated weights carry those prefixes; the EMA is kept
+over the bare model. A release holds exactly the bare ``PixelDiT.state_dict()`` keys.
+
+Bump ``RELEASE_FORMAT_VERSION`` and add a rule to ``RENAMES`` whenever a parameter of the model is renamed,
+so that older releases keep loading.
 """
 from __future__ import annotations
 
 import torch
 
 RELEASE_FORMAT_VERSION = 1
-TRAINING_PREFIX = "model."
-TRAINING_ONLY_PREFIXES = ("projector.",)  # trained alongside the model, not part of a release
-RENAMES: dict[str, str] = {}  # old release key -> current key (none yet: version 1)
+TRAINING_PREFIX = "model."  # TrainModule.model
+TRAINING_ONLY_PREFIXES = ("projector.",)  # TrainModule.projector: trained alongside, not part of a release
+RENAMES: dict[str, str] = {}  # old release key -> current key (none yet: format version 1)
 
 
 def training_to_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -24,11 +27,28 @@ def training_to_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def training_only(state: dict[str, torch.Tensor], prefix: str = "projector.") -> dict[str, torch.Tensor]:
+    """The tensors of one training-only submodule, without its prefix (e.g. the REPA projector)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def release_to_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Apply renames of older release versions so the keys match ``PixelDiT.state_dict()``."""
     return {RENAMES.get(k, k): v for k, v in state.items()}
 
 
 def release_to_training(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of ``training_to_release`` (e.g. to warm-start a run from a release)."""
+    """Inverse of ``training_to_release`` for the model part (e.g. to warm-start a run from a release)."""
     return {TRAINING_PREFIX + k: v for k, v in release_to_model(state).items()}
+
+
+def check_release_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], where: str) -> None:
+    """Raise a ValueError naming ``where`` unless ``state`` has exactly the ``expected`` keys and shapes."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        details = [f"{name}: {keys[:5]}{' ...' if len(keys) > 5 else ''}" for name, keys in
+                   (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError(f"{where}: weights do not match the model architecture ({'; '.join(details)}); "
+                         f"check the model size/overrides in the checkpoint's meta.json")

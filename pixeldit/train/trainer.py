@@ -34,6 +34,7 @@ from .config import RunConfig, save_config, to_dict
 from .curriculum import Curriculum
 from .ema import EMA
 from .engine import EngineBundle, build_engine
+from .export import untie_optimizer_steps
 from .loader import TrainLoader, build_loader
 from .metrics import FlopCounter, MetricsLogger, StepTimer
 from .preview import write_preview
@@ -138,6 +139,8 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
                                   args.num_classes if args.conditioning == "class" else None)
             if latest is not None:
                 client = ckpt.load(bundle.engine, latest, ema=ema)
+                if universal and bundle.zero3:  # DeepSpeed's ZeRO-3 universal load ties the groups' step counters
+                    untie_optimizer_steps(bundle.engine.optimizer.optimizer)
                 if client.get("stage_index") == stage_index:  # mid-stage: continue the stream
                     loader.load_state_dict(_rescale_loader_state(client["loader"], read_meta(latest), world))
                 nonfinite = dict(client.get("nonfinite", nonfinite))

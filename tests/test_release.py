@@ -109,7 +109,7 @@ def test_release_roundtrip(trained, tmp_path):
     with single_thread():
         noise = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(SEED))
         y = torch.arange(n) % model.args.num_classes
-        images = generate(model, noise, {"y": y}, null_cond=model.null_condition(n), steps=PREVIEW["image_sample_steps"],
+        images = generate(model, {"y": y}, model.null_condition(n), noise=noise, steps=PREVIEW["image_sample_steps"],
                           sampler=PREVIEW["image_sampler"], cfg_scale=PREVIEW["image_cfg_scale"], shift=cfg.sampler.shift)
     grid = ((image_grid(images, nrow=2).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     preview = np.asarray(Image.open(run_dir / "samples" / f"step_{STEPS:08d}.png"))

@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     for s in tqdm(range(0, n, a.batch_size), desc="batches", disable=n <= a.batch_size):
         sl = slice(s, s + a.batch_size)
         with autocast:
-            x = generate(model, noise[sl].to(a.device), {k: v[sl] for k, v in cond.items()},
-                         null_cond={k: v[sl] for k, v in null_cond.items()}, progress=True, **kw)  # (b, 3, H, W)
+            x = generate(model, {k: v[sl] for k, v in cond.items()}, {k: v[sl] for k, v in null_cond.items()},
+                         noise=noise[sl].to(a.device), progress=True, **kw)  # (b, 3, H, W)
         chunks.append(to_uint8(x))
     images = np.concatenate(chunks)
     out_dir = Path(a.out)

@@ -1,6 +1,6 @@
 """Measure each sampler's order of convergence on a flow whose exact velocity is known in closed form.
 
-    python -m tools.sampler_order [--steps 8 16 32 64 128 256] [--points 512] [--shift 1 3]
+    python -m tools.sampler_order [--steps 8 16 32 64 128 256] [--points 512] [--shift 1 3] [--ablations]
 
 Data: a 2-D Gaussian mixture (3 components, std 0.5, unequal weights). Under the linear path
 x_t = (1 - t) x0 + t eps (``pixeldit.diffusion.flow``), component k of x_t is N((1 - t) mu_k, V_k(t) I)
@@ -85,6 +85,47 @@ def rk4_solve(model_fn, x: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
+# Ablations of FlowDPM-Solver's design, measured with ``--ablations`` (see pixeldit/diffusion/samplers.py).
+@torch.no_grad()
+def dpmpp_2m_lambda(model_fn, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Textbook DPM-Solver++(2M) on the flow (alpha = 1 - t, sigma = t): data estimate linear in
+    lambda = log(alpha / sigma); first order at the first (lambda = -inf) and last (lambda = +inf) step."""
+    ts = timesteps.tolist()
+    lam = [math.log((1 - t) / t) if 0 < t < 1 else (-math.inf if t >= 1 else math.inf) for t in ts]
+    prev_x0, h_prev = None, math.inf
+    for i, (t, tn) in enumerate(zip(ts[:-1], ts[1:])):
+        x0 = x - t * model_fn(x, torch.full((x.shape[0],), t, dtype=x.dtype))
+        h = lam[i + 1] - lam[i]
+        if tn == 0:
+            x = x0  # lower_order_final: sigma_n = 0
+            break
+        d = x0
+        if prev_x0 is not None and math.isfinite(h_prev):
+            r = h_prev / h
+            d = (1 + 0.5 / r) * x0 - (0.5 / r) * prev_x0
+        x = (tn / t) * x - (1 - tn) * math.expm1(-h) * d
+        prev_x0, h_prev = x0, h
+    return x
+
+
+@torch.no_grad()
+def data_form_2m(model_fn, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """FlowDPM-Solver's data form on the whole path (no switch to the noise form at t = 1/2)."""
+    ts = timesteps.tolist()
+    prev = None
+    for t, tn in zip(ts[:-1], ts[1:]):
+        x0 = x - t * model_fn(x, torch.full((x.shape[0],), t, dtype=x.dtype))
+        x_next = (tn / t) * x + (1 - tn / t) * x0
+        if prev is not None:
+            slope = (x0 - prev[1]) / (t - prev[0])
+            x_next = x_next + ((tn * math.log(t / tn) if tn > 0 else 0.0) - (t - tn)) * slope
+        prev, x = (t, x0), x_next
+    return x
+
+
+ABLATIONS = {"dpmpp_2m_lambda": dpmpp_2m_lambda, "data_form_2m": data_form_2m}
+
+
 def fit_order(steps_list: list[int], errors: list[float]) -> float:
     """Least-squares slope of -log(error) against log(steps)."""
     ls = torch.tensor([math.log(s) for s in steps_list], dtype=F64)
@@ -93,10 +134,12 @@ def fit_order(steps_list: list[int], errors: list[float]) -> float:
 
 
 def measure(steps_list: list[int], n_points: int = 512, shift: float = 1.0, seed: int = 0,
-            reference_steps: int = 2048, target: GaussianMixture | None = None) -> dict[str, dict]:
+            reference_steps: int = 2048, target: GaussianMixture | None = None,
+            ablations: bool = False) -> dict[str, dict]:
     """Endpoint errors per sampler and step count on the ``shift``-ed grid, and the fitted order.
 
-    Returns {sampler: {"errors": [...], "order": slope, "expected": int, "nfe": [...]}}.
+    Returns {sampler: {"errors": [...], "order": slope, "expected": int, "calls": per step}}; with
+    ``ablations`` also the rejected FlowDPM-Solver designs (``ABLATIONS``).
     """
     target = target or GaussianMixture()
     g = torch.Generator().manual_seed(seed)
@@ -104,13 +147,13 @@ def measure(steps_list: list[int], n_points: int = 512, shift: float = 1.0, seed
     out: dict[str, dict] = {}
     with single_thread():
         ref = rk4_solve(target.velocity, x1, reference_steps)
-        for name, sampler in SAMPLERS.items():
+        for name, sampler in {**SAMPLERS, **(ABLATIONS if ablations else {})}.items():
             errors = []
             for steps in steps_list:
                 x0 = sampler(target.velocity, x1, time_grid(steps, shift))
                 errors.append(float((x0 - ref).norm(dim=-1).mean()))
-            out[name] = {"errors": errors, "order": fit_order(steps_list, errors), "expected": SAMPLER_ORDER[name],
-                         "nfe": [s * MODEL_CALLS_PER_STEP[name] for s in steps_list]}
+            out[name] = {"errors": errors, "order": fit_order(steps_list, errors),
+                         "expected": SAMPLER_ORDER.get(name, 2), "calls": MODEL_CALLS_PER_STEP.get(name, 1)}
     return out
 
 
@@ -119,7 +162,7 @@ def format_table(steps_list: list[int], res: dict[str, dict]) -> str:
              + " | measured order | expected |", "|---" * (len(steps_list) + 4) + "|"]
     for name, r in res.items():
         errs = " | ".join(f"{e:.2e}" for e in r["errors"])
-        lines.append(f"| {name} | {MODEL_CALLS_PER_STEP[name]} | {errs} | {r['order']:.2f} | {r['expected']} |")
+        lines.append(f"| {name} | {r['calls']} | {errs} | {r['order']:.2f} | {r['expected']} |")
     return "\n".join(lines)
 
 
@@ -128,10 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
     ap.add_argument("--points", type=int, default=512, help="starting noise samples")
     ap.add_argument("--shift", type=float, nargs="+", default=[1.0, 3.0], help="time-grid shifts to measure")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also measure the rejected FlowDPM-Solver designs (ABLATIONS)")
     a = ap.parse_args(argv)
     for shift in a.shift:
         print(f"\nshift {shift:g} ({a.points} points; error = mean |x_sampler(0) - x_ref(0)|):\n")
-        print(format_table(a.steps, measure(a.steps, a.points, shift=shift)))
+        print(format_table(a.steps, measure(a.steps, a.points, shift=shift, ablations=a.ablations)))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Everything between the model and the trainer: rectified flow, REPA, text encoder, samplers, guidance.
 
-Time convention (``flow.py``): x_t = (1 - t) x0 + t noise, t = 0 data, t = 1 noise, v = noise - x0.
+Time convention (``flow.py``): x_t = (1 - t) x0 + t noise, t = 0 data, t = 1 noise, v = noise - x0;
+samplers integrate from t = 1 to t = 0.
 """
-from .flow import sample_timesteps, shift_time, time_grid
-from .generate import generate
+from .flow import RESOLUTION_SHIFT, sample_timesteps, shift_time, time_grid
+from .generate import generate, initial_noise
 from .guidance import cfg_model_fn
 from .objective import ObjectiveConfig, compute_loss
 from .repa import DinoV2Teacher, REPAProjector, repa_loss
@@ -12,7 +13,7 @@ from .text_cache import TextEmbeddingCache, precompute_text_embeddings
 from .text_encoder import DEFAULT_SYSTEM_PROMPT, TextEncoder
 
 __all__ = [
-    "sample_timesteps", "shift_time", "time_grid", "generate", "cfg_model_fn", "ObjectiveConfig", "compute_loss",
-    "DinoV2Teacher", "REPAProjector", "repa_loss", "SAMPLERS", "get_sampler", "TextEmbeddingCache",
-    "precompute_text_embeddings", "TextEncoder", "DEFAULT_SYSTEM_PROMPT",
+    "RESOLUTION_SHIFT", "sample_timesteps", "shift_time", "time_grid", "generate", "initial_noise", "cfg_model_fn",
+    "ObjectiveConfig", "compute_loss", "DinoV2Teacher", "REPAProjector", "repa_loss", "SAMPLERS", "get_sampler",
+    "TextEmbeddingCache", "precompute_text_embeddings", "TextEncoder", "DEFAULT_SYSTEM_PROMPT",
 ]

@@ -24,8 +24,21 @@ class ObjectiveConfig:
     t_mean: float = 0.0  # logit-normal mean
     t_std: float = 1.0  # logit-normal std
     shift: float = 1.0  # resolution shift (1.0 at 256, 3.0 at 512, 4.0 at 1024 for T2I)
-    repa_weight: float = 0.5  # lambda; 0 switches REPA off
+    repa_weight: float = 0.5  # lambda; 0 switches REPA off (per curriculum stage)
     cond_drop_prob: float = 0.1  # label/caption dropout for CFG
+
+    def __post_init__(self):
+        problems = []
+        if self.t_std <= 0:
+            problems.append(f"t_std={self.t_std} must be > 0")
+        if self.shift <= 0:
+            problems.append(f"shift={self.shift} must be > 0")
+        if self.repa_weight < 0:
+            problems.append(f"repa_weight={self.repa_weight} must be >= 0 (0 switches REPA off)")
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            problems.append(f"cond_drop_prob={self.cond_drop_prob} must be in [0, 1]")
+        if problems:
+            raise ValueError("ObjectiveConfig: " + "; ".join(problems))
 
 
 def drop_condition(cond: Cond, null_cond: Cond, drop: torch.Tensor) -> Cond:
@@ -54,10 +67,13 @@ def compute_loss(
 ) -> dict[str, torch.Tensor]:
     """Losses of one batch. x0: (B, 3, H, W) in [-1, 1]; cond/null_cond: the model's condition kwargs.
 
-    REPA runs when ``cfg.repa_weight > 0`` and both projector and teacher are given.
-    Returns {"loss", "flow", "repa"} scalars (repa is 0 when off).
+    REPA runs when ``cfg.repa_weight > 0`` and both projector and teacher are given; "repa" is then the
+    detached 1 - cos term and "loss" = flow + repa_weight * repa (repa is 0 when off). ``generator`` (on
+    x0's device) draws t, the noise and the dropout mask, in that order. Returns {"loss", "flow", "repa"}.
     """
     B, dev = x0.shape[0], x0.device
+    if cfg.repa_weight > 0 and (projector is None) != (teacher is None):
+        raise ValueError("REPA needs both projector and teacher (or neither, to switch it off)")
     t = sample_timesteps(B, cfg.t_mean, cfg.t_std, cfg.shift, generator=generator, device=dev)  # (B,)
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)  # (B, 3, H, W)
     drop = torch.rand(B, generator=generator, device=dev) < cfg.cond_drop_prob  # (B,)
@@ -65,10 +81,10 @@ def compute_loss(
     x_t = interpolate(x0, noise, t)  # (B, 3, H, W)
     use_repa = cfg.repa_weight > 0 and projector is not None and teacher is not None
     if use_repa:
-        block = getattr(model, "args").repa_block
-        v, feats = model(x_t, t, return_features_at=block, **c)  # (B, 3, H, W), (B, L, D)
-        p = model.args.patch_size
-        target = teacher(x0, (x0.shape[2] // p, x0.shape[3] // p))  # (B, L, C)
+        args = model.args  # the PixelDiT's ModelArgs: REPA block and patch size
+        v, feats = model(x_t, t, return_features_at=args.repa_block, **c)  # (B, 3, H, W), (B, L, D)
+        p = args.patch_size
+        target = teacher(x0, (x0.shape[2] // p, x0.shape[3] // p))  # (B, L, C) on the same patch grid
         repa = repa_loss(projector(feats), target)
     else:
         v = model(x_t, t, **c)  # (B, 3, H, W)

@@ -2,42 +2,64 @@
 
 Layout of a cache folder (local or any fsspec URL, e.g. s3://bucket/prefix/text_emb)::
 
-    meta.json                 encoder fingerprint (name, system prompt, max_length, dim) and the shard list
-    null.safetensors          the unconditional embedding (1, T, C) + mask (1, T)
-    shards/{shard}.safetensors  per data shard: emb (N, T, C) float16 and mask (N, T) uint8, row i = sample_index i
+    meta.json                       format, encoder fingerprint, dtype, max_length, dim, shard list (written LAST)
+    null.safetensors                the unconditional embedding: emb (1, T, C) float32, mask (1, T) uint8
+    emb/{shard}.safetensors         per data shard (same relative path as the tar): one tensor
+                                    emb (sum of lengths, C) float16|bfloat16 holding each sample's valid
+                                    token states back to back, sample_index order; header metadata:
+                                    lengths (JSON list, one per sample), num_samples, fingerprint
 
-``precompute_text_embeddings`` reads the dataset's samples.parquet (data_pipeline layout), encodes every
-caption shard by shard, and writes meta.json last. ``TextEmbeddingCache`` refuses a cache made by a
-different encoder / system prompt / max_length.
+A caption's mask is always a prefix of ones (right padding), so only its ``length`` valid states are
+stored (captions are mostly far shorter than max_length = 300: ~5x less disk). ``lookup`` reads the
+shard header once (one small ranged read, then cached) and then exactly each sample's byte range,
+concurrently on object stores (``fs.cat_ranges``): random access over many shards costs one small read
+per sample, never a whole shard.
+
+``precompute_text_embeddings`` reads the dataset's samples.parquet (data_pipeline layout), encodes the
+captions shard by shard (resumable: shards already written with the same fingerprint are skipped;
+``part``/``num_parts`` split the shards over several processes), and the process that finds every shard
+present and matching writes meta.json. ``TextEmbeddingCache`` refuses a cache made by a different
+encoder / system prompt / max_length.
 """
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow.parquet as pq
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from .text_encoder import TextEncoder
 
+FORMAT = 2
+CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_HEADER_PROBE = 1 << 16  # first read of a shard file: covers the header of shards up to ~10k samples
+
 
 def _fs(url: str, storage_options: dict | None):
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     return fs, root.rstrip("/")
 
 
-def _shard_file(shard: str) -> str:
-    return "shards/" + shard.replace("/", "__") + ".safetensors"
+def shard_file(shard: str) -> str:
+    """Cache file of a data shard, relative to the cache root: emb/{shard path}.safetensors."""
+    if not shard or shard.startswith("/") or ".." in shard.split("/"):
+        raise ValueError(f"shard path {shard!r} must be relative to the dataset root (as in samples.parquet)")
+    return f"emb/{shard}.safetensors"
 
 
 def _write_bytes(fs, path: str, data: bytes) -> None:
-    """Whole-object write: a temp name then a rename on local disks; one PUT (atomic) on object stores."""
+    """Atomic whole-object write: temp name then rename on local disks; one PUT on object stores."""
     if isinstance(fs, LocalFileSystem):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = path + ".tmp"
         with fs.open(tmp, "wb") as f:
             f.write(data)
@@ -46,80 +68,194 @@ def _write_bytes(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def precompute_text_embeddings(data_root: str, encoder: TextEncoder, cache_dir: str | None = None,
-                               batch_size: int = 64, storage_options: dict | None = None,
-                               progress: bool = True) -> str:
-    """Encode every caption of the dataset at ``data_root``; returns the cache folder URL."""
+@dataclass
+class ShardHeader:
+    """Where each sample's states sit inside one shard file."""
+
+    path: str
+    data_start: int  # byte offset of the emb tensor's data
+    dtype: torch.dtype
+    dim: int
+    lengths: list[int]
+    offsets: list[int]  # token offset of each sample, len = num_samples + 1
+    fingerprint: dict
+
+
+def read_shard_header(fs, path: str) -> ShardHeader:
+    """Parse the safetensors header of a shard file (one ranged read, two for very large shards)."""
+    head = fs.cat_file(path, start=0, end=_HEADER_PROBE)
+    n = int.from_bytes(head[:8], "little")
+    if 8 + n > len(head):
+        head = fs.cat_file(path, start=0, end=8 + n)
+    header = json.loads(head[8:8 + n])
+    meta, emb = header.get("__metadata__", {}), header.get("emb")
+    if emb is None or "lengths" not in meta:
+        raise ValueError(f"{path}: not a text-embedding shard (no emb tensor / lengths); rebuild the cache")
+    lengths = json.loads(meta["lengths"])
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    return ShardHeader(path=path, data_start=8 + n + emb["data_offsets"][0], dtype=_ST_DTYPES[emb["dtype"]],
+                       dim=int(emb["shape"][1]), lengths=lengths, offsets=offsets,
+                       fingerprint=json.loads(meta["fingerprint"]))
+
+
+def _encode_shard(encoder: TextEncoder, captions: list[str], batch_size: int, dtype: torch.dtype,
+                  shard: str) -> tuple[torch.Tensor, list[int]]:
+    """Packed valid states (sum of lengths, C) and the per-caption lengths."""
+    packed, lengths = [], []
+    for s in range(0, len(captions), batch_size):
+        emb, mask = encoder.encode(captions[s:s + batch_size])  # (b, T, C), (b, T)
+        if dtype == torch.float16 and emb.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError(f"shard {shard}: encoder states exceed the float16 range; cache with dtype='bf16'")
+        for i in range(emb.shape[0]):
+            length = int(mask[i].sum())
+            if not mask[i, :length].all():
+                raise ValueError(f"shard {shard} sample {s + i}: the encoder's mask is not a prefix of ones "
+                                 "(left padding?); the cache stores prefixes only")
+            packed.append(emb[i, :length].to("cpu", dtype))
+            lengths.append(length)
+    return torch.cat(packed), lengths
+
+
+def precompute_text_embeddings(data_root: str, encoder: TextEncoder, cache_dir: str | None = None, *,
+                               batch_size: int = 64, dtype: str = "fp16", storage_options: dict | None = None,
+                               progress: bool = True, part: int = 0, num_parts: int = 1,
+                               overwrite: bool = False) -> str:
+    """Encode every caption of the dataset at ``data_root`` (default cache: {data_root}/text_emb).
+
+    Returns the cache URL. Shards whose file already holds this encoder's fingerprint are skipped
+    unless ``overwrite``. With ``num_parts`` > 1, process ``part`` encodes shards part, part + num_parts, ...
+    """
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"unknown cache dtype {dtype!r}; valid: {', '.join(CACHE_DTYPES)}")
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part {part} must be in 0..{num_parts - 1}")
     cache_dir = cache_dir or data_root.rstrip("/") + "/text_emb"
     dfs, droot = _fs(data_root, storage_options)
     cfs, croot = _fs(cache_dir, storage_options)
     samples_path = f"{droot}/samples.parquet"
     if not dfs.exists(samples_path):
-        raise FileNotFoundError(f"{samples_path} not found: build the dataset with `pixeldit-data shard` first")
+        raise FileNotFoundError(f"{samples_path} not found: build the dataset with the data pipeline first")
     with dfs.open(samples_path, "rb") as f:
         table = pq.read_table(f, columns=["shard", "sample_index", "caption"])
     rows: dict[str, list[tuple[int, str]]] = {}
     for shard, idx, cap in zip(*(table.column(c).to_pylist() for c in ("shard", "sample_index", "caption"))):
-        rows.setdefault(shard, []).append((idx, cap or ""))
-    cfs.makedirs(f"{croot}/shards", exist_ok=True)
-    for shard, items in tqdm(sorted(rows.items()), desc="text embeddings", disable=not progress):
-        items.sort()
+        rows.setdefault(shard, []).append((int(idx), cap or ""))
+    fp = encoder.fingerprint()
+    meta_path = f"{croot}/meta.json"
+    if cfs.exists(meta_path) and json.loads(cfs.cat_file(meta_path)).get("fingerprint") != fp:
+        cfs.rm(meta_path)  # a cache of another encoder setup: incomplete until every shard is rewritten
+    shards = sorted(rows)
+    for shard in tqdm(shards[part::num_parts], desc=f"text embeddings {part}/{num_parts}", disable=not progress):
+        items = sorted(rows[shard])
         if [i for i, _ in items] != list(range(len(items))):
             raise ValueError(f"{samples_path}: sample_index of shard {shard} is not 0..{len(items) - 1}")
-        embs, masks = [], []
-        for s in range(0, len(items), batch_size):
-            e, m = encoder.encode([c for _, c in items[s:s + batch_size]])
-            embs.append(e.half().cpu())
-            masks.append(m.to(torch.uint8).cpu())
-        _write_bytes(cfs, f"{croot}/{_shard_file(shard)}", st_save({"emb": torch.cat(embs), "mask": torch.cat(masks)}))
+        path = f"{croot}/{shard_file(shard)}"
+        if not overwrite and cfs.exists(path):
+            old = read_shard_header(cfs, path)
+            if old.fingerprint == fp and len(old.lengths) == len(items) and old.dtype == CACHE_DTYPES[dtype]:
+                continue
+        packed, lengths = _encode_shard(encoder, [c for _, c in items], batch_size, CACHE_DTYPES[dtype], shard)
+        meta = {"lengths": json.dumps(lengths), "num_samples": str(len(lengths)), "fingerprint": json.dumps(fp)}
+        _write_bytes(cfs, path, st_save({"emb": packed}, metadata=meta))
     ne, nm = encoder.encode_null(1)
-    _write_bytes(cfs, f"{croot}/null.safetensors", st_save({"emb": ne.half().cpu(), "mask": nm.to(torch.uint8).cpu()}))
-    meta = {"fingerprint": encoder.fingerprint(), "shards": sorted(rows)}
-    _write_bytes(cfs, f"{croot}/meta.json", json.dumps(meta, indent=1).encode())  # last: marks the cache complete
+    _write_bytes(cfs, f"{croot}/null.safetensors", st_save({"emb": ne.cpu(), "mask": nm.to(torch.uint8).cpu()}))
+    _write_meta_if_complete(cfs, croot, rows, fp, dtype, encoder)
     return cache_dir
 
 
+def _write_meta_if_complete(cfs, croot: str, rows: dict, fp: dict, dtype: str, encoder: TextEncoder) -> bool:
+    """Write meta.json (atomically, last) once every shard file exists with this fingerprint."""
+    for shard in sorted(rows):
+        path = f"{croot}/{shard_file(shard)}"
+        if not cfs.exists(path):
+            return False  # another part is still working
+        header = read_shard_header(cfs, path)
+        if header.fingerprint != fp or len(header.lengths) != len(rows[shard]):
+            return False  # a stale file another part has not rewritten yet
+    meta = {"format": FORMAT, "fingerprint": fp, "dtype": dtype, "max_length": encoder.max_length,
+            "dim": encoder.dim, "shards": {s: len(rows[s]) for s in sorted(rows)}}
+    _write_bytes(cfs, f"{croot}/meta.json", json.dumps(meta, indent=1).encode())  # last: the cache is complete
+    return True
+
+
 class TextEmbeddingCache:
-    """Reads a cache; ``lookup(shards, sample_indices) -> (emb (B, T, C) float32, mask (B, T) bool)``."""
+    """Reads a cache: ``lookup(shards, sample_indices) -> (emb (B, T, C) float32, mask (B, T) bool)``.
+
+    ``expect``: fingerprint fields (e.g. ``encoder.fingerprint()``) the cache must match, else ValueError.
+    """
 
     def __init__(self, cache_dir: str, expect: dict | None = None, storage_options: dict | None = None,
-                 max_shards_in_memory: int = 8):
-        self.url = cache_dir
+                 max_headers: int = 4096):
+        self.url = str(cache_dir)
         self.fs, self.root = _fs(cache_dir, storage_options)
         meta_path = f"{self.root}/meta.json"
         if not self.fs.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: the text-embedding cache is missing or incomplete; "
-                                    "run precompute_text_embeddings (pixeldit-data embed) for this dataset")
+                                    "run precompute_text_embeddings for this dataset (every part)")
         self.meta = json.loads(self.fs.cat_file(meta_path))
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: cache format {self.meta.get('format')!r}, this code reads format "
+                             f"{FORMAT}; rebuild the cache with precompute_text_embeddings")
+        self.fingerprint = self.meta["fingerprint"]
         if expect is not None:
-            got = self.meta["fingerprint"]
-            diff = {k: (got.get(k), v) for k, v in expect.items() if got.get(k) != v}
+            diff = {k: (self.fingerprint.get(k), v) for k, v in expect.items() if self.fingerprint.get(k) != v}
             if diff:
-                raise ValueError(f"text-embedding cache {cache_dir} was made with a different encoder setup "
-                                 f"(key: (cache, expected)) {diff}; rebuild it or use text_mode=online")
-        self.shards = set(self.meta["shards"])
-        self._loaded: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self.max_shards = max_shards_in_memory
+                raise ValueError(f"text-embedding cache {self.url} was made with a different encoder setup "
+                                 f"(key: (cache, expected)) {diff}; rebuild it or encode online")
+        self.max_length, self.dim = int(self.meta["max_length"]), int(self.meta["dim"])
+        self.num_samples: dict[str, int] = self.meta["shards"]
+        self._headers: OrderedDict[str, ShardHeader] = OrderedDict()
+        self.max_headers = max_headers
+        self._null: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _shard(self, shard: str) -> dict[str, torch.Tensor]:
-        if shard not in self._loaded:
-            if shard not in self.shards:
-                raise KeyError(f"shard {shard!r} is not in the text-embedding cache {self.url}; rebuild the cache")
-            self._loaded[shard] = st_load(self.fs.cat_file(f"{self.root}/{_shard_file(shard)}"))
-            while len(self._loaded) > self.max_shards:
-                self._loaded.popitem(last=False)
-        self._loaded.move_to_end(shard)
-        return self._loaded[shard]
+    def _header(self, shard: str) -> ShardHeader:
+        if shard not in self._headers:
+            if shard not in self.num_samples:
+                raise KeyError(f"shard {shard!r} is not in the text-embedding cache {self.url}; rebuild the cache "
+                               "for this dataset")
+            header = read_shard_header(self.fs, f"{self.root}/{shard_file(shard)}")
+            if header.fingerprint != self.fingerprint:
+                raise ValueError(f"{header.path} was written by another encoder setup than meta.json "
+                                 f"({header.fingerprint} vs {self.fingerprint}); rebuild the cache")
+            self._headers[shard] = header
+            while len(self._headers) > self.max_headers:
+                self._headers.popitem(last=False)
+        self._headers.move_to_end(shard)
+        return self._headers[shard]
 
-    def lookup(self, shards, sample_indices) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, shards: str | Sequence[str], sample_indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """States of samples (shard, sample_index): one shard name for all, or one per sample."""
         idx = [int(i) for i in sample_indices]
-        embs, masks = [], []
+        shards = [shards] * len(idx) if isinstance(shards, str) else list(shards)
+        if len(shards) != len(idx):
+            raise ValueError(f"lookup: {len(shards)} shards for {len(idx)} sample indices")
+        headers, starts, ends = [], [], []
         for shard, i in zip(shards, idx):
-            d = self._shard(shard)
-            embs.append(d["emb"][i])
-            masks.append(d["mask"][i])
-        return torch.stack(embs).float(), torch.stack(masks).bool()
+            h = self._header(shard)
+            if not 0 <= i < len(h.lengths):
+                raise IndexError(f"sample_index {i} outside shard {shard} of {len(h.lengths)} samples")
+            row = h.dim * h.dtype.itemsize  # bytes of one token state
+            headers.append(h)
+            starts.append(h.data_start + h.offsets[i] * row)
+            ends.append(h.data_start + h.offsets[i + 1] * row)
+        blobs = self.fs.cat_ranges([h.path for h in headers], starts, ends, on_error="raise") if headers else []
+        emb = torch.zeros(len(idx), self.max_length, self.dim)  # (B, T, C)
+        mask = torch.zeros(len(idx), self.max_length, dtype=torch.bool)  # (B, T)
+        for b, (blob, h, i) in enumerate(zip(blobs, headers, idx)):
+            length = h.lengths[i]
+            if length == 0:  # an empty caption with a tokenizer that adds no special token
+                continue
+            states = torch.frombuffer(bytearray(blob), dtype=h.dtype).view(length, h.dim)  # (len, C)
+            emb[b, :length] = states.float()
+            mask[b, :length] = True
+        return emb, mask
 
     def null(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        d = st_load(self.fs.cat_file(f"{self.root}/null.safetensors"))
-        return d["emb"].float().expand(batch, -1, -1).clone(), d["mask"].bool().expand(batch, -1).clone()
+        """The cached unconditional embedding repeated ``batch`` times: (B, T, C), (B, T)."""
+        if self._null is None:
+            d = st_load(self.fs.cat_file(f"{self.root}/null.safetensors"))
+            self._null = d["emb"].float(), d["mask"].bool()
+        emb, mask = self._null
+        return emb.expand(batch, -1, -1).clone(), mask.expand(batch, -1).clone()

@@ -1,15 +1,23 @@
 """Frozen text encoder (Gemma-2 by default; any transformers encoder folder works).
 
-A system prompt (Sana's "complex human instruction" style) is prepended to each user prompt. The
-(first token + system + prompt) sequence is padded/truncated to 1 + len(system) + max_length - 1 tokens and
-the states kept are the first token plus the last ``max_length - 1`` positions: every caption gives
-exactly ``max_length`` states, the user prompt's tokens (contextualised by the system prompt that precedes
-them in a causal encoder such as Gemma-2) and padding. The unconditional (CFG) embedding encodes
-the empty prompt WITHOUT the system prompt.
+A system prompt (Sana's "complex human instruction" style, configurable) is prepended to each user
+prompt. The sequence [first token, system prompt, user prompt] is right-padded / truncated to
+``1 + len(system) + max_length - 1`` tokens and the states kept are the first token plus the last
+``max_length - 1`` positions, i.e. the user prompt's tokens (contextualised by the system prompt before
+them in a causal encoder such as Gemma-2) and padding: every caption gives exactly ``max_length`` states
+(300 by default: the first token + the last 299), a longer prompt keeps its first ``max_length - 1``
+tokens. States at padding positions (mask False) are zero, as in the embedding cache, which stores only
+the valid ones. The unconditional (CFG) embedding encodes the empty prompt WITHOUT the system prompt.
+
+Loading: a causal-LM checkpoint (e.g. gemma-2-2b-it) loads as its base model (``AutoModel``) whose last
+hidden states (after the final norm) are the embeddings; an encoder-decoder one (T5) uses its encoder.
+Nothing is ever downloaded: ``path`` is a local folder.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from typing import Literal
 
 import torch
 
@@ -18,14 +26,26 @@ DEFAULT_SYSTEM_PROMPT = (
     "for image generation. Evaluate the level of detail in the user prompt: if it is simple, add details about "
     "colour, shape, texture, composition and lighting while keeping its meaning. Here is the user prompt: "
 )
+DtypeName = Literal["fp32", "bf16", "fp16"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: DtypeName | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)} or a torch.dtype")
+    return DTYPES[dtype]
 
 
 class TextEncoder:
-    """Tokenizer + frozen encoder. ``encode(prompts) -> (emb (B, T, C) float32, mask (B, T) bool)``."""
+    """Tokenizer + frozen encoder. ``encode(prompts) -> (emb (B, T, C) float32, mask (B, T) bool)``, T = max_length."""
 
     def __init__(self, tokenizer, model, system_prompt: str = "", max_length: int = 300, name: str = ""):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
         self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False)
         self.system_prompt, self.max_length, self.name = system_prompt, max_length, name
         self.dim = int(model.config.hidden_size)
@@ -34,21 +54,28 @@ class TextEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, system_prompt: str | None = None, max_length: int = 300,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "TextEncoder":
-        """Load tokenizer + encoder from a local folder (never downloads). For a causal LM checkpoint
-        such as Gemma-2 the base model's last hidden states are used."""
+                        dtype: DtypeName | torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "TextEncoder":
+        """Load tokenizer + encoder from a local folder. ``system_prompt=None``: ``DEFAULT_SYSTEM_PROMPT``."""
         if not path or not os.path.isdir(path):
-            raise FileNotFoundError(f"text encoder folder {path!r} not found: pass a local transformers model folder "
-                                    "(e.g. a Gemma-2-2B-IT snapshot) with config.json, weights and tokenizer files")
+            raise FileNotFoundError(f"text encoder folder {str(path)!r} not found: pass a local transformers model "
+                                    "folder (e.g. a gemma-2-2b-it snapshot) with config.json, weights and tokenizer")
         from transformers import AutoModel, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
+        if tok.pad_token is None:
+            raise ValueError(f"{path}: the tokenizer has no pad, eos or unk token to pad with")
         tok.padding_side = "right"
-        model = AutoModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True).to(device)
+        tok.truncation_side = "right"
+        model = AutoModel.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True).to(device)
+        vocab = model.get_input_embeddings().num_embeddings
+        if len(tok) > vocab:
+            raise ValueError(f"{path}: tokenizer has {len(tok)} tokens but the model's embedding only {vocab}")
         sp = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-        return cls(tok, model, system_prompt=sp, max_length=max_length, name=str(path))
+        return cls(tok, model, system_prompt=sp, max_length=max_length,
+                   name=os.path.basename(os.path.normpath(str(path))))
 
     def to(self, device: str | torch.device) -> "TextEncoder":
         self.model.to(device)
@@ -61,17 +88,19 @@ class TextEncoder:
 
     @torch.no_grad()
     def _run(self, texts: list[str], total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise to ``total`` tokens, keep the first + the last max_length - 1 states."""
         batch = self.tokenizer(texts, padding="max_length", max_length=total, truncation=True, return_tensors="pt")
-        ids = batch["input_ids"].to(self.device)
-        att = batch["attention_mask"].to(self.device)
+        ids = batch["input_ids"].to(self.device)  # (B, total)
+        att = batch["attention_mask"].to(self.device)  # (B, total)
         hidden = self.model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, total, C)
-        keep = [0] + list(range(total - self.max_length + 1, total))  # first token + last max_length-1
-        return hidden[:, keep].float(), att[:, keep].bool()  # (B, T, C), (B, T)
+        keep = torch.tensor([0] + list(range(total - self.max_length + 1, total)), device=self.device)
+        mask = att[:, keep].bool()  # (B, T)
+        return hidden[:, keep].float() * mask[..., None], mask  # (B, T, C) zero at padding, (B, T)
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed user prompts (the system prompt is prepended)."""
-        if isinstance(prompts, str):
-            raise TypeError("encode() takes a list of prompts, not a single string")
+        """Embed user prompts (system prompt prepended) -> (emb (B, T, C) float32, mask (B, T) bool)."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) or p is None for p in prompts):
+            raise TypeError("encode() takes a list of prompt strings")
         texts = [self.system_prompt + (p or "") for p in prompts]
         return self._run(texts, 1 + self.sys_tokens + self.max_length - 1)
 
@@ -80,8 +109,14 @@ class TextEncoder:
         if self._null is None:
             self._null = self._run([""], self.max_length)
         emb, mask = self._null
-        return emb.expand(batch, -1, -1).clone(), mask.expand(batch, -1).clone()
+        return emb.expand(batch, -1, -1).clone(), mask.expand(batch, -1).clone()  # (B, T, C), (B, T)
+
+    def weights_digest(self) -> str:
+        """Short hash of the first input-embedding rows (in bf16, so fp32/bf16 loads agree): tells encoders apart."""
+        rows = self.model.get_input_embeddings().weight[:8].detach().to("cpu", torch.bfloat16)
+        return hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
     def fingerprint(self) -> dict:
-        """What must match between a cache and the encoder that reads it."""
-        return {"encoder": self.name, "system_prompt": self.system_prompt, "max_length": self.max_length, "dim": self.dim}
+        """What must match between an embedding cache and the encoder setup that reads it."""
+        return {"encoder": self.name, "weights": self.weights_digest(), "system_prompt": self.system_prompt,
+                "max_length": self.max_length, "dim": self.dim}

@@ -1,7 +1,7 @@
 """Release folders: load a trained PixelDiT with no pickle, no deepspeed and no GPU.
 
     model, config = from_pretrained("releases/pixeldit-t2i")
-    images = generate(model, noise, cond, null_cond=..., **config.sampler.generate_kwargs())
+    images = generate(model, cond, null_cond, noise=noise, **config.sampler.generate_kwargs())
 
 A release folder holds ``config.json`` (``ReleaseConfig``: architecture from the size table, training
 resolution and curriculum stage, text encoder and system prompt, sampler defaults), ``model.safetensors``

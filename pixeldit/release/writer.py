@@ -71,7 +71,7 @@ Defaults (config.json "sampler"): {s.sampler}, {s.steps} steps, CFG scale {s.cfg
 
 ```python
 from pixeldit.diffusion import generate
-images = generate(model, noise, cond, null_cond=null_cond, **config.sampler.generate_kwargs())  # (B, 3, H, W) in [-1, 1]
+images = generate(model, cond, null_cond, noise=noise, **config.sampler.generate_kwargs())  # (B, 3, H, W) in [-1, 1]
 ```
 """
 

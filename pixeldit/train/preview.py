@@ -62,7 +62,7 @@ def write_preview(cfg: RunConfig, bundle, ema: EMA, conditioner, stage: StageCon
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         noise = torch.randn(n, 3, stage.resolution, stage.resolution, generator=gen, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16"):
-            images = generate(model, noise, cond, null_cond=null_cond, steps=cfg.logging.image_sample_steps,
+            images = generate(model, cond, null_cond, noise=noise, steps=cfg.logging.image_sample_steps,
                               sampler=cfg.logging.image_sampler, cfg_scale=cfg.logging.image_cfg_scale,
                               shift=stage.shift)  # (N, 3, H, W) in [-1, 1]
         grid = image_grid(images.float().cpu(), nrow=max(1, int(math.ceil(math.sqrt(n)))))

@@ -1,0 +1,212 @@
+"""The sink of the shard stage: per-bucket shard writers, crash cleanup and the final commit.
+
+BucketSink keeps at most one open shard per ratio key; a shard is committed (renamed / uploaded
+whole) when it holds `samples_per_shard` samples or `max_shard_bytes` of images, and the rest are
+committed by close(). finish_run() then writes samples.parquet, stats.json and the manifest (last).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .manifest import (
+    SHARDS_DIR,
+    commit,
+    manifest_rows_to_table,
+    parse_shard_name,
+    sample_rows_to_table,
+    shard_name,
+)
+from .storage import TMP_SUFFIX, fs_and_path, join
+from .tarshard import ShardWriter
+
+if TYPE_CHECKING:
+    from .shard import Sample
+
+
+@dataclass
+class _OpenShard:
+    name: str  # relative to the root
+    writer: ShardWriter
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+
+
+class BucketSink:
+    """Route samples to one open shard per ratio key; numbering continues after the committed shards."""
+
+    def __init__(
+        self,
+        root: str,
+        table: dict[str, tuple[int, int]],
+        samples_per_shard: int,
+        max_shard_bytes: int,
+        manifest: pa.Table | None,
+        scratch_dir: str,
+    ) -> None:
+        self.root, self.table, self.scratch = root, table, scratch_dir
+        self.samples_per_shard, self.max_shard_bytes = samples_per_shard, max_shard_bytes
+        self.next_n: dict[str, int] = collections.defaultdict(int)
+        for rel in manifest.column("shard").to_pylist() if manifest is not None else []:
+            parsed = parse_shard_name(rel)
+            if parsed:
+                self.next_n[parsed[0]] = max(self.next_n[parsed[0]], parsed[1] + 1)
+        self.open: dict[str, _OpenShard] = {}
+        self.manifest_rows: list[dict[str, Any]] = []
+        self.sample_rows: list[dict[str, Any]] = []
+        self.samples_written = 0
+        self.shards_written = 0
+
+    def add(self, sample: Sample) -> None:
+        key, row, img = sample.ratio_key, sample.row, sample.image
+        shard = self.open.get(key)
+        if shard is None:
+            name = shard_name(key, self.next_n[key])
+            self.next_n[key] += 1
+            shard = self.open[key] = _OpenShard(name, ShardWriter(join(self.root, name), self.scratch))
+        data = img.data if img.data is not None else row.payload
+        meta: dict[str, Any] = {
+            "key": row.sample_key, "url": row.url, "caption": row.caption, "width": img.width, "height": img.height,
+            "ratio_key": key, "sha256": row.sha256,
+        }  # fmt: skip
+        if row.label is not None:
+            meta["label"] = row.label
+        if img.fixes or row.caption_fix:
+            meta["normalised"] = list(img.fixes) + ([row.caption_fix] if row.caption_fix else [])
+        if any(v is not None for v in row.original_size):
+            meta["original_width"], meta["original_height"] = row.original_size
+        if row.extra:
+            meta["extra"] = row.extra
+        span = shard.writer.add(row.sample_key, data, img.ext, row.caption or "", meta, row.label)
+        shard.rows.append(
+            {
+                "key": row.sample_key, "shard": shard.name, "ratio_key": key, "sample_index": len(shard.rows),
+                "image_offset": span.offset, "image_size": span.size, "image_ext": img.ext,
+                "caption": row.caption or "", "width": img.width, "height": img.height,
+                "label": -1 if row.label is None else row.label, "url": row.url, "sha256": row.sha256,
+            }
+        )  # fmt: skip
+        shard.widths.append(img.width)
+        shard.heights.append(img.height)
+        if len(shard.rows) >= self.samples_per_shard or shard.writer.payload_bytes >= self.max_shard_bytes:
+            self._commit(key)
+
+    def _commit(self, key: str) -> None:
+        shard = self.open.pop(key)
+        size = shard.writer.commit()
+        bh, bw = self.table[key]
+        self.manifest_rows.append(
+            {
+                "shard": shard.name, "ratio_key": key, "bucket_height": bh, "bucket_width": bw,
+                "num_samples": len(shard.rows), "bytes": size,
+                "min_width": min(shard.widths), "max_width": max(shard.widths),
+                "min_height": min(shard.heights), "max_height": max(shard.heights),
+            }
+        )  # fmt: skip
+        self.sample_rows.extend(shard.rows)
+        self.samples_written += len(shard.rows)
+        self.shards_written += 1
+
+    def close(self) -> None:
+        for key in sorted(self.open):
+            self._commit(key)
+
+    def abort(self) -> None:
+        for shard in self.open.values():
+            shard.writer.abort()
+        self.open.clear()
+
+
+def cleanup_orphans(root: str, manifest: pa.Table | None) -> list[str]:
+    """Delete shard files under {root}/shards that the committed manifest does not list, and staging files.
+
+    Only names this package writes are touched. Returns the deleted paths.
+    """
+    fs, path = fs_and_path(join(root, SHARDS_DIR))
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return []
+    committed = set(manifest.column("shard").to_pylist()) if manifest is not None else set()
+    base = fs_and_path(root)[1].rstrip("/") + "/"
+    removed = []
+    for p in fs.find(path):
+        rel = p[len(base) :] if p.startswith(base) else p
+        stem = rel.removesuffix(TMP_SUFFIX)
+        if parse_shard_name(stem) and (rel.endswith(TMP_SUFFIX) or rel not in committed):
+            fs.rm_file(p)
+            removed.append(rel)
+    return removed
+
+
+@dataclass
+class RunCounts:
+    """What one build_shards call counted, to be merged into the committed state."""
+
+    skipped: collections.Counter[str]
+    fixes: collections.Counter[str]
+    rows_by_root: collections.Counter[str]
+    ingest: collections.Counter[str]
+    consumed: dict[str, list[str]]
+    prepare: dict[str, dict[str, Any]]  # ingest root -> its _input/prepare_stats.json
+    sources: list[str]  # ingest roots in order of first use (their index prefixes sample keys)
+
+
+def finish_run(
+    root: str, old_manifest: pa.Table | None, old_samples: pa.Table | None, sink: BucketSink, state: dict[str, Any],
+    counts: RunCounts, table_info: dict[str, int],
+) -> dict[str, Any]:  # fmt: skip
+    """Merge this run with the committed one and commit samples, stats and manifest (last); returns stats."""
+    manifest = manifest_rows_to_table(sink.manifest_rows)
+    if old_manifest is not None:
+        manifest = pa.concat_tables([old_manifest.replace_schema_metadata(None).cast(manifest.schema), manifest])
+    manifest = manifest.sort_by("shard")
+    samples = sample_rows_to_table(sink.sample_rows)
+    if old_samples is not None:
+        samples = pa.concat_tables([old_samples.cast(samples.schema), samples])
+    old = state.get("counts", {})
+    skipped = collections.Counter(old.get("skipped", {})) + counts.skipped
+    fixes = collections.Counter(old.get("normalised", {})) + counts.fixes
+    rows_by_root = collections.Counter(old.get("rows_by_root", {})) + counts.rows_by_root
+    ingest = collections.Counter(old.get("ingest", {})) + counts.ingest
+    new_state = {
+        "sources": counts.sources,
+        "consumed": counts.consumed,
+        "prepare": counts.prepare,
+        "counts": {
+            "skipped": dict(skipped), "normalised": dict(fixes),
+            "rows_by_root": dict(rows_by_root), "ingest": dict(ingest),
+        },  # fmt: skip
+    }
+    all_skipped = collections.Counter(skipped)
+    total = 0
+    for r in set(rows_by_root) | set(counts.prepare):
+        prep = counts.prepare.get(r)
+        if prep is not None:
+            all_skipped.update(prep.get("skipped", {}))
+            total += int(prep.get("input_rows", 0))
+        else:
+            total += rows_by_root[r]
+    per_bucket = collections.Counter()
+    for key, n in zip(manifest.column("ratio_key").to_pylist(), manifest.column("num_samples").to_pylist()):
+        per_bucket[key] += n
+    ok = int(pc.sum(manifest["num_samples"]).as_py() or 0)
+    stats = {
+        "total": total,
+        "ok": ok,
+        "skipped": dict(sorted((k, v) for k, v in all_skipped.items() if v)),
+        "normalised": dict(sorted((k, v) for k, v in fixes.items() if v)),
+        "buckets": dict(sorted(per_bucket.items(), key=lambda kv: float(kv[0]))),
+        "pending": total - ok - sum(all_skipped.values()),
+        "shards": manifest.num_rows,
+        "bytes": int(pc.sum(manifest["bytes"]).as_py() or 0),
+        "ingest": dict(ingest),
+        "table": table_info,
+    }
+    commit(root, manifest, samples, stats, new_state)
+    return stats

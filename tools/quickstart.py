@@ -44,6 +44,7 @@ def default_text_encoder() -> str:
 
 def run_config(a: argparse.Namespace, data_root: str, cache: str, text_dim: int) -> dict:
     steps = a.steps_per_stage
+    r1, r2 = a.resolutions
     common = {"data_path": data_root, "bucket_align": 16, "micro_batch": a.batch, "warmup_steps": min(20, steps // 4)}
     return {
         "run_dir": str(Path(a.out) / "run"), "seed": a.seed, "ema_decay": a.ema_decay,
@@ -57,10 +58,10 @@ def run_config(a: argparse.Namespace, data_root: str, cache: str, text_dim: int)
                     "image_every": 0, "image_prompts": PROMPTS[:4]},
         "objective": {"cond_drop_prob": 0.1},
         "stages": [
-            {"name": "64-fixed", "steps": steps, "resolution": 64, "buckets": "fixed", "lr": a.lr, "shift": 1.0,
+            {"name": f"{r1}-fixed", "steps": steps, "resolution": r1, "buckets": "fixed", "lr": a.lr, "shift": 1.0,
              **common},
-            {"name": "128-aspect", "steps": steps, "resolution": 128, "buckets": "aspect", "lr": a.lr / 2,
-             "shift": 2.0, "grad_checkpointing": True, **common},
+            {"name": f"{r2}-aspect", "steps": a.stage2_steps or steps, "resolution": r2, "buckets": "aspect",
+             "lr": a.lr / 2, "shift": 2.0, "grad_checkpointing": True, **common},
         ],
     }
 
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8, help="images per rank per step")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--resolutions", type=int, nargs=2, default=(64, 128), metavar=("STAGE1", "STAGE2"),
+                    help="stage 1 (fixed crops) and stage 2 (aspect buckets) base resolutions")
+    ap.add_argument("--stage2-steps", type=int, default=0, help="steps of stage 2 (default: --steps-per-stage)")
     ap.add_argument("--ema-decay", type=float, default=0.99)
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="fp32")
     ap.add_argument("--text-encoder", default="", help="transformers encoder folder (default: all-MiniLM-L6-v2)")
@@ -94,17 +98,19 @@ def main(argv: list[str] | None = None) -> None:
 
     from data_pipeline.serve import serve_folder
     from data_pipeline.synthetic import make_synthetic_dataset
-    from data_pipeline.pipeline import build_shards, ingest
+    from data_pipeline.ingest import IngestConfig, ingest
+    from data_pipeline.shard import ShardConfig, build_shards
 
     say(0, f"{a.images} images + the bad-input zoo -> {out / 'synth'}")
     ds = make_synthetic_dataset(str(out / "synth"), num_images=a.images, seed=a.seed, bad_inputs=True)
     with serve_folder(ds.images_dir) as base_url:
         url_list = ds.write_url_list(base_url, str(out / "synth" / "urls.parquet"))
         say(1, f"{url_list} served at {base_url} -> {out / 'ingest'}")
-        ingested = ingest(url_list, str(out / "ingest"), processes=1, threads=8)
-    say(2, f"-> {data_root}")
-    summary = build_shards(str(out / "ingest"), data_root, base_res=64, align=16)
-    print(summary)
+        ing = ingest(url_list, str(out / "ingest"), IngestConfig(processes=1, threads=8, samples_per_shard=1000))
+    say(1, f"{ing.success} downloaded, {ing.failed_to_download} failed to download")
+    summary = build_shards(str(out / "ingest"), data_root, ShardConfig(samples_per_shard=64, min_side=16, base_res=64, align=16))
+    say(2, f"{summary.samples_written} samples in {summary.shards_written} shards -> {data_root}; "
+           f"skipped by reason: {summary.stats.get('skipped', {})}")
 
     from pixeldit.diffusion import TextEncoder, precompute_text_embeddings
 
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
 
     samples = out / "samples"
     args = ["--model", str(release), "--out", str(samples), "--steps", str(a.sample_steps), "--cfg-scale",
-            str(a.cfg_scale), "--height", "128", "--width", "128", "--num-per-prompt", "2"]
+            str(a.cfg_scale), "--height", str(a.resolutions[1]), "--width", str(a.resolutions[1]), "--num-per-prompt", "2"]
     for p in PROMPTS:
         args += ["--prompt", p]
     sample_main(args)

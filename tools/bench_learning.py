@@ -1,6 +1,6 @@
 """Proof that the main job learns: run it longer, then check that sample colours follow the prompts.
 
-    python -m tools.bench_learning                      # ~10-15 min on 2 CPU cores
+    python -m tools.bench_learning                      # ~5 min on 2 CPU cores
     python -m tools.bench_learning --steps-per-stage 3000 --stage2-steps 300 --images 1200
 
 Runs ``pixeldit-quickstart`` (synthetic shapes -> img2dataset -> shards -> DeepSpeed curriculum -> release)

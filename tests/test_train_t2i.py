@@ -11,15 +11,7 @@ from diffusion_fixtures import minilm_dir, save_tiny_dinov2
 from pixeldit.train.checkpoint import consolidate_model, read_meta
 from pixeldit.train.config import RunConfig, StageConfig
 from pixeldit.train.trainer import run_training
-from train_helpers import free_port, write_tiny_dataset
-
-
-@pytest.fixture
-def single_rank(monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(key, value)
+from train_helpers import write_tiny_dataset
 
 
 @pytest.fixture(scope="module")

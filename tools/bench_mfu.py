@@ -17,7 +17,6 @@ import gc
 import json
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -25,31 +24,9 @@ from pixeldit.models import build_model, get_model_args
 from pixeldit.models.flops import train_flops_per_image
 from pixeldit.train.activation_checkpointing import apply_activation_checkpointing
 from pixeldit.train.metrics import device_peak_tflops
+from tools.bench_cases import Case
 
 DEFAULT_CASES = ["XL/16@256:bs=128", "XL/16@256:bs=256:ckpt", "T2I@512:bs=64:ckpt", "T2I@1024:bs=16:ckpt"]
-
-
-@dataclass
-class Case:
-    size: str
-    res: int
-    batch: int
-    ckpt: bool
-
-    @classmethod
-    def parse(cls, text: str) -> "Case":
-        """'XL/16@256:bs=64:ckpt' -> Case."""
-        head, *opts = text.split(":")
-        size, res = head.split("@")
-        batch, ckpt = 32, False
-        for o in opts:
-            if o == "ckpt":
-                ckpt = True
-            elif o.startswith("bs="):
-                batch = int(o[3:])
-            else:
-                raise ValueError(f"case {text!r}: unknown option {o!r}; valid: bs=N, ckpt")
-        return cls(size, int(res), batch, ckpt)
 
 
 def peak_tflops(override: float | None) -> float:

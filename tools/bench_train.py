@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -35,37 +34,11 @@ from pixeldit.train.curriculum import Curriculum
 from pixeldit.train.engine import build_engine
 from pixeldit.train.metrics import device_peak_tflops
 from pixeldit.train.trainer import init_distributed, step_generator
+from tools.bench_cases import Case
 
 GPU_CASES = ["debug@512:bs=8", "debug@512:bs=8:ckpt", "debug@1024:bs=2", "debug@1024:bs=2:ckpt",
              "XL/16@256:bs=64", "XL/16@256:bs=64:ckpt", "T2I@512:bs=16", "T2I@512:bs=16:ckpt"]
 CPU_CASES = ["debug@512:bs=1", "debug@512:bs=1:ckpt", "debug@1024:bs=1", "debug@1024:bs=1:ckpt"]
-
-
-@dataclass
-class Case:
-    size: str
-    res: int
-    batch: int
-    ckpt: bool
-
-    @classmethod
-    def parse(cls, text: str) -> "Case":
-        head, *opts = text.split(":")
-        if "@" not in head:
-            raise ValueError(f"case {text!r}: expected SIZE@RES[:bs=N][:ckpt]")
-        size, res = head.split("@")
-        batch, ckpt = 1, False
-        for o in opts:
-            if o == "ckpt":
-                ckpt = True
-            elif o.startswith("bs="):
-                batch = int(o[3:])
-            else:
-                raise ValueError(f"case {text!r}: unknown option {o!r}; valid: bs=N, ckpt")
-        return cls(size, int(res), batch, ckpt)
-
-    def __str__(self) -> str:
-        return f"{self.size}@{self.res}:bs={self.batch}{':ckpt' if self.ckpt else ''}"
 
 
 def _status_kib(field: str) -> int:

@@ -1,24 +1,25 @@
 """pixeldit-submit: submit training runs to SLURM or the local executor; status, tail, cancel.
 
     pixeldit-submit submit --config run.yaml --cluster slurm --nodes 4 --gpus-per-node 8 --partition gpu \\
-        --time-min 4320 --max-requeues 10 stages.0.lr=2e-4
-    pixeldit-submit submit --config a.yaml --config b.yaml --cluster slurm     # a job array, one task per config
+        --time-min 2880 --max-requeues 10 run_dir=/shared/runs/t2i stages.0.lr=2e-4
+    pixeldit-submit submit --config run.yaml --array seed=1,2,3      # job array: {run_dir}/seed-1, seed-2, ...
+    pixeldit-submit submit --config a.yaml --config b.yaml           # job array: one task per config
     pixeldit-submit status runs/t2i
     pixeldit-submit tail runs/t2i -n 50
     pixeldit-submit cancel runs/t2i
 
-The whole curriculum of a run config (all its stages) runs in one job; on preemption or time limit the
-job saves at the next step boundary, requeues itself and resumes from the latest checkpoint.
+The whole curriculum of a run config (all its stages) runs in one job; on preemption or time limit (USR2)
+the job saves at the next step boundary, requeues itself and resumes from the latest checkpoint.
+The default cluster is the local executor (this machine, no SLURM).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from .config import CLUSTERS, LaunchConfig
-from .manage import cancel, status, tail
-from .submit import job_result, submit, submit_array
+from .manage import cancel, format_status, status, tail
+from .submit import job_result, prepare_run, submit, submit_array, sweep_overrides
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -28,36 +29,56 @@ def _kv(text: str) -> tuple[str, str]:
     return k, v
 
 
+def _sbatch(text: str) -> tuple[str, str | bool]:
+    """--sbatch exclusive -> ("exclusive", True); --sbatch mail-type=END -> ("mail-type", "END")."""
+    k, sep, v = text.partition("=")
+    return k, (v if sep else True)
+
+
+def _axis(text: str) -> tuple[str, list[str]]:
+    k, v = _kv(text)
+    return k, [x for x in v.split(",") if x]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pixeldit-submit", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("submit", help="submit a run (or an array of runs)")
-    s.add_argument("--config", action="append", default=None, help="run config YAML (repeat for a job array)")
-    s.add_argument("--cluster", choices=CLUSTERS, default="local")
+    s = sub.add_parser("submit", help="submit a run (or a job array of runs)")
+    s.add_argument("--config", action="append", default=None, help="run config YAML (repeat: a job array)")
+    s.add_argument("--array", type=_axis, action="append", default=[], metavar="KEY=V1,V2",
+                   help="job array over values of a run-config key, each in {run_dir}/KEY-V (repeat: product)")
+    s.add_argument("--cluster", choices=CLUSTERS, default="local", help="local (default): this machine")
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--gpus-per-node", type=int, default=0)
-    s.add_argument("--tasks-per-node", type=int, default=0, help="default: gpus per node, or 1")
+    s.add_argument("--tasks-per-node", type=int, default=0, help="default: one per GPU, or 1")
     s.add_argument("--cpus-per-task", type=int, default=1)
-    s.add_argument("--mem-gb", type=float, default=0.0)
+    s.add_argument("--mem-gb", type=float, default=0.0, help="per node (0: the cluster's default)")
     s.add_argument("--partition", default="")
     s.add_argument("--account", default="")
     s.add_argument("--qos", default="")
     s.add_argument("--constraint", default="")
-    s.add_argument("--time-min", type=int, default=60)
+    s.add_argument("--time-min", type=int, default=0, help="time limit of one job (required on SLURM)")
     s.add_argument("--job-name", default="pixeldit")
-    s.add_argument("--max-requeues", type=int, default=3)
-    s.add_argument("--signal-delay-s", type=int, default=120)
-    s.add_argument("--sbatch", type=_kv, action="append", default=[], help="extra sbatch option KEY=VALUE")
-    s.add_argument("--env", type=_kv, action="append", default=[], help="environment KEY=VALUE for every task")
-    s.add_argument("--wait", action="store_true", help="block until the job(s) finish and print the result")
-    s.add_argument("overrides", nargs="*", help="run config overrides a.b=c")
-    for name, helptext in (("status", "jobs of a run and their state"), ("tail", "last log lines of the newest job"),
-                           ("cancel", "cancel the run's unfinished jobs")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("run_dir")
-        if name == "tail":
-            p.add_argument("-n", "--lines", type=int, default=20)
+    s.add_argument("--max-requeues", type=int, default=3, help="requeues after a saved stop, per job")
+    s.add_argument("--signal-delay-s", type=int, default=120, help="USR2 this long before the time limit")
+    s.add_argument("--master-port", type=int, default=0, help="default: derived from the job id")
+    s.add_argument("--sbatch", type=_sbatch, action="append", default=[], metavar="KEY[=VALUE]",
+                   help="any other sbatch option, e.g. --sbatch exclusive --sbatch mail-type=END")
+    s.add_argument("--env", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for every task")
+    s.add_argument("--force", action="store_true", help="submit even if a job of the run is still active")
+    s.add_argument("--wait", action="store_true", help="block until the job(s) end and print rank 0's result")
+    s.add_argument("overrides", nargs="*", help="run config overrides a.b=c (CLI > file > defaults)")
+    p = sub.add_parser("status", help="the run's jobs, their state, result and requeues")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="one JSON object per job")
+    p = sub.add_parser("tail", help="last log lines of every task of the newest job")
+    p.add_argument("run_dir")
+    p.add_argument("-n", "--lines", type=int, default=20)
+    p.add_argument("--job", default=None, help="an older job of the run (default: the newest)")
+    p = sub.add_parser("cancel", help="cancel the run's unfinished jobs (no save; resubmit to resume)")
+    p.add_argument("run_dir")
     return ap
 
 
@@ -66,35 +87,50 @@ def launch_config(a: argparse.Namespace) -> LaunchConfig:
         cluster=a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node, tasks_per_node=a.tasks_per_node,
         cpus_per_task=a.cpus_per_task, mem_gb=a.mem_gb, partition=a.partition, account=a.account, qos=a.qos,
         constraint=a.constraint, time_min=a.time_min, job_name=a.job_name, max_requeues=a.max_requeues,
-        signal_delay_s=a.signal_delay_s, extra_sbatch=dict(a.sbatch), env=dict(a.env),
+        signal_delay_s=a.signal_delay_s, master_port=a.master_port, extra_sbatch=dict(a.sbatch), env=dict(a.env),
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = build_parser().parse_args(argv)
+def _submit(a: argparse.Namespace) -> int:
+    launch = launch_config(a)
+    configs = a.config or [None]
+    if a.array:
+        base_run_dir, _ = prepare_run(configs[0], list(a.overrides), launch)
+        per_task = [list(a.overrides) + o for o in sweep_overrides(base_run_dir, a.array)]
+        subs = submit_array([configs[0]] * len(per_task), launch, per_task, force=a.force)
+    elif len(configs) > 1:
+        subs = submit_array(configs, launch, [list(a.overrides) for _ in configs], force=a.force)
+    else:
+        subs = [submit(configs[0], launch, a.overrides, force=a.force)]
+    for s in subs:
+        print(f"submitted job {s.jobs[0].job_id} ({launch.cluster}) for run {s.run_dir}; logs in {s.folder}")
+    if not a.wait:
+        return 0
+    ok = True
+    for s in subs:
+        result = job_result(s.jobs[0])
+        print(json.dumps(result))
+        ok = ok and result["status"] == "finished"
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command == "submit" and a.array and a.config and len(a.config) > 1:
+        parser.error("use either several --config or --array, not both")
     if a.command == "submit":
-        launch = launch_config(a)
-        configs = a.config or [None]
-        if len(configs) == 1:
-            subs = [submit(configs[0], launch, a.overrides)]
-        else:
-            subs = submit_array(configs, launch, [list(a.overrides) for _ in configs])
-        for s in subs:
-            print(f"submitted job {s.jobs[0].job_id} ({launch.cluster}) for run {s.run_dir}; logs in {s.folder}")
-        if a.wait:
-            for s in subs:
-                print(json.dumps(job_result(s.jobs[0])))
-    elif a.command == "status":
-        for row in status(a.run_dir):
-            print(f"{row['job_id']:>12}  {row['state']:<12}  {row['cluster']:<6}  {row['submitted']}  {row['folder']}")
+        return _submit(a)
+    if a.command == "status":
+        rows = status(a.run_dir)
+        print("\n".join(json.dumps(r) for r in rows) if a.json else format_status(rows))
     elif a.command == "tail":
-        print(tail(a.run_dir, a.lines))
-    elif a.command == "cancel":
+        print(tail(a.run_dir, a.lines, a.job))
+    else:  # cancel (argparse enforces the choices)
         ids = cancel(a.run_dir)
         print("cancelled: " + (", ".join(ids) if ids else "nothing (no unfinished job)"))
-    else:  # argparse enforces the choices
-        sys.exit(f"unknown command {a.command}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,9 @@
-"""The launcher's typed config: where and how a training run is submitted (saved with the run)."""
+"""The launcher's typed config: where and how a training run is submitted (saved with the run).
+
+``LaunchConfig`` is separate from the run config (``pixeldit.train.config.RunConfig``): the same run config
+trains on a laptop, one 8-GPU machine or 64 SLURM nodes; only this object changes. It is saved as
+``{run_dir}/launcher/launch.json`` at every submission.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +14,8 @@ from typing import Any, Literal
 
 Cluster = Literal["local", "slurm"]
 CLUSTERS: tuple[str, ...] = ("local", "slurm")
+LOCAL_MAX_REQUEUES = 5  # submitit's local controller starts a job at most 6 times
+LOCAL_NO_LIMIT_MIN = 60 * 24 * 365  # time_min=0 on the local executor: no practical limit
 
 
 @dataclass
@@ -20,34 +27,46 @@ class LaunchConfig:
     saves, requeues itself (at most ``max_requeues`` times) and resumes from the run's latest checkpoint.
     """
 
-    cluster: Cluster = "local"
+    cluster: Cluster = "local"  # local: submitit's local executor on this machine (no SLURM)
     nodes: int = 1
     gpus_per_node: int = 0
     tasks_per_node: int = 0  # 0: = gpus_per_node, or 1 without GPUs
     cpus_per_task: int = 1
-    mem_gb: float = 0.0  # 0: the cluster's default
+    mem_gb: float = 0.0  # per node; 0: the cluster's default
     partition: str = ""
     account: str = ""
     qos: str = ""
     constraint: str = ""
-    time_min: int = 60
+    time_min: int = 0  # wall-clock limit of one job (sbatch --time); 0: none (local only, required on SLURM)
     job_name: str = "pixeldit"
-    max_requeues: int = 3
-    signal_delay_s: int = 120  # SLURM sends USR2 this long before the time limit
-    master_port: int = 0  # 0: derived from the job id (same on every task)
-    extra_sbatch: dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. {"exclusive": True}
+    max_requeues: int = 3  # requeues after a saved stop (USR2: preemption / time limit), per job
+    signal_delay_s: int = 120  # USR2 comes this long before the limit: > one step + one checkpoint save
+    master_port: int = 0  # 0: derived from the job id (same on every task, differs between jobs)
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)  # other sbatch options, e.g. {"exclusive": True}
     env: dict[str, str] = field(default_factory=dict)  # environment set in every task before training starts
 
     def __post_init__(self) -> None:
         if self.cluster not in CLUSTERS:
-            raise ValueError(f"cluster={self.cluster!r}; valid values: {', '.join(CLUSTERS)}")
-        for name in ("nodes", "cpus_per_task", "time_min"):
+            raise ValueError(f"launch config: cluster={self.cluster!r}; valid values: {', '.join(CLUSTERS)}")
+        for name in ("nodes", "cpus_per_task"):
             if getattr(self, name) < 1:
                 raise ValueError(f"launch config: {name} must be >= 1, got {getattr(self, name)}")
-        if self.max_requeues < 0:
-            raise ValueError(f"launch config: max_requeues must be >= 0, got {self.max_requeues}")
-        if self.cluster == "local" and self.nodes != 1:
-            raise ValueError("launch config: the local executor runs on one node (nodes=1)")
+        for name in ("gpus_per_node", "tasks_per_node", "time_min", "max_requeues", "signal_delay_s", "mem_gb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"launch config: {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.master_port < 65536:
+            raise ValueError(f"launch config: master_port must be in 0..65535 (0: from the job id), "
+                             f"got {self.master_port}")
+        if self.cluster == "slurm" and self.time_min == 0:
+            raise ValueError("launch config: time_min (sbatch --time, minutes) is required on SLURM; the job "
+                             "saves and requeues itself at the limit, so the partition's maximum is a good value")
+        if self.cluster == "local":
+            if self.nodes != 1:
+                raise ValueError(f"launch config: the local executor runs on one node (nodes=1), got "
+                                 f"nodes={self.nodes}; use cluster=slurm for several nodes")
+            if self.max_requeues > LOCAL_MAX_REQUEUES:
+                raise ValueError(f"launch config: the local executor requeues a job at most "
+                                 f"{LOCAL_MAX_REQUEUES} times, got max_requeues={self.max_requeues}")
 
     @property
     def ntasks_per_node(self) -> int:
@@ -69,30 +88,41 @@ class LaunchConfig:
         return cls(**d)
 
     def save(self, path: Path) -> None:
+        """Atomic JSON write (tmp + rename)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=1))
         tmp.replace(path)
 
+    @classmethod
+    def load(cls, path: Path) -> "LaunchConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
 
 def executor_parameters(cfg: LaunchConfig) -> dict[str, Any]:
-    """submitit ``update_parameters`` keywords for this config (cluster-specific keys prefixed)."""
+    """``update_parameters`` keywords: of ``submitit.LocalExecutor`` (local) or ``submitit.AutoExecutor`` (SLURM)."""
+    timeout_min = cfg.time_min or LOCAL_NO_LIMIT_MIN
+    if cfg.cluster == "local":  # cpus and memory are the machine's; the controller sends USR2 before the limit
+        return {"tasks_per_node": cfg.ntasks_per_node, "gpus_per_node": cfg.gpus_per_node,
+                "timeout_min": timeout_min, "signal_delay_s": cfg.signal_delay_s}
     params: dict[str, Any] = {
         "nodes": cfg.nodes,
         "tasks_per_node": cfg.ntasks_per_node,
         "cpus_per_task": cfg.cpus_per_task,
-        "timeout_min": cfg.time_min,
+        "timeout_min": timeout_min,
         "name": cfg.job_name,
+        "slurm_signal_delay_s": cfg.signal_delay_s,
+        # --requeue: the job may be requeued (by us after a saved stop, or by SLURM on node failure/preemption)
+        "slurm_additional_parameters": {"requeue": True, **cfg.extra_sbatch},
     }
     if cfg.gpus_per_node:
         params["gpus_per_node"] = cfg.gpus_per_node
     if cfg.mem_gb:
         params["mem_gb"] = cfg.mem_gb
-    if cfg.cluster == "slurm":
-        for key in ("partition", "account", "qos", "constraint"):
-            if getattr(cfg, key):
-                params[f"slurm_{key}"] = getattr(cfg, key)
-        params["slurm_signal_delay_s"] = cfg.signal_delay_s
-        if cfg.extra_sbatch:
-            params["slurm_additional_parameters"] = dict(cfg.extra_sbatch)
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(cfg, key):
+            params[f"slurm_{key}"] = getattr(cfg, key)
     return params

@@ -1,16 +1,21 @@
 """What runs inside a submitted job: distributed environment from SLURM/submitit, then the trainer.
 
-Preemption / time limit (SLURM sends USR2 ``signal_delay_s`` before the end, or ``scancel --signal=USR2``):
+Every task of the job (one per GPU; SLURM starts them with ``srun``, the local executor with its controller)
+runs ``TrainJob.__call__``:
 
-1. the USR2 handler only raises a flag (submitit's own handler, which would checkpoint the pickle and
-   requeue at once from inside the signal handler, is replaced);
-2. ``run_training`` all-reduces the flag at the next step boundary, every rank saves the DeepSpeed
-   checkpoint together, and it returns ``status="stopped"``;
-3. if fewer than ``max_requeues`` requeues happened, the job is requeued (SLURM: rank 0 runs
-   ``scontrol requeue``; local executor: every task exits with submitit's requeue code) and every task
-   exits without writing a submitit result, so the job is not "done";
-4. the requeued job runs the same pickled ``TrainJob``, which reads the run's config and resumes from
-   ``{run_dir}/checkpoints/latest`` on disk: no checkpoint path is frozen into the pickle.
+1. set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from ``submitit.JobEnvironment``;
+2. replace submitit's USR2 handler by one that only raises a flag (submitit's own handler would pickle the
+   callable and requeue at once, from inside the signal handler, in the middle of a step);
+3. ``run_training(cfg, stop_requested=flag)``: the trainer all-reduces the flag at the next step boundary,
+   every rank saves the DeepSpeed checkpoint together, and it returns ``status="stopped"``;
+4. after a stop, if the job was requeued fewer than ``max_requeues`` times, it is requeued (SLURM: rank 0
+   runs ``scontrol requeue``; local executor: every task exits with submitit's requeue code) and every task
+   leaves without a submitit result, so the job is not "done";
+5. the requeued job runs the same pickled ``TrainJob``; the trainer resumes from
+   ``{run_dir}/checkpoints/latest`` on disk, so no checkpoint path is frozen into the pickle.
+
+The requeue count of a job lives next to its logs (``{submission folder}/{job_id}_requeues.json``): it is per
+job, survives the requeue, and a new submission of the same run starts again from zero.
 """
 from __future__ import annotations
 
@@ -18,54 +23,67 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from submitit import JobEnvironment
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE  # a task exiting with it makes the controller rerun the job
 
 from .config import LaunchConfig
 
-PREEMPT_SIGNAL = signal.SIGUSR2
+# what SLURM sends --signal-delay-s before the limit (sbatch --signal=USR2@delay; submitit's choice, USR2
+# unless SUBMITIT_PREEMPT_SIGNAL says otherwise)
+PREEMPT_SIGNAL = getattr(signal, "SIG" + JobEnvironment.USR_SIG)
+PORT_BASE, PORT_SPAN = 20000, 20000
 
 
-def requeue_state_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "launcher" / "requeues.json"
+class Requeued(SystemExit):
+    """Leave the task without a submitit result after a saved stop (the job was requeued).
+
+    A ``SystemExit`` on purpose: submitit's ``process_job`` pickles a result for ``Exception`` only, so the
+    job stays unfinished and the requeued run writes the result.
+    """
 
 
-def read_requeues(run_dir: str | Path) -> int:
-    path = requeue_state_path(run_dir)
-    return json.loads(path.read_text())["requeues"] if path.exists() else 0
+def requeue_count_path(folder: str | Path, job_id: str) -> Path:
+    return Path(folder) / f"{job_id}_requeues.json"
 
 
-def write_requeues(run_dir: str | Path, count: int) -> None:
-    path = requeue_state_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+def read_requeues(folder: str | Path, job_id: str) -> int:
+    path = requeue_count_path(folder, job_id)
+    return int(json.loads(path.read_text())["requeues"]) if path.exists() else 0
+
+
+def write_requeues(folder: str | Path, job_id: str, count: int) -> None:
+    path = requeue_count_path(folder, job_id)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"requeues": count}))
     tmp.replace(path)
 
 
-def port_from_job_id(job_id: str) -> int:
-    """A port every task of one job derives alike (array jobs: '123_4' -> from both parts)."""
+def port_from_job_id(job_id: str | int) -> int:
+    """A port every task of one job derives alike; jobs (array tasks too) have distinct numeric SLURM ids."""
     digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
-    return 20000 + int(digits) % 20000
+    return PORT_BASE + int(digits) % PORT_SPAN
 
 
 def set_distributed_env(launch: LaunchConfig) -> dict[str, str]:
-    """RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from submitit's JobEnvironment (SLURM or local)."""
-    import submitit
+    """RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from submitit's JobEnvironment (SLURM or local).
 
-    env = submitit.JobEnvironment()
+    MASTER_ADDR is the job's first host; MASTER_PORT is ``launch.master_port`` or derived from the raw job id
+    (SLURM_JOB_ID is unique per array task, so array tasks sharing a node get different ports).
+    """
+    env = JobEnvironment()
+    hosts = env.hostnames if env.cluster == "slurm" else []
     values = {
         "RANK": str(env.global_rank),
         "LOCAL_RANK": str(env.local_rank),
         "WORLD_SIZE": str(env.num_tasks),
         "LOCAL_WORLD_SIZE": str(env.num_tasks // max(1, env.num_nodes)),
-        "MASTER_ADDR": env.hostnames[0] if env.hostnames else "127.0.0.1",
-        "MASTER_PORT": str(launch.master_port or port_from_job_id(env.job_id)),
+        "MASTER_ADDR": hosts[0] if hosts else "127.0.0.1",
+        "MASTER_PORT": str(launch.master_port or port_from_job_id(env.raw_job_id)),
     }
     os.environ.update(values)
     return values
@@ -73,43 +91,48 @@ def set_distributed_env(launch: LaunchConfig) -> dict[str, str]:
 
 @dataclass
 class TrainJob:
-    """The submitit callable: ``run_training`` of a run config with launcher-managed preemption."""
+    """The submitit callable: ``run_training`` of a run config, with launcher-managed preemption.
 
-    config_path: str  # the run config YAML saved in the run folder at submission
+    ``config_path`` is the run config saved in the submission folder (overrides applied, run_dir absolute).
+    """
+
+    config_path: str
     launch: LaunchConfig
-    overrides: list[str] = field(default_factory=list)
 
     def __call__(self) -> dict[str, Any]:
         os.environ.update(self.launch.env)
+        os.environ.setdefault("OMP_NUM_THREADS", str(self.launch.cpus_per_task))
         stop = threading.Event()
         signal.signal(PREEMPT_SIGNAL, lambda signum, frame: stop.set())  # only raise a flag
-        set_distributed_env(self.launch)
+        dist_env = set_distributed_env(self.launch)
+        env = JobEnvironment()
+        folder = Path(os.environ["SUBMITIT_FOLDER"])  # set by submitit for every task
+        requeues = read_requeues(folder, env.job_id)  # read before training: every rank decides alike
         from pixeldit.train.config import load_config
         from pixeldit.train.trainer import run_training
 
-        cfg = load_config(self.config_path, self.overrides)
-        requeues_before = read_requeues(cfg.run_dir)  # read before training: every rank decides alike
+        cfg = load_config(self.config_path, [])
+        print(f"[launcher] job {env.job_id} rank {dist_env['RANK']}/{dist_env['WORLD_SIZE']} master "
+              f"{dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']}, requeues so far {requeues}", flush=True)
         result = run_training(cfg, stop_requested=stop.is_set)
         summary = {"status": result.status, "step": result.step, "stage": result.stage,
-                   "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-                   "requeues": requeues_before}
+                   "checkpoint": result.checkpoint, "requeues": requeues, "job_id": env.job_id}
         if result.status == "stopped":
-            if requeues_before >= self.launch.max_requeues:
-                summary["status"] = "stopped: max requeues reached"  # submitting again resumes the run
+            if requeues >= self.launch.max_requeues:
+                summary["status"] = "stopped: max requeues reached (submit the run again to continue)"
             else:
-                self._requeue(cfg.run_dir, requeues_before + 1)
+                self._requeue(env, folder, requeues + 1)
         return summary
 
-    def _requeue(self, run_dir: str, count: int) -> None:
-        """Requeue the job after the saved stop and exit without a submitit result (the job is not done)."""
-        import submitit
-
-        env = submitit.JobEnvironment()
+    def _requeue(self, env: Any, folder: Path, count: int) -> None:
+        """Requeue the job after the saved stop; every task leaves without a result."""
         if env.global_rank == 0:
-            write_requeues(run_dir, count)
-            print(f"[pixeldit] requeueing job {env.job_id} ({count}/{self.launch.max_requeues})", flush=True)
+            write_requeues(folder, env.job_id, count)
+            print(f"[launcher] requeueing job {env.job_id} ({count}/{self.launch.max_requeues})", flush=True)
         if self.launch.cluster == "slurm":
             if env.global_rank == 0:
-                subprocess.check_call(["scontrol", "requeue", str(env.job_id)], timeout=60)
-            sys.exit(-1)  # SystemExit is not caught by submitit: no result pickle
-        sys.exit(LOCAL_REQUEUE_RETURN_CODE)  # the local controller restarts every task
+                # raw id: for an array task "A_T" scontrol also accepts the task's own SLURM_JOB_ID
+                subprocess.check_call(["scontrol", "requeue", str(env.raw_job_id)], timeout=60)
+            # exit code 0: a non-zero exit of one task could make srun (KillOnBadExit) kill rank 0 mid-requeue
+            raise Requeued(0)
+        raise Requeued(LOCAL_REQUEUE_RETURN_CODE)  # the local controller restarts every task

@@ -1,52 +1,45 @@
-"""status / tail / cancel for the jobs of a run folder (SLURM or local)."""
+"""status / tail / cancel for the jobs of a run folder (SLURM or local).
+
+    status(run_dir)  every job of the run: id, cluster, state, rank 0's result, requeues, folder
+    tail(run_dir)    the last lines of every task's stdout/stderr of the newest job (or a given job)
+    cancel(run_dir)  stop the run's unfinished jobs (SLURM: scancel; local: SIGINT to the job's controller)
+
+Cancelling does not save: the run resumes from its latest checkpoint when submitted again. To stop with a
+save at the next step boundary and requeue, send the preemption signal instead:
+``scancel --signal=USR2 JOBID``.
+"""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from .submit import read_jobs
-
-
-def _job_handle(entry: dict[str, Any]):
-    import submitit
-
-    if entry["cluster"] == "slurm":
-        return submitit.SlurmJob(folder=entry["folder"], job_id=entry["job_id"])
-    return submitit.LocalJob(folder=entry["folder"], job_id=entry["job_id"])
-
-
-def job_state(entry: dict[str, Any]) -> str:
-    if entry["cluster"] == "slurm":
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", entry["job_id"], "-o", "State"],
-                             capture_output=True, text=True, timeout=30)
-        state = out.stdout.strip().splitlines()
-        if state:
-            return state[-1].split()[0]
-        out = subprocess.run(["squeue", "-h", "-j", entry["job_id"], "-o", "%T"], capture_output=True, text=True, timeout=30)
-        return out.stdout.strip() or "UNKNOWN"
-    return _job_handle(entry).state
-
-
-def log_files(entry: dict[str, Any]) -> list[Path]:
-    """stdout/stderr logs of every task of the job (submitit names them {job_id}_{task}_log.{out,err})."""
-    folder = Path(entry["folder"])
-    return sorted(folder.glob(f"{entry['job_id']}_*_log.out")) + sorted(folder.glob(f"{entry['job_id']}_*_log.err"))
+from .registry import interrupt_local, is_active, job_row, job_state, log_files, read_jobs
 
 
 def status(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every job of the run with its state, newest last."""
-    rows = []
-    for entry in read_jobs(run_dir):
-        rows.append({**entry, "state": job_state(entry)})
-    return rows
+    """Every job of the run with its state, oldest first."""
+    return [job_row(entry) for entry in read_jobs(run_dir)]
 
 
-def tail(run_dir: str | Path, lines: int = 20) -> str:
-    """The last lines of each log file of the newest job."""
-    entry = read_jobs(run_dir)[-1]
+def format_status(rows: list[dict[str, Any]]) -> str:
+    head = f"{'job':>14}  {'cluster':<7}  {'state':<12}  {'result':<10}  {'requeues':>8}  {'submitted':<19}  folder"
+    lines = [f"{r['job_id']:>14}  {r['cluster']:<7}  {r['state']:<12}  {(r['result'] or '-')[:10]:<10}  "
+             f"{r['requeues']:>8}  {r['submitted']:<19}  {r['folder']}" for r in rows]
+    return "\n".join([head, *lines])
+
+
+def tail(run_dir: str | Path, lines: int = 20, job_id: str | None = None) -> str:
+    """The last ``lines`` lines of each log file of the newest job (or of ``job_id``)."""
+    entries = read_jobs(run_dir)
+    if job_id is not None:
+        picked = [e for e in entries if e["job_id"] == job_id]
+        if not picked:
+            raise ValueError(f"job {job_id} is not a job of run {run_dir}; its jobs: "
+                             f"{', '.join(e['job_id'] for e in entries)}")
+        entry = picked[-1]
+    else:
+        entry = entries[-1]
     chunks = []
     for path in log_files(entry):
         text = path.read_text(errors="replace").splitlines()[-lines:]
@@ -55,18 +48,19 @@ def tail(run_dir: str | Path, lines: int = 20) -> str:
 
 
 def cancel(run_dir: str | Path) -> list[str]:
-    """Cancel every job of the run that is not finished; returns the cancelled job ids."""
+    """Cancel every unfinished job of the run; returns the ids of the jobs told to stop."""
     cancelled = []
     for entry in read_jobs(run_dir):
         state = job_state(entry)
-        if state.upper() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "FINISHED", "DONE", "INTERRUPTED"):
-            continue
         if entry["cluster"] == "slurm":
-            subprocess.run(["scancel", entry["job_id"]], check=True, timeout=30)
-        else:
-            try:
-                os.kill(int(entry["job_id"]), signal.SIGTERM)
-            except ProcessLookupError:
+            if not (is_active(entry, state) or state == "UNKNOWN"):
                 continue
+            out = subprocess.run(["scancel", entry["job_id"]], capture_output=True, text=True, timeout=30)
+            if out.returncode != 0:
+                if state == "UNKNOWN":  # no accounting and no longer queued: nothing to cancel
+                    continue
+                raise RuntimeError(f"scancel {entry['job_id']} (run {run_dir}) failed: {out.stderr.strip()}")
+        elif not (is_active(entry, state) and interrupt_local(entry)):
+            continue
         cancelled.append(entry["job_id"])
     return cancelled

@@ -1,11 +1,13 @@
-"""Launchers with the real trainer: local executor (always) and a real SLURM on localhost (when running).
+"""Launchers with the real trainer: the local executor (always) and a real SLURM on localhost (when running).
 
-Each job trains the debug model on CPU with 2 tasks (gloo) for a few steps at 32 px over two stages.
+Every job trains the debug model on CPU with 2 tasks (DeepSpeed, gloo) for a few steps at 32 px through a
+two-stage curriculum. SLURM: CI starts it with `.ci/slurm.sh start` (../shared/slurm/start_slurm.sh).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,15 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launchers.cli import main as submit_cli
 from launchers.config import LaunchConfig
 from launchers.manage import cancel, status, tail
-from launchers.submit import job_result, read_jobs, submit, submit_array
+from launchers.registry import read_jobs
+from launchers.submit import RunBusyError, job_result, last_result, submit
 from train_helpers import write_tiny_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = (4, 4)
-TASK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+TASK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
 
 def slurm_reason() -> str | None:
@@ -32,13 +34,17 @@ def slurm_reason() -> str | None:
     try:
         out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
     except subprocess.TimeoutExpired:
-        return "SLURM controller does not answer (sinfo timed out)"
+        return "SLURM not running: slurmctld does not answer (sinfo timed out); start ../shared/slurm/start_slurm.sh"
     if out.returncode != 0 or not out.stdout.strip():
-        return f"SLURM not running (sinfo: {out.stderr.strip() or 'no nodes'}): start ../shared/slurm/start_slurm.sh"
+        return f"SLURM not running ({out.stderr.strip() or 'no nodes'}): start ../shared/slurm/start_slurm.sh"
+    states = set(out.stdout.split())
+    if not states & {"idle", "mixed", "allocated", "completing"}:
+        return f"SLURM has no usable node (node states: {', '.join(sorted(states))}); restart it"
     return None
 
 
-needs_slurm = pytest.mark.skipif(slurm_reason() is not None, reason=str(slurm_reason()))
+SLURM_REASON = slurm_reason()
+needs_slurm = pytest.mark.skipif(SLURM_REASON is not None, reason=str(SLURM_REASON))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ def dataset(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("data"), {"1.00": 8, "0.50": 8}, per_shard=4)
 
 
-def run_config(path: Path, run_dir: Path, data: Path) -> Path:
+def run_config(path: Path, run_dir: Path, data: Path, steps: tuple[int, int] = STEPS) -> Path:
     stage = {"data_path": str(data), "resolution": 32, "bucket_align": 16, "micro_batch": 2, "lr": 1e-3}
     cfg = {
         "run_dir": str(run_dir), "seed": 1, "ema_decay": 0.9,
@@ -55,8 +61,8 @@ def run_config(path: Path, run_dir: Path, data: Path) -> Path:
         "data": {"num_workers": 0},
         "logging": {"wandb": "disabled", "progress_bar": False},
         "checkpoint": {"every": 100, "keep": 2},
-        "stages": [{"name": "fixed", "steps": STEPS[0], "buckets": "fixed", **stage},
-                   {"name": "aspect", "steps": STEPS[1], "buckets": "aspect", "shift": 2.0, **stage}],
+        "stages": [{"name": "fixed", "steps": steps[0], "buckets": "fixed", **stage},
+                   {"name": "aspect", "steps": steps[1], "buckets": "aspect", "shift": 2.0, **stage}],
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -67,85 +73,104 @@ def launch(cluster: str, **kw) -> LaunchConfig:
                         max_requeues=2, **kw)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "losses.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r["loss"]
-    return out
+def logged_steps(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every line of losses.jsonl, in order: a restart from scratch would repeat steps."""
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "losses.jsonl").read_text().splitlines())]
 
 
-def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
+def wait_for(predicate, what: str, timeout: float = 180) -> None:
     deadline = time.time() + timeout
-    while True:
-        path = run_dir / "losses.jsonl"
-        if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines()):
-            return
-        assert time.time() < deadline, f"run did not reach step {step} in {timeout}s"
+    while not predicate():
+        assert time.time() < deadline, f"timed out after {timeout}s waiting for {what}"
         time.sleep(0.2)
 
 
-def task_pids(controller_pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(controller_pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+def reached_step(run_dir: Path, step: int) -> bool:
+    path = run_dir / "losses.jsonl"
+    return path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines())
+
+
+def assert_resumed_once(run: Path, reference: Path, result: dict) -> None:
+    assert result["status"] == "finished" and result["requeues"] == 1, (result, tail(run, 200))
+    assert logged_steps(run) == logged_steps(reference)  # every step once, same losses as without the stop
+    log = tail(run, 10_000)
+    assert "[launcher] requeueing job" in log and "requeues so far 1" in log
+    assert status(run)[-1]["requeues"] == 1
 
 
 @pytest.fixture(scope="module")
 def local_reference(dataset, tmp_path_factory) -> Path:
+    """An uninterrupted 2-task run submitted through the CLI (local executor)."""
     tmp = tmp_path_factory.mktemp("local_ref")
-    sub = submit(str(run_config(tmp / "run.yaml", tmp / "run", dataset)), launch("local"))
-    result = job_result(sub.jobs[0])
-    assert result["status"] == "finished" and result["step"] == sum(STEPS), result
+    cfg = run_config(tmp / "run.yaml", tmp / "run", dataset)
+    env = [x for k, v in TASK_ENV.items() for x in ("--env", f"{k}={v}")]
+    assert submit_cli(["submit", "--config", str(cfg), "--cluster", "local", "--tasks-per-node", "2", *env,
+                       "--wait"]) == 0
     return tmp / "run"
 
 
-def test_local_two_task_job_runs_the_whole_curriculum(local_reference):
+def test_local_two_task_job_runs_the_whole_curriculum(local_reference, capsys):
     run = local_reference
-    assert sorted(losses(run)) == list(range(1, sum(STEPS) + 1))
+    assert [s for s, _ in logged_steps(run)] == list(range(1, sum(STEPS) + 1))
+    result = last_result(run)
+    assert (result["status"], result["step"], result["stage"]) == ("finished", 8, 1)
+    assert result["checkpoint"].endswith("step_00000008")
     (entry,) = read_jobs(run)
     assert entry["cluster"] == "local" and Path(entry["folder"]).parent == run / "slurm"
-    assert status(run)[0]["state"] == "FINISHED"
-    assert "Job completed successfully" in tail(run, lines=200)
+    assert (status(run)[0]["state"], status(run)[0]["result"]) == ("FINISHED", "finished")
+    log = tail(run, lines=200)
+    assert "Job completed successfully" in log and "rank 1/2 master 127.0.0.1:" in log
     assert cancel(run) == []  # nothing left to cancel
     assert (run / "launcher" / "launch.json").exists() and (run / "launcher" / "run_config.yaml").exists()
+    capsys.readouterr()
+    submit_cli(["status", str(run)])
+    assert re.search(rf"{entry['job_id']}\s+local\s+FINISHED\s+finished\s+0", capsys.readouterr().out)
 
 
 def test_local_preemption_saves_requeues_and_resumes_identically(local_reference, dataset, tmp_path):
     run = tmp_path / "run"
     sub = submit(str(run_config(tmp_path / "run.yaml", run, dataset)), launch("local"))
-    wait_for_step(run, 3)
-    for pid in task_pids(sub.jobs[0]._process.pid):
+    wait_for(lambda: reached_step(run, 3), "step 3")
+    controller = sub.jobs[0]._process.pid
+    tasks = [int(p) for p in subprocess.run(["pgrep", "-P", str(controller)], capture_output=True,
+                                            text=True).stdout.split()]
+    assert len(tasks) == 2
+    for pid in tasks:
         os.kill(pid, signal.SIGUSR2)  # what SLURM sends before preemption / the time limit
-    result = job_result(sub.jobs[0])
-    assert result["status"] == "finished" and result["requeues"] == 1
-    assert json.loads((run / "launcher" / "requeues.json").read_text())["requeues"] == 1
-    assert losses(run) == losses(local_reference)  # same per-step losses as the uninterrupted run
+    assert_resumed_once(run, local_reference, job_result(sub.jobs[0]))
 
 
-def test_launch_config_errors_name_valid_values():
-    with pytest.raises(ValueError, match="valid values: local, slurm"):
-        LaunchConfig(cluster="kubernetes")
-    with pytest.raises(ValueError, match="nodes=1"):
-        LaunchConfig(cluster="local", nodes=2)
-
-
-def test_array_tasks_need_distinct_run_dirs(dataset, tmp_path):
-    cfg = str(run_config(tmp_path / "run.yaml", tmp_path / "same", dataset))
-    with pytest.raises(ValueError, match="share a run_dir"):
-        submit_array([cfg, cfg], launch("local"))
+def test_local_cancel_busy_guard_and_a_clean_resubmission(dataset, tmp_path):
+    run = tmp_path / "run"
+    cfg = str(run_config(tmp_path / "run.yaml", run, dataset, steps=(500, 1)))
+    first = submit(cfg, launch("local"))
+    wait_for(lambda: reached_step(run, 1), "step 1")
+    with pytest.raises(RunBusyError, match=f"unfinished jobs: {first.jobs[0].job_id} \\(RUNNING\\)"):
+        submit(cfg, launch("local"))
+    assert cancel(run) == [first.jobs[0].job_id]
+    wait_for(lambda: status(run)[-1]["state"] == "INTERRUPTED", "the cancelled job to end", timeout=30)
+    # submitted again (shorter): a new submission folder, its own result, the old job's files untouched
+    second = submit(cfg, launch("local"), ["stages.0.steps=2"])
+    assert job_result(second.jobs[0])["status"] == "finished"
+    rows = status(run)
+    assert [r["state"] for r in rows] == ["INTERRUPTED", "FINISHED"]
+    assert rows[0]["folder"] != rows[1]["folder"] and second.folder.parent == run / "slurm"
 
 
 @needs_slurm
 def test_slurm_two_task_job_finishes(local_reference, dataset, tmp_path):
     run = tmp_path / "run"
-    sub = submit(str(run_config(tmp_path / "run.yaml", run, dataset)), launch("slurm"))
+    sub = submit(str(run_config(tmp_path / "run.yaml", run, dataset)),
+                 launch("slurm", partition="debug", extra_sbatch={"comment": "pixeldit-launcher-test"}))
     result = job_result(sub.jobs[0])
     assert result["status"] == "finished", tail(run, 100)
-    assert losses(run) == losses(local_reference)  # the same run, same numbers, whoever launches it
-    deadline = time.time() + 60  # the result pickle lands a moment before SLURM marks the job done
-    while status(run)[-1]["state"] != "COMPLETED" and time.time() < deadline:
-        time.sleep(1)
-    assert status(run)[-1]["state"] == "COMPLETED"
+    assert logged_steps(run) == logged_steps(local_reference)  # the same run, same numbers, whoever launches it
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert f"rank 1/2 master {host}:" in tail(run, 1000)  # MASTER_ADDR from SLURM's node list
+    job = subprocess.run(["scontrol", "show", "job", sub.jobs[0].job_id], capture_output=True, text=True).stdout
+    assert "Comment=pixeldit-launcher-test" in job and "Partition=debug" in job  # extra sbatch flags arrive
+    # the result pickle lands a moment before SLURM marks the job done
+    wait_for(lambda: status(run)[-1]["state"] == "COMPLETED", "COMPLETED", timeout=60)
 
 
 @needs_slurm
@@ -153,21 +178,36 @@ def test_slurm_usr2_saves_requeues_and_resumes_identically(local_reference, data
     run = tmp_path / "run"
     sub = submit(str(run_config(tmp_path / "run.yaml", run, dataset)), launch("slurm"))
     job_id = sub.jobs[0].job_id
-    wait_for_step(run, 3)
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    result = job_result(sub.jobs[0])
-    assert result["status"] == "finished", tail(run, 200)
-    assert result["requeues"] == 1
-    assert losses(run) == losses(local_reference)
-    restarts = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-j", job_id, "-o", "State"],
-                              capture_output=True, text=True).stdout.split()
-    assert len(restarts) >= 2, restarts  # the job ran twice: requeued, then completed
+    wait_for(lambda: reached_step(run, 3), "step 3")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # as SLURM does before preemption/limit
+    assert_resumed_once(run, local_reference, job_result(sub.jobs[0]))
+    runs = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-j", job_id, "-o", "State"],
+                          capture_output=True, text=True).stdout.split()
+    assert len(runs) >= 2 and "REQUEUED" in runs, runs  # the same job id ran twice: requeued, then completed
 
 
 @needs_slurm
 def test_slurm_job_array_runs(dataset, tmp_path):
-    cfgs = [str(run_config(tmp_path / f"run{i}.yaml", tmp_path / f"run{i}", dataset)) for i in range(2)]
-    subs = submit_array(cfgs, launch("slurm"), [["stages.0.steps=1", "stages.1.steps=1"]] * 2)
-    results = [job_result(s.jobs[0]) for s in subs]
-    assert [r["status"] for r in results] == ["finished", "finished"]
-    assert all("_" in s.jobs[0].job_id for s in subs)  # array task ids: {array}_{index}
+    base = tmp_path / "sweep"
+    cfg = str(run_config(tmp_path / "run.yaml", base, dataset, steps=(1, 1)))
+    env = [x for k, v in TASK_ENV.items() for x in ("--env", f"{k}={v}")]
+    assert submit_cli(["submit", "--config", cfg, "--cluster", "slurm", "--tasks-per-node", "2", "--time-min", "10",
+                       *env, "--array", "seed=1,2", "--wait"]) == 0
+    runs = [base / "seed-1", base / "seed-2"]
+    (first,), (second,) = (read_jobs(r) for r in runs)
+    array_id = first["job_id"].split("_")[0]
+    assert (first["job_id"], second["job_id"]) == (f"{array_id}_0", f"{array_id}_1")  # one array, two tasks
+    assert first["folder"] == second["folder"] and Path(first["folder"]).parent == base / "slurm"
+    assert [last_result(r)["status"] for r in runs] == ["finished", "finished"]
+    assert logged_steps(runs[0]) != logged_steps(runs[1])  # each task trained its own seed
+    wait_for(lambda: [status(r)[0]["state"] for r in runs] == ["COMPLETED"] * 2, "COMPLETED", 60)
+
+
+@needs_slurm
+def test_slurm_cancel(dataset, tmp_path):
+    run = tmp_path / "run"
+    sub = submit(str(run_config(tmp_path / "run.yaml", run, dataset, steps=(500, 1))), launch("slurm"))
+    wait_for(lambda: status(run)[0]["state"] == "RUNNING", "RUNNING", timeout=60)
+    assert cancel(run) == [sub.jobs[0].job_id]
+    wait_for(lambda: status(run)[0]["state"] == "CANCELLED", "CANCELLED", timeout=60)
+    assert cancel(run) == []

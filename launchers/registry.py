@@ -1,0 +1,139 @@
+"""The per-run job registry and the state of each job (SLURM or local), read from outside the job.
+
+``{run_dir}/launcher/jobs.jsonl`` holds one line per submitted job: job_id, cluster, folder (the submission
+folder with submitit's pickles and logs), submitted (time). A job's state comes from SLURM (``sacct``, or
+``squeue`` without accounting) or, for the local executor, from its result pickle and its controller process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .job import read_requeues
+
+# SLURM states of a job that is not over (it may still run, or run again)
+SLURM_ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+                          "SUSPENDED", "CONFIGURING", "COMPLETING", "STOPPED", "SIGNALING", "STAGE_OUT",
+                          "RESV_DEL_HOLD", "SPECIAL_EXIT"})
+LOCAL_ACTIVE = frozenset({"RUNNING"})
+
+
+def jobs_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "launcher" / "jobs.jsonl"
+
+
+def read_jobs(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every job submitted for the run, oldest first."""
+    path = jobs_path(run_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: no job was submitted for run folder {run_dir} "
+                                f"(submit one with `pixeldit-submit submit --config ...`)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record_jobs(run_dir: Path, job_ids: list[str], cluster: str, folder: Path) -> None:
+    """Append jobs to the run's registry (rewritten atomically: tmp + rename)."""
+    path = jobs_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    new = "".join(json.dumps({"job_id": str(j), "cluster": cluster, "folder": str(folder), "submitted": stamp})
+                  + "\n" for j in job_ids)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(old + new)
+    tmp.replace(path)
+
+
+def _run(cmd: list[str]) -> str:
+    """stdout of a SLURM client command; empty when it is missing or fails (the caller falls back)."""
+    if shutil.which(cmd[0]) is None:
+        return ""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def slurm_state(job_id: str) -> str:
+    """SLURM state of a job or array task ("123" or "123_4"): sacct (latest run of a requeued job), else squeue."""
+    lines = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"]).splitlines()
+    for line in reversed(lines):
+        jid, _, state = line.partition("|")
+        if jid == job_id and state:
+            return state.split()[0]  # "CANCELLED by 0" -> CANCELLED
+    queued = _run(["squeue", "-h", "-j", job_id, "-o", "%T"]).splitlines()
+    return queued[-1].strip() if queued else "UNKNOWN"
+
+
+def _controller_alive(entry: dict[str, Any]) -> bool:
+    """The local job's controller (pid = job id) is alive and is this job's (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{int(entry['job_id'])}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return False
+    return "submitit.local._local" in cmdline and entry["folder"] in cmdline
+
+
+def result_path(entry: dict[str, Any]) -> Path:
+    return Path(entry["folder"]) / f"{entry['job_id']}_0_result.pkl"  # rank 0's result
+
+
+def read_result(entry: dict[str, Any]) -> tuple[str, Any] | None:
+    """("success", rank 0's summary dict) or ("error", traceback text); None while the job has no result.
+
+    The result pickle is written by this launcher's own job into the run's own submission folder.
+    """
+    path = result_path(entry)
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def local_state(entry: dict[str, Any]) -> str:
+    result = read_result(entry)
+    if result is not None:
+        return "FINISHED" if result[0] == "success" else "FAILED"
+    return "RUNNING" if _controller_alive(entry) else "INTERRUPTED"  # gone without a result: cancelled/killed
+
+
+def job_state(entry: dict[str, Any]) -> str:
+    return slurm_state(entry["job_id"]) if entry["cluster"] == "slurm" else local_state(entry)
+
+
+def is_active(entry: dict[str, Any], state: str | None = None) -> bool:
+    state = state or job_state(entry)
+    return state in (SLURM_ACTIVE if entry["cluster"] == "slurm" else LOCAL_ACTIVE)
+
+
+def job_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry with its state, rank 0's result status and the requeues done so far."""
+    result = read_result(entry)
+    outcome = "" if result is None else (result[1]["status"] if result[0] == "success" else "error")
+    return {**entry, "state": job_state(entry), "result": outcome,
+            "requeues": read_requeues(entry["folder"], entry["job_id"])}
+
+
+def log_files(entry: dict[str, Any]) -> list[Path]:
+    """stdout/stderr logs of every task of the job (submitit: {job_id}_{task}_log.{out,err})."""
+    folder = Path(entry["folder"])
+    return sorted(folder.glob(f"{entry['job_id']}_*_log.out")) + sorted(folder.glob(f"{entry['job_id']}_*_log.err"))
+
+
+def interrupt_local(entry: dict[str, Any]) -> bool:
+    """Stop a local job: SIGINT to its controller, which interrupts, then kills, every task."""
+    if not _controller_alive(entry):
+        return False
+    try:
+        os.kill(int(entry["job_id"]), signal.SIGINT)
+    except ProcessLookupError:
+        return False
+    return True

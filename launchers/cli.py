@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .config import CLUSTERS, LaunchConfig
 from .manage import cancel, format_status, status, tail
-from .submit import job_result, prepare_run, submit, submit_array, sweep_overrides
+from .submit import RunBusyError, job_result, prepare_run, submit, submit_array, sweep_overrides
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -114,11 +115,7 @@ def _submit(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    if a.command == "submit" and a.array and a.config and len(a.config) > 1:
-        parser.error("use either several --config or --array, not both")
+def _run(a: argparse.Namespace) -> int:
     if a.command == "submit":
         return _submit(a)
     if a.command == "status":
@@ -130,6 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         ids = cancel(a.run_dir)
         print("cancelled: " + (", ".join(ids) if ids else "nothing (no unfinished job)"))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command == "submit" and a.array and a.config and len(a.config) > 1:
+        parser.error("use either several --config or --array, not both")
+    try:
+        return _run(a)
+    except (ValueError, FileNotFoundError, RunBusyError) as e:  # a config or run-folder problem: say which
+        print(f"pixeldit-submit: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -119,3 +119,12 @@ def test_submission_folders_never_collide(tmp_path):
 
     folders = {new_submission_folder(tmp_path) for _ in range(50)}  # same second, same run
     assert len(folders) == 50 and all(f.parent == Path(tmp_path) / "slurm" for f in folders)
+
+
+def test_cli_reports_config_and_run_folder_errors(capsys, tmp_path):
+    from launchers.cli import main
+
+    assert main(["submit", "--cluster", "slurm"]) == 2
+    assert "time_min (sbatch --time, minutes) is required on SLURM" in capsys.readouterr().err
+    assert main(["status", str(tmp_path)]) == 2
+    assert "no job was submitted for run folder" in capsys.readouterr().err

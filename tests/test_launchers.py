@@ -52,7 +52,8 @@ def dataset(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("data"), {"1.00": 8, "0.50": 8}, per_shard=4)
 
 
-def run_config(path: Path, run_dir: Path, data: Path, steps: tuple[int, int] = STEPS) -> Path:
+def run_config(path: Path, run_dir: Path, data: Path, steps: tuple[int, ...] = STEPS) -> Path:
+    """A debug-size CPU run: stage "fixed" (32 px squares), then stage "aspect" (32 px buckets) if two steps."""
     stage = {"data_path": str(data), "resolution": 32, "bucket_align": 16, "micro_batch": 2, "lr": 1e-3}
     cfg = {
         "run_dir": str(run_dir), "seed": 1, "ema_decay": 0.9,
@@ -62,7 +63,7 @@ def run_config(path: Path, run_dir: Path, data: Path, steps: tuple[int, int] = S
         "logging": {"wandb": "disabled", "progress_bar": False},
         "checkpoint": {"every": 100, "keep": 2},
         "stages": [{"name": "fixed", "steps": steps[0], "buckets": "fixed", **stage},
-                   {"name": "aspect", "steps": steps[1], "buckets": "aspect", "shift": 2.0, **stage}],
+                   {"name": "aspect", "steps": steps[-1], "buckets": "aspect", "shift": 2.0, **stage}][:len(steps)],
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -142,7 +143,7 @@ def test_local_preemption_saves_requeues_and_resumes_identically(local_reference
 
 def test_local_cancel_busy_guard_and_a_clean_resubmission(dataset, tmp_path):
     run = tmp_path / "run"
-    cfg = str(run_config(tmp_path / "run.yaml", run, dataset, steps=(500, 1)))
+    cfg = str(run_config(tmp_path / "run.yaml", run, dataset, steps=(500,)))
     first = submit(cfg, launch("local"))
     wait_for(lambda: reached_step(run, 1), "step 1")
     with pytest.raises(RunBusyError, match=f"unfinished jobs: {first.jobs[0].job_id} \\(RUNNING\\)"):
@@ -150,7 +151,7 @@ def test_local_cancel_busy_guard_and_a_clean_resubmission(dataset, tmp_path):
     assert cancel(run) == [first.jobs[0].job_id]
     wait_for(lambda: status(run)[-1]["state"] == "INTERRUPTED", "the cancelled job to end", timeout=30)
     # submitted again (shorter): a new submission folder, its own result, the old job's files untouched
-    second = submit(cfg, launch("local"), ["stages.0.steps=2"])
+    second = submit(cfg, launch("local"), ["stages.0.steps=1"])
     assert job_result(second.jobs[0])["status"] == "finished"
     rows = status(run)
     assert [r["state"] for r in rows] == ["INTERRUPTED", "FINISHED"]
@@ -206,7 +207,7 @@ def test_slurm_job_array_runs(dataset, tmp_path):
 @needs_slurm
 def test_slurm_cancel(dataset, tmp_path):
     run = tmp_path / "run"
-    sub = submit(str(run_config(tmp_path / "run.yaml", run, dataset, steps=(500, 1))), launch("slurm"))
+    sub = submit(str(run_config(tmp_path / "run.yaml", run, dataset, steps=(500,))), launch("slurm"))
     wait_for(lambda: status(run)[0]["state"] == "RUNNING", "RUNNING", timeout=60)
     assert cancel(run) == [sub.jobs[0].job_id]
     wait_for(lambda: status(run)[0]["state"] == "CANCELLED", "CANCELLED", timeout=60)

@@ -12,7 +12,6 @@ real trainer (weights, EMA re-partitioned, Adam state).
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -34,6 +33,7 @@ from pixeldit.train.ema import consolidate_ema
 from pixeldit.train.export import export_release, is_universal_checkpoint, resolve_checkpoint, to_universal
 from pixeldit.train.preview import image_grid
 from tools.sample import main as sample_main
+from tools.sampler_order import single_thread  # one intra-op thread, as the trainer ran
 from train_helpers import free_port, write_tiny_dataset
 
 pytestmark = pytest.mark.slow
@@ -61,17 +61,6 @@ def train(config: Path, nproc: int) -> None:
            "127.0.0.1", "--master_port", str(free_port()), "-m", "pixeldit.train.cli", "--config", str(config)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-@contextlib.contextmanager
-def single_thread():
-    """The trainer ran with OMP_NUM_THREADS=1: compute the reference the same way."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from pixeldit.train.export import export_release, is_universal_checkpoint, resol
 from pixeldit.train.preview import image_grid
 from tools.sample import main as sample_main
 from tools.sampler_order import single_thread  # one intra-op thread, as the trainer ran
-from train_helpers import free_port, write_tiny_dataset
+from train_helpers import torchrun, write_tiny_dataset
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +55,7 @@ def write_config(path: Path, run_dir: Path, data: Path, zero: str, steps: int, l
 
 
 def train(config: Path, nproc: int) -> None:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "pixeldit.train.cli", "--config", str(config)]
+    cmd, env = torchrun(config, nproc)
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from train_helpers import free_port, write_tiny_dataset
+from train_helpers import free_port, torchrun, write_tiny_dataset
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +55,7 @@ def write_config(path: Path, run_dir: Path, data: Path, zero: str = "zero2", **s
 
 
 def launch(config: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "pixeldit.train.cli", "--config", str(config)]
+    cmd, env = torchrun(config)
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT)
 
 

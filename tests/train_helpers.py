@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
+import sys
 import tarfile
 from pathlib import Path
 
@@ -17,6 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from pixeldit.train.trainer import pick_free_port as free_port  # noqa: F401 (re-exported for tests)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ratio key -> (height, width) of the stored (original) images; ratio = h / w
 SOURCE_SIZES = {"1.00": (40, 40), "0.50": (30, 60), "2.00": (72, 36)}
@@ -75,7 +79,10 @@ def write_tiny_dataset(root: str | os.PathLike, counts: dict[str, int], per_shar
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun(config: Path, nproc: int = 2) -> tuple[list[str], dict[str, str]]:
+    """Command and environment of ``pixeldit-train`` under torchrun on CPU ranks (gloo) for ``config``."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "pixeldit.train.cli", "--config", str(config)]
+    return cmd, env

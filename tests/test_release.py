@@ -25,13 +25,12 @@ import torch
 import yaml
 from PIL import Image
 
-from pixeldit.diffusion import generate
+from pixeldit.diffusion import generate, image_grid
 from pixeldit.models import build_model, get_model_args
 from pixeldit.release import from_pretrained
 from pixeldit.train.checkpoint import consolidate_model
 from pixeldit.train.ema import consolidate_ema
 from pixeldit.train.export import export_release, is_universal_checkpoint, resolve_checkpoint, to_universal
-from pixeldit.train.preview import image_grid
 from tools.sample import main as sample_main
 from tools.sampler_order import single_thread  # one intra-op thread, as the trainer ran
 from train_helpers import torchrun, write_tiny_dataset

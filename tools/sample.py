@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pixeldit.diffusion import SAMPLERS, TextEncoder, generate
+from pixeldit.diffusion import SAMPLERS, TextEncoder, generate, image_grid
 from pixeldit.models import PixelDiT
 from pixeldit.release import CONFIG_FILE, ReleaseConfig, from_pretrained
 
@@ -41,17 +41,6 @@ def load_any(path: str, device: str = "cpu") -> tuple[PixelDiT, ReleaseConfig]:
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (same rounding as the trainer's preview grids)."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(images: np.ndarray, path: Path, nrow: int) -> None:
-    """(N, H, W, 3) uint8 -> one PNG with ``nrow`` images per row (empty cells black)."""
-    n, h, w, _ = images.shape
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * h, nrow * w, 3), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    Image.fromarray(grid).save(path)
 
 
 def build_conditions(model: PixelDiT, cfg: ReleaseConfig, a: argparse.Namespace, device: str):
@@ -136,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         with autocast:
             x = generate(model, {k: v[sl] for k, v in cond.items()}, {k: v[sl] for k, v in null_cond.items()},
                          noise=noise[sl].to(a.device), progress=True, **kw)  # (b, 3, H, W)
-        chunks.append(to_uint8(x))
-    images = np.concatenate(chunks)
+        chunks.append(x.float().cpu())
+    samples = torch.cat(chunks)  # (n, 3, H, W) in [-1, 1]
+    images = to_uint8(samples)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -146,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         Image.fromarray(img).save(out_dir / name)
         entries.append({"file": name, **label, "seed": a.seed + i})
     nrow = a.num_per_prompt if a.num_per_prompt > 1 else math.ceil(math.sqrt(n))
-    save_grid(images, out_dir / "grid.png", nrow)
+    Image.fromarray(to_uint8(image_grid(samples, nrow)[None])[0]).save(out_dir / "grid.png")
     (out_dir / "prompts.json").write_text(json.dumps(entries, indent=1))
     print(f"{n} images ({h}x{w}, {kw['sampler']}, {kw['steps']} steps, CFG {kw['cfg_scale']} on "
           f"{list(kw['cfg_interval'])}, shift {kw['shift']}) -> {out_dir}; grid: {out_dir / 'grid.png'}")

@@ -4,7 +4,7 @@ Time convention (``flow.py``): x_t = (1 - t) x0 + t noise, t = 0 data, t = 1 noi
 samplers integrate from t = 1 to t = 0.
 """
 from .flow import RESOLUTION_SHIFT, sample_timesteps, shift_time, time_grid
-from .generate import generate, initial_noise
+from .generate import generate, image_grid, initial_noise
 from .guidance import cfg_model_fn
 from .objective import ObjectiveConfig, compute_loss
 from .repa import DinoV2Teacher, REPAProjector, repa_loss
@@ -13,7 +13,8 @@ from .text_cache import TextEmbeddingCache, precompute_text_embeddings
 from .text_encoder import DEFAULT_SYSTEM_PROMPT, TextEncoder
 
 __all__ = [
-    "RESOLUTION_SHIFT", "sample_timesteps", "shift_time", "time_grid", "generate", "initial_noise", "cfg_model_fn",
+    "RESOLUTION_SHIFT", "sample_timesteps", "shift_time", "time_grid", "generate", "image_grid", "initial_noise",
+    "cfg_model_fn",
     "ObjectiveConfig", "compute_loss", "DinoV2Teacher", "REPAProjector", "repa_loss", "SAMPLERS", "get_sampler",
     "TextEmbeddingCache", "precompute_text_embeddings", "TextEncoder", "DEFAULT_SYSTEM_PROMPT",
 ]

@@ -91,3 +91,14 @@ def generate(
     fn = cfg_model_fn(model, cond, null_cond, scale=cfg_scale, interval=cfg_interval)
     x = sample(fn, noise.to(device), time_grid(steps, shift), progress=progress)  # (B, 3, H, W)
     return x.float().clamp(-1, 1)
+
+
+def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """(N, 3, H, W) -> (3, rows * H, nrow * W), empty cells black (-1)."""
+    n, c, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = torch.full((c, rows * h, nrow * w), -1.0, dtype=images.dtype)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    return grid

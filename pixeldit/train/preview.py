@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pixeldit.diffusion import generate
+from pixeldit.diffusion import generate, image_grid
 from pixeldit.models import build_model
 
 from .config import RunConfig, StageConfig
@@ -35,17 +35,6 @@ def ema_full_state(ema: EMA, device: torch.device) -> dict[str, torch.Tensor]:
             flat = shadow
         full[name] = flat[: math.prod(shape)].reshape(shape).to("cpu", copy=True)
     return full
-
-
-def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    """(N, 3, H, W) -> (3, rows * H, nrow * W), empty cells black (-1)."""
-    n, c, h, w = images.shape
-    rows = -(-n // nrow)
-    grid = torch.full((c, rows * h, nrow * w), -1.0, dtype=images.dtype)
-    for i, img in enumerate(images):
-        r, col = divmod(i, nrow)
-        grid[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = img
-    return grid
 
 
 @torch.no_grad()

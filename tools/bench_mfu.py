@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
+from pathlib import Path
 
 import torch
 
 from pixeldit.models import build_model, get_model_args
 from pixeldit.models.flops import train_flops_per_image
 from pixeldit.train.activation_checkpointing import apply_activation_checkpointing
+from pixeldit.train.checkpoint import write_text_atomic
 from pixeldit.train.metrics import device_peak_tflops
 from tools.bench_cases import Case
 
@@ -118,15 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
         torch.cuda.empty_cache()
         if a.json:  # after every case, so a run cut short keeps the cases it finished
-            write_json(a.json, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results})
-
-
-def write_json(path: str, obj: dict) -> None:
-    """Atomic write: tmp file then rename."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+            write_text_atomic(Path(a.json), json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                                    "results": results}, indent=1))
 
 
 if __name__ == "__main__":

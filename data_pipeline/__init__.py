@@ -15,7 +15,7 @@ _LAZY = {
     "IngestConfig": "ingest", "IngestSummary": "ingest", "ingest": "ingest",
     "ShardConfig": "shard", "ShardSummary": "shard", "build_shards": "shard",
     "compute_stats": "stats", "format_report": "stats",
-    "read_manifest": "manifest", "read_samples": "manifest", "read_stats": "manifest",
+    "read_manifest": "dataset_format", "read_samples": "dataset_format", "read_stats": "dataset_format",
     "make_synthetic_dataset": "synthetic", "serve_folder": "serve",
 }  # fmt: skip
 __all__ = sorted(_LAZY)

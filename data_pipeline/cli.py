@@ -16,12 +16,13 @@ import sys
 import time
 from typing import Sequence
 
+from pixeldit.storage import join
+
 from .ingest import ENCODE_FORMATS, RESIZE_MODES, IngestConfig, IngestSummary, ingest
 from .inputs import INPUT_FORMATS
 from .normalize import VERIFY_LEVELS
 from .shard import ShardConfig, ShardSummary, build_shards
 from .stats import compute_stats, format_report
-from .storage import join
 
 
 def _ingest_args(p: argparse.ArgumentParser) -> None:

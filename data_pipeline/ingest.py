@@ -35,13 +35,17 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pixeldit.storage import exists, join, list_files, normalise_root, read_bytes, write_bytes_atomic, write_json_atomic
+
 from .inputs import InputFormat, prepare_url_list
-from .storage import join, list_files, normalise_root, read_bytes, write_bytes_atomic
 
 ResizeMode = Literal["off", "max-side"]
 RESIZE_MODES = ("off", "max-side")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 INPUT_DIR = "_input"
+PREPARED_LIST = "urls.parquet"  # in INPUT_DIR
+PREPARE_STATS = "prepare_stats.json"  # in INPUT_DIR
+SHARD_STATS_SUFFIX = "_stats.json"  # img2dataset's marker of a finished shard
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,22 @@ class IngestSummary:
         return asdict(self)
 
 
+def prepared_list_url(out: str) -> str:
+    """The cleaned URL list of the ingest folder `out` (what img2dataset was given)."""
+    return join(out, INPUT_DIR, PREPARED_LIST)
+
+
+def read_prepare_stats(out: str) -> dict | None:
+    """Rows read and dropped before download by the ingest into `out`; None if it has not run there."""
+    url = join(out, INPUT_DIR, PREPARE_STATS)
+    return json.loads(read_bytes(url)) if exists(url) else None
+
+
 def finished_shards(out: str) -> dict[int, str]:
     """{shard id: shard name} of finished img2dataset shards in `out` (those with a *_stats.json)."""
     found = {}
-    for p in list_files(out, "*_stats.json"):
-        name = os.path.basename(p).removesuffix("_stats.json")
+    for p in list_files(out, f"*{SHARD_STATS_SUFFIX}"):
+        name = os.path.basename(p).removesuffix(SHARD_STATS_SUFFIX)
         if name.isdigit():
             found[int(name)] = name
     return found
@@ -106,7 +121,7 @@ def started_shards(out: str) -> set[str]:
 
 
 def read_shard_stats(out: str, name: str) -> dict:
-    return json.loads(read_bytes(join(out, f"{name}_stats.json")))
+    return json.loads(read_bytes(join(out, f"{name}{SHARD_STATS_SUFFIX}")))
 
 
 def _write_prepared(out: str, cfg: IngestConfig, url_list: str) -> tuple[str, dict]:
@@ -118,7 +133,7 @@ def _write_prepared(out: str, cfg: IngestConfig, url_list: str) -> tuple[str, di
         extra_cols=cfg.extra_cols,
         input_format=cfg.input_format,
     )
-    target = join(out, INPUT_DIR, "urls.parquet")
+    target = prepared_list_url(out)
     sink = pa.BufferOutputStream()
     pq.write_table(prepared.table, sink)
     write_bytes_atomic(target, sink.getvalue().to_pybytes())
@@ -126,7 +141,7 @@ def _write_prepared(out: str, cfg: IngestConfig, url_list: str) -> tuple[str, di
         "input_rows": prepared.input_rows, "rows": prepared.table.num_rows,
         "skipped": prepared.skipped, "files": prepared.files,
     }  # fmt: skip
-    write_bytes_atomic(join(out, INPUT_DIR, "prepare_stats.json"), json.dumps(stats, indent=2).encode())
+    write_json_atomic(join(out, INPUT_DIR, PREPARE_STATS), stats)
     return target, stats
 
 

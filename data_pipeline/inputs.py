@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pixeldit.storage import fs_and_path
+
 from .reasons import Fix, Skip
-from .storage import fs_and_path
 
 InputFormat = Literal["auto", "parquet", "csv", "jsonl"]
 INPUT_FORMATS = ("auto", "parquet", "csv", "jsonl")

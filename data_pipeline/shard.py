@@ -6,7 +6,7 @@ The stream is a declared list of stages (STAGES below); each stage is a generato
 one, and every row it drops is counted under one `Skip` reason. Bucket assignment uses width/height
 that are already known without decoding pixels: img2dataset's parquet when it recorded them
 (resize="max-side"), otherwise the image header read by the verify stage (see normalize.py for what
-is decoded when). Output layout and commit order: see manifest.py and notes/contracts.md.
+is decoded when). Output layout and commit order: dataset_format.py.
 
 Incremental: ingest shards already consumed by a committed run are skipped; new shards get the next
 free shard numbers per bucket; samples, stats and manifest are rewritten (manifest last). Shards or
@@ -16,7 +16,6 @@ staging files left by a crashed run (not in the committed manifest) are deleted 
 from __future__ import annotations
 
 import collections
-import json
 import multiprocessing
 import tarfile
 import tempfile
@@ -24,18 +23,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pixeldit.storage import exists, fs_and_path, join, local_copy, normalise_root
+
 from .buckets import bucket_table, nearest_ratio_key
-from .ingest import INPUT_DIR, finished_shards, read_shard_stats, started_shards
-from .manifest import read_manifest, read_samples, read_state, read_stats
+from .dataset_format import SAMPLE_COLUMNS, committed_samples, read_manifest, read_state, read_stats
+from .ingest import finished_shards, prepared_list_url, read_prepare_stats, read_shard_stats, started_shards
 from .normalize import VERIFY_LEVELS, Limits, Verified, VerifyLevel, orientation_from_exif_json, verify_batch
 from .reasons import Skip, classify_decode_error, classify_download_error
+from .records import Row, Sample
 from .shard_sink import BucketSink, RunCounts, cleanup_orphans, finish_run
-from .storage import exists, fs_and_path, join, local_copy, normalise_root, read_bytes
 
 _IMAGE_EXTS = ("jpg", "png", "webp")
 _BATCH = 32
@@ -84,36 +83,6 @@ class ShardSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class Row:
-    """One img2dataset metadata row (one input URL)."""
-
-    source: str  # ingest root + shard name
-    key: str  # img2dataset key inside the ingest folder
-    sample_key: str  # key in the output: "{ingest folder number:03d}-{key}", unique across the root
-    url: str
-    caption: str | None
-    status: str
-    error: str | None
-    width: int | None  # stored size recorded by img2dataset (None with resize="off")
-    height: int | None
-    exif_orientation: int
-    sha256: str | None
-    label: int | None
-    caption_fix: str
-    extra: dict[str, Any]
-    original_size: tuple[int | None, int | None] = (None, None)
-    payload: bytes = b""
-    ext: str = ""
-
-
-@dataclass
-class Sample:
-    row: Row
-    image: Verified
-    ratio_key: str = ""
 
 
 class _Run:
@@ -298,14 +267,9 @@ STAGES: list[Callable[[Iterable[Any], _Run], Iterator[Any]]] = [
 ]  # sink: BucketSink -> shards/{ratio_key}/*.tar, then samples.parquet, stats.json, manifest.parquet
 
 
-def _prepare_stats(ingest_root: str) -> dict[str, Any] | None:
-    url = join(ingest_root, INPUT_DIR, "prepare_stats.json")
-    return json.loads(read_bytes(url)) if exists(url) else None
-
-
 def _extra_columns(ingest_root: str) -> list[str]:
     """Columns of an ingest root's cleaned URL list beyond the ones the pipeline itself uses."""
-    url = join(ingest_root, INPUT_DIR, "urls.parquet")
+    url = prepared_list_url(ingest_root)
     if not exists(url):
         return []
     fs, path = fs_and_path(url)
@@ -337,16 +301,13 @@ def build_shards(ingested: str | list[str], out: str, config: ShardConfig | None
         for name in sorted(done - set(consumed.get(root, []))):
             todo.append((root, name))
             expected_rows += int(read_shard_stats(root, name).get("count", 0))
-    prepare = {**state.get("prepare", {}), **{r: p for r in roots if (p := _prepare_stats(r)) is not None}}
+    prepare = {**state.get("prepare", {}), **{r: p for r in roots if (p := read_prepare_stats(r)) is not None}}
     if not todo and manifest is not None:
         return ShardSummary(out, True, 0, pending, 0, 0, time.time() - start, 0.0, stats=read_stats(out))
 
-    committed = manifest.column("shard").to_pylist() if manifest is not None else []
-    previous = read_samples(out) if manifest is not None else None
-    if previous is not None:  # rows a crashed run wrote for shards it never committed are dropped
-        previous = previous.filter(pc.is_in(previous["shard"], pa.array(committed, pa.string())))
-    seen_urls = set(previous.column("url").to_pylist()) if previous is not None else set()
-    seen_hashes = set(previous.column("sha256").to_pylist()) - {None} if previous is not None else set()
+    previous = committed_samples(out, manifest) if manifest is not None else None
+    seen_urls = set(previous.column(SAMPLE_COLUMNS.url).to_pylist()) if previous is not None else set()
+    seen_hashes = set(previous.column(SAMPLE_COLUMNS.sha256).to_pylist()) - {None} if previous is not None else set()
     run = _Run(cfg, seen_urls, seen_hashes, sorted({c for r in roots for c in _extra_columns(r)}))
     sources = list(state.get("sources", []))
     sources += [r for r in roots if r not in sources]

@@ -2,38 +2,40 @@
 
 BucketSink keeps at most one open shard per ratio key; a shard is committed (renamed / uploaded
 whole) when it holds `samples_per_shard` samples or `max_shard_bytes` of images, and the rest are
-committed by close(). finish_run() then writes samples.parquet, stats.json and the manifest (last).
+committed by close(). finish_run() then merges this run with the committed one and commits the root
+(dataset_format.write_index: samples, stats, then the manifest last).
 """
 
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from .manifest import (
+from pixeldit.storage import fs_and_path, is_tmp, join, tmp_target
+
+from .dataset_format import (
+    NO_LABEL,
     SHARDS_DIR,
-    commit,
-    manifest_rows_to_table,
+    SampleRow,
+    ShardRow,
     parse_shard_name,
-    sample_rows_to_table,
+    rows_to_table,
     shard_name,
+    table_rows,
+    write_index,
 )
-from .storage import TMP_SUFFIX, fs_and_path, join
+from .records import Sample
 from .tarshard import ShardWriter
-
-if TYPE_CHECKING:
-    from .shard import Sample
 
 
 @dataclass
 class _OpenShard:
     name: str  # relative to the root
     writer: ShardWriter
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[SampleRow] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
     heights: list[int] = field(default_factory=list)
 
@@ -53,13 +55,13 @@ class BucketSink:
         self.root, self.table, self.scratch = root, table, scratch_dir
         self.samples_per_shard, self.max_shard_bytes = samples_per_shard, max_shard_bytes
         self.next_n: dict[str, int] = collections.defaultdict(int)
-        for rel in manifest.column("shard").to_pylist() if manifest is not None else []:
-            parsed = parse_shard_name(rel)
+        for committed in table_rows(manifest, ShardRow) if manifest is not None else []:
+            parsed = parse_shard_name(committed.shard)
             if parsed:
                 self.next_n[parsed[0]] = max(self.next_n[parsed[0]], parsed[1] + 1)
         self.open: dict[str, _OpenShard] = {}
-        self.manifest_rows: list[dict[str, Any]] = []
-        self.sample_rows: list[dict[str, Any]] = []
+        self.manifest_rows: list[ShardRow] = []
+        self.sample_rows: list[SampleRow] = []
         self.samples_written = 0
         self.shards_written = 0
 
@@ -84,14 +86,12 @@ class BucketSink:
         if row.extra:
             meta["extra"] = row.extra
         span = shard.writer.add(row.sample_key, data, img.ext, row.caption or "", meta, row.label)
-        shard.rows.append(
-            {
-                "key": row.sample_key, "shard": shard.name, "ratio_key": key, "sample_index": len(shard.rows),
-                "image_offset": span.offset, "image_size": span.size, "image_ext": img.ext,
-                "caption": row.caption or "", "width": img.width, "height": img.height,
-                "label": -1 if row.label is None else row.label, "url": row.url, "sha256": row.sha256,
-            }
-        )  # fmt: skip
+        shard.rows.append(SampleRow(
+            key=row.sample_key, shard=shard.name, ratio_key=key, sample_index=len(shard.rows),
+            image_offset=span.offset, image_size=span.size, image_ext=img.ext, caption=row.caption or "",
+            width=img.width, height=img.height, label=NO_LABEL if row.label is None else row.label, url=row.url,
+            sha256=row.sha256,
+        ))  # fmt: skip
         shard.widths.append(img.width)
         shard.heights.append(img.height)
         if len(shard.rows) >= self.samples_per_shard or shard.writer.payload_bytes >= self.max_shard_bytes:
@@ -101,14 +101,11 @@ class BucketSink:
         shard = self.open.pop(key)
         size = shard.writer.commit()
         bh, bw = self.table[key]
-        self.manifest_rows.append(
-            {
-                "shard": shard.name, "ratio_key": key, "bucket_height": bh, "bucket_width": bw,
-                "num_samples": len(shard.rows), "bytes": size,
-                "min_width": min(shard.widths), "max_width": max(shard.widths),
-                "min_height": min(shard.heights), "max_height": max(shard.heights),
-            }
-        )  # fmt: skip
+        self.manifest_rows.append(ShardRow(
+            shard=shard.name, ratio_key=key, bucket_height=bh, bucket_width=bw, num_samples=len(shard.rows),
+            bytes=size, min_width=min(shard.widths), max_width=max(shard.widths),
+            min_height=min(shard.heights), max_height=max(shard.heights),
+        ))  # fmt: skip
         self.sample_rows.extend(shard.rows)
         self.samples_written += len(shard.rows)
         self.shards_written += 1
@@ -126,19 +123,20 @@ class BucketSink:
 def cleanup_orphans(root: str, manifest: pa.Table | None) -> list[str]:
     """Delete shard files under {root}/shards that the committed manifest does not list, and staging files.
 
-    Only names this package writes are touched. Returns the deleted paths.
+    Only names this package writes are touched: shard names (dataset_format.shard_name) and the temp names
+    (pixeldit.storage.tmp_path) of shard names. Returns the deleted paths, relative to the root.
     """
     fs, path = fs_and_path(join(root, SHARDS_DIR))
     fs.invalidate_cache()
     if not fs.exists(path):
         return []
-    committed = set(manifest.column("shard").to_pylist()) if manifest is not None else set()
+    committed = {r.shard for r in table_rows(manifest, ShardRow)} if manifest is not None else set()
     base = fs_and_path(root)[1].rstrip("/") + "/"
     removed = []
     for p in fs.find(path):
         rel = p[len(base) :] if p.startswith(base) else p
-        stem = rel.removesuffix(TMP_SUFFIX)
-        if parse_shard_name(stem) and (rel.endswith(TMP_SUFFIX) or rel not in committed):
+        staging = is_tmp(rel)
+        if parse_shard_name(tmp_target(rel) if staging else rel) and (staging or rel not in committed):
             fs.rm_file(p)
             removed.append(rel)
     return removed
@@ -162,11 +160,9 @@ def finish_run(
     counts: RunCounts, table_info: dict[str, int],
 ) -> dict[str, Any]:  # fmt: skip
     """Merge this run with the committed one and commit samples, stats and manifest (last); returns stats."""
-    manifest = manifest_rows_to_table(sink.manifest_rows)
-    if old_manifest is not None:
-        manifest = pa.concat_tables([old_manifest.replace_schema_metadata(None).cast(manifest.schema), manifest])
-    manifest = manifest.sort_by("shard")
-    samples = sample_rows_to_table(sink.sample_rows)
+    shards = table_rows(old_manifest, ShardRow) if old_manifest is not None else []
+    shards = sorted(shards + sink.manifest_rows, key=lambda r: r.shard)
+    samples = rows_to_table(sink.sample_rows, SampleRow)
     if old_samples is not None:
         samples = pa.concat_tables([old_samples.cast(samples.schema), samples])
     old = state.get("counts", {})
@@ -192,10 +188,10 @@ def finish_run(
             total += int(prep.get("input_rows", 0))
         else:
             total += rows_by_root[r]
-    per_bucket = collections.Counter()
-    for key, n in zip(manifest.column("ratio_key").to_pylist(), manifest.column("num_samples").to_pylist()):
-        per_bucket[key] += n
-    ok = int(pc.sum(manifest["num_samples"]).as_py() or 0)
+    per_bucket: collections.Counter[str] = collections.Counter()
+    for r in shards:
+        per_bucket[r.ratio_key] += r.num_samples
+    ok = sum(r.num_samples for r in shards)
     stats = {
         "total": total,
         "ok": ok,
@@ -203,10 +199,10 @@ def finish_run(
         "normalised": dict(sorted((k, v) for k, v in fixes.items() if v)),
         "buckets": dict(sorted(per_bucket.items(), key=lambda kv: float(kv[0]))),
         "pending": total - ok - sum(all_skipped.values()),
-        "shards": manifest.num_rows,
-        "bytes": int(pc.sum(manifest["bytes"]).as_py() or 0),
+        "shards": len(shards),
+        "bytes": sum(r.bytes for r in shards),
         "ingest": dict(ingest),
         "table": table_info,
     }
-    commit(root, manifest, samples, stats, new_state)
+    write_index(root, samples, stats, rows_to_table(shards, ShardRow), new_state)
     return stats

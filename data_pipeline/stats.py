@@ -10,13 +10,14 @@ import io
 import os
 from typing import Any
 
+from pixeldit.storage import write_bytes_atomic
+
 from .buckets import RATIO_KEYS
-from .manifest import read_manifest, read_stats
-from .storage import write_bytes_atomic
+from .dataset_format import MANIFEST, STATS, ShardRow, read_manifest, read_stats, table_rows
 
 
 def compute_stats(root: str, png: str | None = None) -> dict[str, Any]:
-    """stats.json of `root`, cross-checked against the manifest, plus per-bucket shard counts.
+    """The stats of `root` (dataset_format.STATS), cross-checked against the manifest, plus per-bucket shard counts.
 
     With `png` (local path or URL), also writes a bar chart of samples per bucket there. Raises
     FileNotFoundError when `root` has no committed run, ValueError if stats and manifest disagree.
@@ -24,14 +25,14 @@ def compute_stats(root: str, png: str | None = None) -> dict[str, Any]:
     stats = read_stats(root)
     manifest = read_manifest(root)
     if manifest is None:
-        raise FileNotFoundError(f"{root}: stats.json exists but manifest.parquet does not; re-run the shard stage")
+        raise FileNotFoundError(f"{root}: {STATS} exists but {MANIFEST} does not; re-run the shard stage")
     per_bucket: dict[str, int] = {}
     shards_per_bucket: dict[str, int] = {}
-    for key, n in zip(manifest.column("ratio_key").to_pylist(), manifest.column("num_samples").to_pylist()):
-        per_bucket[key] = per_bucket.get(key, 0) + int(n)
-        shards_per_bucket[key] = shards_per_bucket.get(key, 0) + 1
+    for r in table_rows(manifest, ShardRow):
+        per_bucket[r.ratio_key] = per_bucket.get(r.ratio_key, 0) + int(r.num_samples)
+        shards_per_bucket[r.ratio_key] = shards_per_bucket.get(r.ratio_key, 0) + 1
     if per_bucket != stats.get("buckets", {}):
-        raise ValueError(f"{root}: stats.json buckets disagree with manifest.parquet; re-run the shard stage")
+        raise ValueError(f"{root}: {STATS} buckets disagree with {MANIFEST}; re-run the shard stage")
     report = {
         **stats,
         "shards_per_bucket": dict(sorted(shards_per_bucket.items(), key=lambda kv: float(kv[0]))),
@@ -69,7 +70,7 @@ def write_histogram(per_bucket: dict[str, int], png: str, title: str = "") -> No
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """A human-readable summary of compute_stats() / stats.json."""
+    """A human-readable summary of compute_stats() / the root's stats."""
     lines = [
         f"total rows: {report.get('total', 0)}   ok: {report.get('ok', 0)}   "
         f"pending: {report.get('pending', 0)}   shards: {report.get('shards', 0)}   "

@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from pixeldit.storage import atomic_local_file, write_bytes_atomic
+
 from .reasons import Fix, Skip
 from .serve import LOOPBACK, closed_port
 
@@ -90,28 +92,25 @@ class SyntheticDataset:
         urls = [self.url_of(it, base_url.rstrip("/"), dead) for it in self.items]
         captions = [it.caption for it in self.items]
         labels = [it.label for it in self.items]
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
         if fmt == "parquet":
             any_bytes = any(isinstance(c, bytes) for c in captions)
             col = [c.encode() if any_bytes and isinstance(c, str) else c for c in captions]
             table = pa.table(
                 {"url": urls, "caption": pa.array(col, pa.binary() if any_bytes else pa.string()), "label": labels}
             )
-            pq.write_table(table, tmp)
+            with atomic_local_file(path) as tmp:
+                pq.write_table(table, tmp)
+            return path
+        as_text = [c.decode("utf-8", "surrogateescape") if isinstance(c, bytes) else c for c in captions]
+        buf = io.StringIO()
+        if fmt == "csv":
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(["url", "caption", "label"])
+            writer.writerows([u, "" if c is None else c, lab] for u, c, lab in zip(urls, as_text, labels))
         else:
-            as_text = [c.decode("utf-8", "surrogateescape") if isinstance(c, bytes) else c for c in captions]
-            buf = io.StringIO()
-            if fmt == "csv":
-                writer = csv.writer(buf, lineterminator="\n")
-                writer.writerow(["url", "caption", "label"])
-                writer.writerows([u, "" if c is None else c, lab] for u, c, lab in zip(urls, as_text, labels))
-            else:
-                for u, c, lab in zip(urls, as_text, labels):
-                    buf.write(json.dumps({"url": u, "caption": c, "label": lab}, ensure_ascii=False) + "\n")
-            with open(tmp, "wb") as f:
-                f.write(buf.getvalue().encode("utf-8", "surrogateescape"))
-        os.replace(tmp, path)
+            for u, c, lab in zip(urls, as_text, labels):
+                buf.write(json.dumps({"url": u, "caption": c, "label": lab}, ensure_ascii=False) + "\n")
+        write_bytes_atomic(path, buf.getvalue().encode("utf-8", "surrogateescape"))
         return path
 
 

@@ -14,7 +14,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 
-from .storage import publish, staging_path
+from pixeldit.storage import publish, staging_path
 
 _BLOCK = tarfile.BLOCKSIZE  # 512
 
@@ -28,8 +28,8 @@ class MemberSpan:
 class ShardWriter:
     """Tar writer for one shard: add samples, then commit() to make it visible at `url` in one step.
 
-    The tar is built in a staging file (``{path}.tmp`` next to a local target, or a scratch file for
-    S3) and only renamed / uploaded whole by commit(); abort() deletes the staging file.
+    The tar is built in a staging file (``pixeldit.storage.staging_path``: a temp name next to a local
+    target, or a scratch file for S3) and only renamed / uploaded whole by commit(); abort() deletes the staging file.
     """
 
     def __init__(self, url: str, scratch_dir: str) -> None:

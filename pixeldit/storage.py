@@ -75,10 +75,19 @@ def tmp_path(path: str | os.PathLike) -> str:
     return os.path.join(head, f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def is_tmp(name: str) -> bool:
+def is_tmp(name: str | os.PathLike) -> bool:
     """True for a name made by ``tmp_path`` (a leftover of an interrupted write when found later)."""
     base = os.path.basename(os.fspath(name).rstrip("/"))
     return base.startswith(".") and TMP_MARK in base
+
+
+def tmp_target(name: str | os.PathLike) -> str:
+    """The path a ``tmp_path`` name was to be renamed to (same folder), for cleanup code that only removes
+    leftovers of its own files."""
+    if not is_tmp(name):
+        raise ValueError(f"{os.fspath(name)!r} is not a temp name made by pixeldit.storage.tmp_path")
+    head, base = os.path.split(os.fspath(name).rstrip("/"))
+    return os.path.join(head, base[1:].rpartition(TMP_MARK)[0])
 
 
 def _fsync_dir(folder: str) -> None:

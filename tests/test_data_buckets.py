@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pathlib
 import re
 
 import pytest
@@ -83,10 +82,3 @@ def test_nearest_restricted_to_a_table_subset_and_independent_of_sizes():
 def test_errors_are_specific(call, match):
     with pytest.raises(ValueError, match=match):
         call()
-
-
-def test_data_pipeline_never_imports_the_model():
-    root = pathlib.Path(__file__).resolve().parents[1] / "data_pipeline"
-    imports_model = re.compile(r"^\s*(from|import)\s+pixeldit\b", re.M)
-    offenders = [p.name for p in root.rglob("*.py") if imports_model.search(p.read_text())]
-    assert offenders == []

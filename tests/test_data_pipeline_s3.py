@@ -24,12 +24,13 @@ import pytest
 from data_fixtures import assert_pixels_match, moto_s3
 from data_pipeline.buckets import nearest_ratio_key
 from data_pipeline.ingest import IngestConfig, ingest
-from data_pipeline.manifest import read_manifest, read_samples
+from data_pipeline.dataset_format import read_manifest, read_samples
 from data_pipeline.serve import serve_folder
 from data_pipeline.shard import ShardConfig, build_shards
 from data_pipeline.stats import compute_stats
-from data_pipeline.storage import fs_and_path
 from data_pipeline.synthetic import make_synthetic_dataset
+from pixeldit import storage
+from pixeldit.storage import fs_and_path
 
 pytestmark = pytest.mark.slow
 INGEST = IngestConfig(label_col="label", threads=4, timeout=3, samples_per_shard=16)
@@ -124,11 +125,12 @@ def test_http_to_s3_end_to_end_with_bad_input_zoo_and_incremental_reruns(tmp_pat
 
         # crash leftovers (an uncommitted shard and a staging file) vanish; committed state is unchanged
         fs.pipe_file(f"{bucket[5:]}/out/shards/1.00/1.00-000099.tar", b"half")
-        fs.pipe_file(f"{bucket[5:]}/out/shards/1.00/1.00-000100.tar.tmp", b"half")
+        staging = storage.tmp_path(f"{bucket[5:]}/out/shards/1.00/1.00-000100.tar")
+        fs.pipe_file(staging, b"half")
         rerun = build_shards(ingest_dir, out, SHARD)
         assert rerun.up_to_date and rerun.stats == stats
         assert not fs.exists(f"{bucket[5:]}/out/shards/1.00/1.00-000099.tar")
-        assert not fs.exists(f"{bucket[5:]}/out/shards/1.00/1.00-000100.tar.tmp")
+        assert not fs.exists(staging)
 
         # new data arrives in a second ingest folder: only it is sharded, old shards stay as they are
         extra = make_synthetic_dataset(str(tmp_path / "extra"), num_images=6, seed=1)
@@ -158,7 +160,7 @@ def test_manifest_is_written_last_and_samples_index_matches(tmp_path):
     written = [out / "samples.parquet", out / "stats.json", out / "manifest.parquet"]
     assert [p.stat().st_mtime_ns for p in written] == sorted(p.stat().st_mtime_ns for p in written)
     assert all(p.stat().st_mtime_ns <= written[-1].stat().st_mtime_ns for p in out.rglob("*.tar"))
-    assert not list(out.rglob("*.tmp"))
+    assert not [p for p in out.rglob("*") if storage.is_tmp(p)]
     assert pq.read_schema(out / "manifest.parquet").names[:10] == [
         "shard", "ratio_key", "bucket_height", "bucket_width", "num_samples", "bytes",
         "min_width", "max_width", "min_height", "max_height",

@@ -14,12 +14,13 @@ from PIL import Image
 
 from data_fixtures import assert_pixels_match
 from data_pipeline.inputs import decode_caption, parse_label, prepare_url_list
-from data_pipeline.manifest import manifest_rows_to_table, shard_name
+from data_pipeline.dataset_format import ShardRow, rows_to_table, shard_name
 from data_pipeline.normalize import Limits, Verified, orientation_from_exif_json, verify_and_normalise
 from data_pipeline.reasons import Fix, Skip, classify_decode_error, classify_download_error
 from data_pipeline.shard_sink import cleanup_orphans
 from data_pipeline.synthetic import ZOO_CASES, make_synthetic_dataset
 from data_pipeline.tarshard import ShardWriter
+from pixeldit import storage
 
 # zoo cases decided by the payload alone (the rest depend on captions, URLs or the network)
 PAYLOAD_CASES = ("truncated_jpeg", "zero_byte", "html_as_image", "cmyk_jpeg", "rgba_png", "png16_rgb", "png16_gray",
@@ -129,9 +130,9 @@ def test_shard_writer_offsets_allow_ranged_reads_and_output_is_deterministic(tmp
             w.add(f"k{i:04d}", img, "png", f"caption {i} é", {"i": i}, label=i if i % 2 else None)
             for i, img in enumerate(images)
         ]
-        assert not os.path.exists(url) and os.path.exists(url + ".tmp")  # invisible until commit
+        assert not os.path.exists(url) and os.path.exists(w.staged) and storage.is_tmp(w.staged)  # invisible until commit
         size = w.commit()
-        assert os.path.getsize(url) == size and not os.path.exists(url + ".tmp")
+        assert os.path.getsize(url) == size and not os.path.exists(w.staged)
         data = open(url, "rb").read()
         assert [data[s.offset : s.offset + s.size] for s in spans] == images
         outs.append(data)
@@ -183,14 +184,16 @@ def test_prepare_url_list_errors_and_labels(tmp_path):
 def test_cleanup_orphans_removes_uncommitted_shards_and_staging_files(tmp_path):
     root = str(tmp_path)
     committed, orphan = shard_name("1.00", 0), shard_name("1.00", 1)
-    for rel in (committed, orphan, shard_name("2.00", 0) + ".tmp", "shards/README.txt"):
+    staging, foreign_tmp = storage.tmp_path(shard_name("2.00", 0)), storage.tmp_path("shards/README.txt")
+    for rel in (committed, orphan, staging, "shards/README.txt", foreign_tmp):
         os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
         open(os.path.join(root, rel), "wb").close()
-    row = dict(shard=committed, ratio_key="1.00", bucket_height=1, bucket_width=1, num_samples=1, bytes=1,
-               min_width=1, max_width=1, min_height=1, max_height=1)  # fmt: skip
-    removed = cleanup_orphans(root, manifest_rows_to_table([row]))
-    assert sorted(removed) == sorted([orphan, shard_name("2.00", 0) + ".tmp"])
-    assert os.path.exists(os.path.join(root, committed)) and os.path.exists(os.path.join(root, "shards/README.txt"))
+    row = ShardRow(shard=committed, ratio_key="1.00", bucket_height=1, bucket_width=1, num_samples=1, bytes=1,
+                   min_width=1, max_width=1, min_height=1, max_height=1)  # fmt: skip
+    removed = cleanup_orphans(root, rows_to_table([row], ShardRow))
+    assert sorted(removed) == sorted([orphan, staging])
+    for kept in (committed, "shards/README.txt", foreign_tmp):  # only names the pipeline writes are touched
+        assert os.path.exists(os.path.join(root, kept))
 
 
 def test_prepare_url_list_reads_a_folder_of_mixed_files_in_name_order(tmp_path):

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixeldit.diffusion import DinoV2Teacher, ObjectiveConfig, REPAProjector, compute_loss, repa_loss
-from pixeldit.diffusion.repa import IMAGENET_MEAN, IMAGENET_STD
+from pixeldit.conditioning import DinoV2Teacher
+from pixeldit.conditioning.teacher import IMAGENET_MEAN, IMAGENET_STD
+from pixeldit.diffusion import ObjectiveConfig, REPAProjector, compute_loss, repa_loss
 from pixeldit.models import build_model, get_model_args
 
 

@@ -5,13 +5,12 @@ import json
 import os
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pixeldit.diffusion import TextEmbeddingCache, TextEncoder, precompute_text_embeddings
-from pixeldit.diffusion.text_cache import read_shard_header, shard_file
+from data_pipeline.dataset_format import NO_LABEL, SampleRow, rows_to_table, text_embedding_dir, write_samples
+from pixeldit.conditioning import TextEmbeddingCache, TextEncoder, precompute_text_embeddings
+from pixeldit.conditioning.text_cache import read_shard_header, shard_file
 
 WORDS = ("a an the red blue green circle square triangle photo picture of cat dog bowl soup describe image in "
          "detail : , . very long prompt").split()
@@ -135,20 +134,21 @@ CAPTIONS = {
 }
 
 
-def write_samples(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    rows = [(s, i, c) for s, caps in CAPTIONS.items() for i, c in enumerate(caps)][::-1]  # any row order
-    pq.write_table(pa.table({"shard": [r[0] for r in rows], "sample_index": [r[1] for r in rows],
-                             "caption": [r[2] for r in rows]}), root / "samples.parquet")
+def write_captions(root: Path) -> Path:
+    """A samples table holding CAPTIONS (no shards: the cache reads captions only)."""
+    rows = [SampleRow(key=f"k{n}", shard=s, ratio_key="1.00", sample_index=i, image_offset=0, image_size=0,
+                      image_ext="jpg", caption=c, width=1, height=1, label=NO_LABEL, url="", sha256=None)
+            for n, (s, i, c) in enumerate((s, i, c) for s, caps in CAPTIONS.items() for i, c in enumerate(caps))]
+    write_samples(str(root), rows_to_table(rows[::-1], SampleRow))  # any row order
     return root
 
 
 def test_cache_roundtrip_packing_and_refusal(tmp_path, gemma):
     path, _, _ = gemma
-    root = write_samples(tmp_path / "data")
+    root = write_captions(tmp_path / "data")
     enc = TextEncoder.from_pretrained(path, system_prompt=SYSTEM, max_length=8)
     url = precompute_text_embeddings(str(root), enc, progress=False)
-    assert url == f"{root}/text_emb"
+    assert url == text_embedding_dir(str(root))
     cache = TextEmbeddingCache(url, expect=enc.fingerprint())
     keys = [("shards/2.00/2.00-000000.tar", 1), ("shards/1.00/1.00-000000.tar", 2),
             ("shards/1.00/1.00-000000.tar", 0), ("shards/2.00/2.00-000000.tar", 0)]
@@ -177,7 +177,7 @@ def test_cache_roundtrip_packing_and_refusal(tmp_path, gemma):
 
 def test_cache_parts_resume_and_incomplete(tmp_path, gemma):
     path, _, _ = gemma
-    root = write_samples(tmp_path / "data")
+    root = write_captions(tmp_path / "data")
     cache_dir = str(tmp_path / "emb")
     enc = TextEncoder.from_pretrained(path, system_prompt=SYSTEM, max_length=8)
     precompute_text_embeddings(str(root), enc, cache_dir, progress=False, part=0, num_parts=2)
@@ -208,7 +208,7 @@ def test_cache_on_s3(tmp_path, gemma, monkeypatch):
     from moto.server import ThreadedMotoServer
 
     path, _, _ = gemma
-    root = write_samples(tmp_path / "data")
+    root = write_captions(tmp_path / "data")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(key, "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -223,7 +223,7 @@ def test_cache_on_s3(tmp_path, gemma, monkeypatch):
         fs.put(str(root) + "/", "emb-bucket/data/", recursive=True)
         enc = TextEncoder.from_pretrained(path, system_prompt=SYSTEM, max_length=8)
         url = precompute_text_embeddings("s3://emb-bucket/data", enc, storage_options=options, progress=False)
-        assert url == "s3://emb-bucket/data/text_emb"
+        assert url == text_embedding_dir("s3://emb-bucket/data")
         cache = TextEmbeddingCache(url, expect=enc.fingerprint(), storage_options=options)
         emb, mask = cache.lookup(["shards/2.00/2.00-000000.tar", "shards/1.00/1.00-000000.tar"], [1, 2])
         ref, ref_mask = enc.encode(["a photo of a cat", "a very long prompt of a green dog and a cat"])

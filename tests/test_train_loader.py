@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from data_pipeline.buckets import bucket_table
+from data_pipeline.dataset_format import MANIFEST, read_sample_index
 from pixeldit.train.bucket_sampler import EpochPlan
 from pixeldit.train.config import RunConfig, StageConfig
-from pixeldit.train.loader import build_loader, decode_and_crop, read_sample_index
+from pixeldit.train.loader import build_loader, decode_and_crop
 from train_helpers import write_tiny_dataset
 
 
@@ -118,8 +119,8 @@ def test_class_labels_are_checked(tmp_path):
 
 def test_incomplete_dataset_is_reported(tmp_path):
     root = write_tiny_dataset(tmp_path / "data", {"1.00": 4})
-    (root / "manifest.parquet").unlink()
-    with pytest.raises(FileNotFoundError, match="manifest.parquet"):
+    (root / MANIFEST).unlink()
+    with pytest.raises(FileNotFoundError, match=MANIFEST):
         read_sample_index(str(root))
 
 

@@ -65,7 +65,7 @@ def test_cached_text_embeddings_match_online_encoder(single_rank, data, tmp_path
     online encoder does; a cached run trains and previews from the first batch (no encoder loaded)."""
     import torch
 
-    from pixeldit.diffusion import TextEncoder, precompute_text_embeddings
+    from pixeldit.conditioning import TextEncoder, precompute_text_embeddings
     from pixeldit.train.conditioning import build_conditioner
     from pixeldit.train.loader import build_loader
 

@@ -1,23 +1,22 @@
-"""Shared helpers of the trainer tests: a tiny bucketed dataset in the contracts.md layout, and configs.
+"""Shared helpers of the trainer tests: a tiny bucketed dataset in the dataset format, and configs.
 
-``write_tiny_dataset`` writes webdataset tars with the stdlib ``tarfile`` module plus ``samples.parquet``
-(with the byte offset of every image member) and ``manifest.parquet`` (written last), exactly the layout
-data_pipeline produces, so the loader is tested against the contract itself.
+``write_tiny_dataset`` writes webdataset shards with data_pipeline's own shard writer and commits the root
+through ``data_pipeline.dataset_format`` (samples, stats, manifest last), exactly as the pipeline does, so
+the loader is tested against the format module itself.
 """
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
-import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
+from data_pipeline.dataset_format import SampleRow, ShardRow, rows_to_table, shard_name, write_index
+from data_pipeline.tarshard import ShardWriter
 from pixeldit.train.trainer import pick_free_port as free_port  # noqa: F401 (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,42 +39,34 @@ def write_tiny_dataset(root: str | os.PathLike, counts: dict[str, int], per_shar
                        num_classes: int = 10, seed: int = 0) -> Path:
     """Write ``counts[ratio_key]`` samples per bucket into shards of ``per_shard`` samples."""
     root = Path(root)
-    rows, manifest = [], []
+    rows: list[SampleRow] = []
+    manifest: list[ShardRow] = []
     n = 0
-    for key, count in counts.items():
-        h, w = SOURCE_SIZES[key]
-        (root / "shards" / key).mkdir(parents=True, exist_ok=True)
-        for s in range(-(-count // per_shard)):
-            rel = f"shards/{key}/{key}-{s:06d}.tar"
-            members = []
-            with tarfile.open(root / rel, "w") as tar:
+    with tempfile.TemporaryDirectory() as scratch:
+        for key, count in counts.items():
+            h, w = SOURCE_SIZES[key]
+            for s in range(-(-count // per_shard)):
+                rel = shard_name(key, s)
+                writer = ShardWriter(str(root / rel), scratch)
                 for i in range(min(per_shard, count - s * per_shard)):
                     sk = f"{n:08d}"
                     ext = "png" if n % 4 == 3 else "jpg"
                     label = n % num_classes
                     caption = f"sample {n} in bucket {key}"
-                    data = _image(h, w, seed * 100003 + n, ext)
-                    meta = {"key": sk, "url": f"http://x/{sk}", "caption": caption, "width": w, "height": h,
-                            "ratio_key": key, "sha256": "", "label": label}
-                    for name, blob in ((f"{sk}.{ext}", data), (f"{sk}.txt", caption.encode()),
-                                       (f"{sk}.json", json.dumps(meta).encode()), (f"{sk}.cls", str(label).encode())):
-                        info = tarfile.TarInfo(name)
-                        info.size = len(blob)
-                        tar.addfile(info, io.BytesIO(blob))
-                    members.append((sk, ext, len(data), caption, label, i))
+                    url = f"http://x/{sk}"
+                    meta = {"key": sk, "url": url, "caption": caption, "width": w, "height": h, "ratio_key": key,
+                            "sha256": "", "label": label}
+                    span = writer.add(sk, _image(h, w, seed * 100003 + n, ext), ext, caption, meta, label)
+                    rows.append(SampleRow(key=sk, shard=rel, ratio_key=key, sample_index=i, image_offset=span.offset,
+                                          image_size=span.size, image_ext=ext, caption=caption, width=w, height=h,
+                                          label=label, url=url, sha256=""))
                     n += 1
-            with tarfile.open(root / rel) as tar:
-                offsets = {m.name: m.offset_data for m in tar.getmembers()}
-            for sk, ext, size, caption, label, i in members:
-                rows.append({"key": sk, "shard": rel, "ratio_key": key, "sample_index": i,
-                             "image_offset": offsets[f"{sk}.{ext}"], "image_size": size, "image_ext": ext,
-                             "caption": caption, "width": w, "height": h, "label": label, "url": f"http://x/{sk}"})
-            manifest.append({"shard": rel, "ratio_key": key, "bucket_height": h, "bucket_width": w,
-                             "num_samples": len(members), "bytes": (root / rel).stat().st_size,
-                             "min_width": w, "max_width": w, "min_height": h, "max_height": h})
-    pq.write_table(pa.Table.from_pylist(rows), root / "samples.parquet")
-    (root / "stats.json").write_text(json.dumps({"total": n, "ok": n}))
-    pq.write_table(pa.Table.from_pylist(manifest), root / "manifest.parquet")
+                num_samples = writer.num_samples
+                size = writer.commit()
+                manifest.append(ShardRow(shard=rel, ratio_key=key, bucket_height=h, bucket_width=w,
+                                         num_samples=num_samples, bytes=size, min_width=w, max_width=w, min_height=h,
+                                         max_height=h))
+    write_index(str(root), rows_to_table(rows, SampleRow), {"total": n, "ok": n}, rows_to_table(manifest, ShardRow), {})
     return root
 
 

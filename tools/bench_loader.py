@@ -51,7 +51,7 @@ def bench_bucketed(data: str, resolution: int, micro_batch: int, workers: int) -
 def bench_webdataset(data: str, workers: int) -> tuple[int, float]:
     import webdataset as wds
 
-    from data_pipeline.manifest import read_manifest
+    from data_pipeline.dataset_format import read_manifest
 
     shards = [f"{data}/{s}" for s in read_manifest(data).column("shard").to_pylist()]
     ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode("rgb8").to_tuple("__key__", "jpg;png;webp")

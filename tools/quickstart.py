@@ -112,10 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     say(2, f"{summary.samples_written} samples in {summary.shards_written} shards -> {data_root}; "
            f"skipped by reason: {summary.stats.get('skipped', {})}")
 
-    from pixeldit.diffusion import TextEncoder, precompute_text_embeddings
+    from data_pipeline.dataset_format import text_embedding_dir
+    from pixeldit.conditioning import TextEncoder, precompute_text_embeddings
 
     encoder = TextEncoder.from_pretrained(a.text_encoder, system_prompt="", max_length=a.text_len)
-    cache = precompute_text_embeddings(data_root, encoder, f"{out}/text_emb")
+    cache = precompute_text_embeddings(data_root, encoder, text_embedding_dir(str(out)))
     say(3, f"{encoder.name} ({encoder.dim}-d) -> {cache}")
 
     from launchers.config import LaunchConfig

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pixeldit.diffusion import SAMPLERS, TextEncoder, generate, image_grid
+from pixeldit.conditioning import TextEncoder
+from pixeldit.diffusion import SAMPLERS, generate, image_grid
 from pixeldit.models import PixelDiT
 from pixeldit.release import CONFIG_FILE, ReleaseConfig, from_pretrained
 

@@ -9,14 +9,17 @@ randomness comes from ``generator`` so a run is reproducible (and resumable) ste
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .flow import flow_matching_loss, interpolate, sample_timesteps
-from .repa import DinoV2Teacher, repa_loss
+from .repa import repa_loss
 
 Cond = dict[str, torch.Tensor]
+# the frozen REPA teacher (pixeldit.conditioning.DinoV2Teacher): (x0 (B, 3, H, W), patch grid (rows, cols)) -> (B, L, C)
+Teacher = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
 
 
 @dataclass
@@ -61,7 +64,7 @@ def compute_loss(
     cfg: ObjectiveConfig,
     *,
     projector: nn.Module | None = None,
-    teacher: DinoV2Teacher | None = None,
+    teacher: Teacher | None = None,
     null_cond: Cond,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:

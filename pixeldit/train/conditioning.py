@@ -80,7 +80,7 @@ def resolved_system_prompt(cfg: RunConfig, args: ModelArgs) -> str:
     """The system prompt a text model is trained with ("" for class models), for checkpoint metadata."""
     if args.conditioning == "class":
         return ""
-    from pixeldit.diffusion import DEFAULT_SYSTEM_PROMPT
+    from pixeldit.conditioning import DEFAULT_SYSTEM_PROMPT
 
     return DEFAULT_SYSTEM_PROMPT if cfg.conditioning.system_prompt is None else cfg.conditioning.system_prompt
 
@@ -90,7 +90,7 @@ def load_text_encoder(cfg: RunConfig, args: ModelArgs, device: torch.device):
     c = cfg.conditioning
     if args.conditioning == "class" or not c.text_encoder:
         return None
-    from pixeldit.diffusion import TextEncoder
+    from pixeldit.conditioning import TextEncoder
 
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" and device.type == "cuda" else torch.float32
     encoder = TextEncoder.from_pretrained(c.text_encoder, system_prompt=c.system_prompt, max_length=args.text_len,
@@ -108,11 +108,12 @@ def build_conditioner(cfg: RunConfig, args: ModelArgs, device: torch.device, sta
     c = cfg.conditioning
     cache = None
     if c.text_mode == "cached":
-        from pixeldit.diffusion import TextEmbeddingCache
+        from data_pipeline.dataset_format import text_embedding_dir
+        from pixeldit.conditioning import TextEmbeddingCache
 
         expect = encoder.fingerprint() if encoder is not None else {
             "system_prompt": resolved_system_prompt(cfg, args), "max_length": args.text_len, "dim": args.text_dim}
-        root = c.embedding_cache or cfg.stages[stage_index].data_path.rstrip("/") + "/text_emb"
+        root = c.embedding_cache or text_embedding_dir(cfg.stages[stage_index].data_path)
         cache = TextEmbeddingCache(root, expect=expect, storage_options=cfg.data.storage_options)
     return TextConditioner(device, encoder, cache, cfg.logging.image_prompts)
 
@@ -121,6 +122,6 @@ def build_teacher(cfg: RunConfig, device: torch.device):
     """The frozen DINOv2 teacher for REPA, or None when no stage uses REPA."""
     if not cfg.uses_repa:
         return None
-    from pixeldit.diffusion import DinoV2Teacher
+    from pixeldit.conditioning import DinoV2Teacher
 
     return DinoV2Teacher.from_pretrained(cfg.conditioning.repa_teacher).to(device).eval()

@@ -1,8 +1,9 @@
 """The training loader: bucketed shards (local folder or S3) -> rank-aligned micro-batches of pixels.
 
 Stages of the stream (what it holds at each point):
- 1. ``read_sample_index``: ``{root}/samples.parquet`` (contracts.md) -> one row per sample: shard, ratio key,
-    byte offset/size of the image member inside its tar, caption, label. No tar is scanned.
+ 1. ``read_sample_index`` (``data_pipeline.dataset_format``, which owns the dataset layout): the root's
+    samples table -> one row per sample: shard, ratio key, byte offset/size of the image member inside its
+    tar, caption, label. No tar is scanned.
  2. ``EpochPlan`` (bucket_sampler.py): per epoch, seeded by (seed, stage, epoch), the list of this rank's
     micro-batches, each from one bucket, the same bucket on every rank at every position.
  3. ``PlanSampler`` -> torch DataLoader (``batch_size=None``, ``num_workers`` workers, each worker builds
@@ -20,79 +21,20 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from data_pipeline.buckets import bucket_table
+from data_pipeline.dataset_format import SAMPLES, SampleIndex, read_sample_index
+from pixeldit.storage import fs_and_path, join
 
 from .bucket_sampler import BatchSpec, EpochPlan, PlanSampler, stable_salt
 from .config import RunConfig
 
-SAMPLES_FILE = "samples.parquet"
-MANIFEST_FILE = "manifest.parquet"
-COLUMNS = ["key", "shard", "ratio_key", "sample_index", "image_offset", "image_size", "caption", "label"]
 FIXED_BUCKET = "fixed"
-
-
-@dataclass
-class SampleIndex:
-    """samples.parquet of one dataset root, columns as numpy arrays (captions/keys stay in Arrow)."""
-
-    root: str
-    shards: list[str]  # shard id -> path relative to root
-    shard_id: np.ndarray  # (N,) int64
-    sample_index: np.ndarray  # (N,) int64
-    image_offset: np.ndarray  # (N,) int64
-    image_size: np.ndarray  # (N,) int64
-    ratio_keys: list[str]  # ratio key id -> ratio key
-    ratio_id: np.ndarray  # (N,) int64
-    label: np.ndarray  # (N,) int64, -1 when none
-    captions: pa.Array
-    keys: pa.Array
-
-    def __len__(self) -> int:
-        return len(self.shard_id)
-
-
-def _fs(root: str, storage_options: dict[str, Any]):
-    fs, path = fsspec.core.url_to_fs(root, **storage_options)
-    return fs, path.rstrip("/")
-
-
-def read_sample_index(root: str, storage_options: dict[str, Any] | None = None) -> SampleIndex:
-    """Read ``{root}/samples.parquet``; the dataset must be complete (``manifest.parquet`` written last)."""
-    fs, base = _fs(root, storage_options or {})
-    if not fs.exists(f"{base}/{MANIFEST_FILE}"):
-        raise FileNotFoundError(f"{root}/{MANIFEST_FILE} not found: the dataset at {root} is missing or its "
-                                f"sharding did not finish (data_pipeline writes the manifest last)")
-    with fs.open(f"{base}/{SAMPLES_FILE}", "rb") as f:
-        table = pq.read_table(f, columns=COLUMNS).combine_chunks()
-    if table.num_rows == 0:
-        raise ValueError(f"{root}/{SAMPLES_FILE} has no rows")
-    shard_codes = pc.dictionary_encode(table["shard"]).combine_chunks()  # compact for 10^8 rows
-    ratio_codes = pc.dictionary_encode(table["ratio_key"]).combine_chunks()
-
-    def col(name: str) -> np.ndarray:
-        return table[name].to_numpy()
-
-    return SampleIndex(
-        root=root, shards=[str(s) for s in shard_codes.dictionary.to_pylist()],
-        shard_id=shard_codes.indices.to_numpy().astype(np.int64), sample_index=col("sample_index").astype(np.int64),
-        image_offset=col("image_offset").astype(np.int64), image_size=col("image_size").astype(np.int64),
-        ratio_keys=[str(k) for k in ratio_codes.dictionary.to_pylist()],
-        ratio_id=ratio_codes.indices.to_numpy().astype(np.int64),
-        label=table["label"].fill_null(-1).to_numpy().astype(np.int64),
-        captions=table["caption"].fill_null("").chunk(0) if table["caption"].num_chunks else pa.array([], pa.string()),
-        keys=table["key"].chunk(0),
-    )
 
 
 def decode_and_crop(data: bytes, height: int, width: int) -> torch.Tensor:
@@ -121,7 +63,7 @@ class BucketBatchDataset(torch.utils.data.Dataset):
     @property
     def fs(self):
         if self._fs is None or self._pid != os.getpid():  # s3fs is not fork-safe: one per process/worker
-            self._fs, self._base = _fs(self.index.root, self.storage_options)
+            self._fs, self._base = fs_and_path(self.index.root, self.storage_options)
             self._pid = os.getpid()
         return self._fs
 
@@ -133,7 +75,7 @@ class BucketBatchDataset(torch.utils.data.Dataset):
         data = fs.cat_file(path, start=start, end=start + size)
         if len(data) != size:
             raise IOError(f"{path}: short read for sample {ix.keys[row].as_py()} ({len(data)} of {size} bytes at "
-                          f"offset {start}); the shard does not match samples.parquet")
+                          f"offset {start}); the shard does not match {SAMPLES}")
         return data
 
     def __getitem__(self, spec: BatchSpec) -> dict[str, Any]:
@@ -233,7 +175,7 @@ def build_loader(cfg: RunConfig, stage_index: int, rank: int, world_size: int,
         bad = (index.label < 0) | (index.label >= num_classes)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{stage.data_path}/{SAMPLES_FILE}: sample {index.keys[row].as_py()} has label "
+            raise ValueError(f"{join(stage.data_path, SAMPLES)}: sample {index.keys[row].as_py()} has label "
                              f"{index.label[row]} outside 0..{num_classes - 1} ({int(bad.sum())} such rows); "
                              f"a class-conditional model needs a class id for every sample")
     rows = np.arange(len(index), dtype=np.int64)

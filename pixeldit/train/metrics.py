@@ -12,7 +12,6 @@ of activation checkpointing is not counted) / (step time x world size x peak FLO
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from pixeldit.models import ModelArgs
 from pixeldit.models.flops import forward_flops
+from pixeldit.storage import atomic_local_file
 
 from .config import RunConfig, to_dict
 
@@ -107,10 +107,8 @@ class MetricsLogger:
         from PIL import Image
 
         arr = ((grid.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.png")
-        Image.fromarray(arr).save(tmp)
-        os.replace(tmp, path)
+        with atomic_local_file(path) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
         if self.wandb_run is not None:
             import wandb
 

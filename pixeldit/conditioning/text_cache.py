@@ -1,6 +1,7 @@
 """Precomputed caption embeddings, so training does not run the text encoder every step.
 
-Layout of a cache folder (local or any fsspec URL, e.g. s3://bucket/prefix/text_emb)::
+Layout of a cache folder (local or any fsspec URL; by default the dataset's
+``data_pipeline.dataset_format.text_embedding_dir``)::
 
     meta.json                       format, encoder fingerprint, dtype, max_length, dim, shard list (written LAST)
     null.safetensors                the unconditional embedding: emb (1, T, C) float32, mask (1, T) uint8
@@ -15,8 +16,8 @@ shard header once (one small ranged read, then cached) and then exactly each sam
 concurrently on object stores (``fs.cat_ranges``): random access over many shards costs one small read
 per sample, never a whole shard.
 
-``precompute_text_embeddings`` reads the dataset's samples.parquet (data_pipeline layout), encodes the
-captions shard by shard (resumable: shards already written with the same fingerprint are skipped;
+``precompute_text_embeddings`` reads the dataset's captions per shard (``dataset_format.captions_by_shard``),
+encodes them shard by shard (resumable: shards already written with the same fingerprint are skipped;
 ``part``/``num_parts`` split the shards over several processes), and the process that finds every shard
 present and matching writes meta.json. ``TextEmbeddingCache`` refuses a cache made by a different
 encoder / system prompt / max_length.
@@ -28,13 +29,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-import fsspec
-import pyarrow.parquet as pq
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
+
+from data_pipeline.dataset_format import SAMPLES, captions_by_shard, text_embedding_dir
+from pixeldit.storage import fs_and_path, join, write_bytes_atomic, write_json_atomic
 
 from .text_encoder import TextEncoder
 
@@ -42,30 +43,14 @@ FORMAT = 2
 CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _HEADER_PROBE = 1 << 16  # first read of a shard file: covers the header of shards up to ~10k samples
-
-
-def _fs(url: str, storage_options: dict | None):
-    fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
-    return fs, root.rstrip("/")
+META, NULL = "meta.json", "null.safetensors"
 
 
 def shard_file(shard: str) -> str:
     """Cache file of a data shard, relative to the cache root: emb/{shard path}.safetensors."""
     if not shard or shard.startswith("/") or ".." in shard.split("/"):
-        raise ValueError(f"shard path {shard!r} must be relative to the dataset root (as in samples.parquet)")
+        raise ValueError(f"shard path {shard!r} must be relative to the dataset root (as in {SAMPLES})")
     return f"emb/{shard}.safetensors"
-
-
-def _write_bytes(fs, path: str, data: bytes) -> None:
-    """Atomic whole-object write: temp name then rename on local disks; one PUT on object stores."""
-    if isinstance(fs, LocalFileSystem):
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = path + ".tmp"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, data)
 
 
 @dataclass
@@ -122,7 +107,7 @@ def precompute_text_embeddings(data_root: str, encoder: TextEncoder, cache_dir: 
                                batch_size: int = 64, dtype: str = "fp16", storage_options: dict | None = None,
                                progress: bool = True, part: int = 0, num_parts: int = 1,
                                overwrite: bool = False) -> str:
-    """Encode every caption of the dataset at ``data_root`` (default cache: {data_root}/text_emb).
+    """Encode every caption of the dataset at ``data_root`` (default cache: ``text_embedding_dir(data_root)``).
 
     Returns the cache URL. Shards whose file already holds this encoder's fingerprint are skipped
     unless ``overwrite``. With ``num_parts`` > 1, process ``part`` encodes shards part, part + num_parts, ...
@@ -131,52 +116,46 @@ def precompute_text_embeddings(data_root: str, encoder: TextEncoder, cache_dir: 
         raise ValueError(f"unknown cache dtype {dtype!r}; valid: {', '.join(CACHE_DTYPES)}")
     if not 0 <= part < num_parts:
         raise ValueError(f"part {part} must be in 0..{num_parts - 1}")
-    cache_dir = cache_dir or data_root.rstrip("/") + "/text_emb"
-    dfs, droot = _fs(data_root, storage_options)
-    cfs, croot = _fs(cache_dir, storage_options)
-    samples_path = f"{droot}/samples.parquet"
-    if not dfs.exists(samples_path):
-        raise FileNotFoundError(f"{samples_path} not found: build the dataset with the data pipeline first")
-    with dfs.open(samples_path, "rb") as f:
-        table = pq.read_table(f, columns=["shard", "sample_index", "caption"])
-    rows: dict[str, list[tuple[int, str]]] = {}
-    for shard, idx, cap in zip(*(table.column(c).to_pylist() for c in ("shard", "sample_index", "caption"))):
-        rows.setdefault(shard, []).append((int(idx), cap or ""))
+    cache_dir = cache_dir or text_embedding_dir(data_root)
+    captions = captions_by_shard(data_root, storage_options)
+    cfs, croot = fs_and_path(cache_dir, storage_options)
     fp = encoder.fingerprint()
-    meta_path = f"{croot}/meta.json"
+    meta_path = f"{croot}/{META}"
     if cfs.exists(meta_path) and json.loads(cfs.cat_file(meta_path)).get("fingerprint") != fp:
         cfs.rm(meta_path)  # a cache of another encoder setup: incomplete until every shard is rewritten
-    shards = sorted(rows)
+    shards = sorted(captions)
     for shard in tqdm(shards[part::num_parts], desc=f"text embeddings {part}/{num_parts}", disable=not progress):
-        items = sorted(rows[shard])
-        if [i for i, _ in items] != list(range(len(items))):
-            raise ValueError(f"{samples_path}: sample_index of shard {shard} is not 0..{len(items) - 1}")
         path = f"{croot}/{shard_file(shard)}"
         if not overwrite and cfs.exists(path):
             old = read_shard_header(cfs, path)
-            if old.fingerprint == fp and len(old.lengths) == len(items) and old.dtype == CACHE_DTYPES[dtype]:
+            fresh = old.fingerprint == fp and old.dtype == CACHE_DTYPES[dtype]
+            if fresh and len(old.lengths) == len(captions[shard]):
                 continue
-        packed, lengths = _encode_shard(encoder, [c for _, c in items], batch_size, CACHE_DTYPES[dtype], shard)
+        packed, lengths = _encode_shard(encoder, captions[shard], batch_size, CACHE_DTYPES[dtype], shard)
         meta = {"lengths": json.dumps(lengths), "num_samples": str(len(lengths)), "fingerprint": json.dumps(fp)}
-        _write_bytes(cfs, path, st_save({"emb": packed}, metadata=meta))
+        write_bytes_atomic(join(cache_dir, shard_file(shard)), st_save({"emb": packed}, metadata=meta),
+                           storage_options)
     ne, nm = encoder.encode_null(1)
-    _write_bytes(cfs, f"{croot}/null.safetensors", st_save({"emb": ne.cpu(), "mask": nm.to(torch.uint8).cpu()}))
-    _write_meta_if_complete(cfs, croot, rows, fp, dtype, encoder)
+    write_bytes_atomic(join(cache_dir, NULL), st_save({"emb": ne.cpu(), "mask": nm.to(torch.uint8).cpu()}),
+                       storage_options)
+    _write_meta_if_complete(cache_dir, captions, fp, dtype, encoder, storage_options)
     return cache_dir
 
 
-def _write_meta_if_complete(cfs, croot: str, rows: dict, fp: dict, dtype: str, encoder: TextEncoder) -> bool:
+def _write_meta_if_complete(cache_dir: str, captions: dict[str, list[str]], fp: dict, dtype: str,
+                            encoder: TextEncoder, storage_options: dict | None) -> bool:
     """Write meta.json (atomically, last) once every shard file exists with this fingerprint."""
-    for shard in sorted(rows):
+    cfs, croot = fs_and_path(cache_dir, storage_options)
+    for shard in sorted(captions):
         path = f"{croot}/{shard_file(shard)}"
         if not cfs.exists(path):
             return False  # another part is still working
         header = read_shard_header(cfs, path)
-        if header.fingerprint != fp or len(header.lengths) != len(rows[shard]):
+        if header.fingerprint != fp or len(header.lengths) != len(captions[shard]):
             return False  # a stale file another part has not rewritten yet
     meta = {"format": FORMAT, "fingerprint": fp, "dtype": dtype, "max_length": encoder.max_length,
-            "dim": encoder.dim, "shards": {s: len(rows[s]) for s in sorted(rows)}}
-    _write_bytes(cfs, f"{croot}/meta.json", json.dumps(meta, indent=1).encode())  # last: the cache is complete
+            "dim": encoder.dim, "shards": {s: len(captions[s]) for s in sorted(captions)}}
+    write_json_atomic(join(cache_dir, META), meta, storage_options)  # last: the cache is complete
     return True
 
 
@@ -189,8 +168,8 @@ class TextEmbeddingCache:
     def __init__(self, cache_dir: str, expect: dict | None = None, storage_options: dict | None = None,
                  max_headers: int = 4096):
         self.url = str(cache_dir)
-        self.fs, self.root = _fs(cache_dir, storage_options)
-        meta_path = f"{self.root}/meta.json"
+        self.fs, self.root = fs_and_path(cache_dir, storage_options)
+        meta_path = f"{self.root}/{META}"
         if not self.fs.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: the text-embedding cache is missing or incomplete; "
                                     "run precompute_text_embeddings for this dataset (every part)")
@@ -255,7 +234,7 @@ class TextEmbeddingCache:
     def null(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached unconditional embedding repeated ``batch`` times: (B, T, C), (B, T)."""
         if self._null is None:
-            d = st_load(self.fs.cat_file(f"{self.root}/null.safetensors"))
+            d = st_load(self.fs.cat_file(f"{self.root}/{NULL}"))
             self._null = d["emb"].float(), d["mask"].bool()
         emb, mask = self._null
         return emb.expand(batch, -1, -1).clone(), mask.expand(batch, -1).clone()

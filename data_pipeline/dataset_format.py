@@ -1,0 +1,299 @@
+"""The dataset format: what `pixeldit-data shard` writes under a dataset root and what every reader reads.
+
+Layout of a root (a local folder or a URL such as ``s3://bucket/prefix``)::
+
+    shards/{ratio}/{ratio}-{n:06d}.tar   webdataset shards, one aspect-ratio bucket each (``shard_name``); members
+                                         {key}.{jpg|png|webp}, {key}.txt, {key}.json[, {key}.cls] (tarshard.py)
+    samples.parquet                      one ``SampleRow`` per sample: its shard, the byte range of its image
+                                         inside the tar (ranged reads, no tar scan), caption, size, label
+    stats.json                           counts by reason and per bucket (written by shard_sink.finish_run)
+    manifest.parquet                     one ``ShardRow`` per shard -- written LAST
+    text_emb/                            default folder of the caption-embedding cache (pixeldit.conditioning)
+
+Commit order: shards, then samples.parquet, then stats.json, then manifest.parquet (``write_index``). The
+manifest is the commit point: a root without it is incomplete and is not read, and samples.parquet rows of
+shards the manifest does not list belong to a crashed run (``committed_samples`` drops them). The manifest's
+parquet key-value metadata holds the format version (``FORMAT_VERSION``) and the pipeline's incremental
+state (``STATE_KEY``: consumed ingest shards, cumulative counters).
+
+Versions: a manifest written before the version was recorded reads as version 1; a version newer than
+``FORMAT_VERSION`` is refused with the root named. Adding a column means adding one field to ``SampleRow``
+or ``ShardRow`` below (the parquet schemas are derived from them) and filling it in the writer.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
+from typing import Any, Sequence, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pixeldit.storage import exists, fs_and_path, join, read_bytes, write_bytes_atomic, write_json_atomic
+
+SAMPLES = "samples.parquet"
+MANIFEST = "manifest.parquet"
+STATS = "stats.json"
+SHARDS_DIR = "shards"
+TEXT_EMB_DIR = "text_emb"
+SHARD_EXT = ".tar"
+
+FORMAT_VERSION = 1
+FORMAT_VERSION_KEY = b"pixeldit.format_version"
+STATE_KEY = b"pixeldit.state"
+STATE_VERSION = 1
+
+
+def _column(arrow_type: pa.DataType) -> Any:
+    return field(metadata={"arrow": arrow_type})
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRow:
+    """One row of manifest.parquet: one committed shard."""
+
+    shard: str = _column(pa.string())  # path relative to the root: shard_name(ratio_key, n)
+    ratio_key: str = _column(pa.string())
+    bucket_height: int = _column(pa.int32())  # at the table used when sharding (informational)
+    bucket_width: int = _column(pa.int32())
+    num_samples: int = _column(pa.int64())
+    bytes: int = _column(pa.int64())
+    min_width: int = _column(pa.int32())
+    max_width: int = _column(pa.int32())
+    min_height: int = _column(pa.int32())
+    max_height: int = _column(pa.int32())
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRow:
+    """One row of samples.parquet: one sample."""
+
+    key: str = _column(pa.string())  # unique within the root; the tar members' stem
+    shard: str = _column(pa.string())
+    ratio_key: str = _column(pa.string())
+    sample_index: int = _column(pa.int32())  # position inside its shard
+    image_offset: int = _column(pa.int64())  # byte offset of the image member's data inside the tar
+    image_size: int = _column(pa.int64())
+    image_ext: str = _column(pa.string())  # jpg | png | webp
+    caption: str = _column(pa.string())
+    width: int = _column(pa.int32())  # stored (EXIF-normalised) image size
+    height: int = _column(pa.int32())
+    label: int = _column(pa.int64())  # NO_LABEL when there is no class label
+    url: str = _column(pa.string())
+    sha256: str | None = _column(pa.string())  # of the downloaded bytes (dedupe across runs)
+
+
+NO_LABEL = -1
+RowT = TypeVar("RowT", ShardRow, SampleRow)
+
+
+def schema_of(cls: type[ShardRow] | type[SampleRow]) -> pa.Schema:
+    return pa.schema([(f.name, f.metadata["arrow"]) for f in fields(cls)])
+
+
+MANIFEST_SCHEMA = schema_of(ShardRow)
+SAMPLES_SCHEMA = schema_of(SampleRow)
+# column names by attribute (SAMPLE_COLUMNS.url == "url"): a renamed column fails loudly where it is read
+SAMPLE_COLUMNS = SimpleNamespace(**{name: name for name in SAMPLES_SCHEMA.names})
+
+
+def rows_to_table(rows: Sequence[RowT], cls: type[RowT]) -> pa.Table:
+    schema = schema_of(cls)
+    return pa.table({f.name: pa.array([getattr(r, f.name) for r in rows], f.type) for f in schema}, schema=schema)
+
+
+def table_rows(table: pa.Table, cls: type[RowT]) -> list[RowT]:
+    """Typed rows of a (small) table, e.g. the manifest; columns the class does not know are ignored."""
+    names = [f.name for f in fields(cls)]
+    return [cls(**{n: r[n] for n in names}) for r in table.select(names).to_pylist()]
+
+
+def shard_name(ratio_key: str, n: int) -> str:
+    return f"{SHARDS_DIR}/{ratio_key}/{ratio_key}-{n:06d}{SHARD_EXT}"
+
+
+def parse_shard_name(rel: str) -> tuple[str, int] | None:
+    """(ratio_key, n) of a relative shard path written by shard_name, else None."""
+    parts = rel.split("/")
+    if len(parts) != 3 or parts[0] != SHARDS_DIR or not parts[2].endswith(SHARD_EXT):
+        return None
+    key, _, num = parts[2].removesuffix(SHARD_EXT).rpartition("-")
+    if key != parts[1] or not num.isdigit():
+        return None
+    return key, int(num)
+
+
+def text_embedding_dir(root: str) -> str:
+    """Default caption-embedding cache of the dataset at ``root``."""
+    return join(root, TEXT_EMB_DIR)
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+
+
+def _read_table(url: str, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None):
+    if not exists(url, storage_options):
+        return None
+    fs, path = fs_and_path(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def format_version(manifest_schema: pa.Schema, root: str) -> int:
+    """The format version a manifest records (1 when written before versions were recorded)."""
+    raw = (manifest_schema.metadata or {}).get(FORMAT_VERSION_KEY)
+    version = 1 if raw is None else int(raw)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{join(root, MANIFEST)}: dataset format version {version}, this code reads up to "
+                         f"{FORMAT_VERSION}; update pixeldit or rebuild the root")
+    return version
+
+
+def read_manifest(root: str, storage_options: dict[str, Any] | None = None) -> pa.Table | None:
+    """The committed manifest of ``root`` (MANIFEST_SCHEMA), or None when no run has committed yet."""
+    table = _read_table(join(root, MANIFEST), storage_options)
+    if table is not None:
+        format_version(table.schema, root)
+    return table
+
+
+def require_committed(root: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Raise unless ``root`` holds a committed dataset of a readable version (reads the manifest's footer only)."""
+    url = join(root, MANIFEST)
+    if not exists(url, storage_options):
+        raise FileNotFoundError(f"{url} not found: the dataset at {root} is missing or its sharding did not "
+                                f"finish (data_pipeline writes the manifest last)")
+    fs, path = fs_and_path(url, storage_options)
+    with fs.open(path, "rb") as f:
+        format_version(pq.read_schema(f), root)
+
+
+def read_samples(root: str, storage_options: dict[str, Any] | None = None) -> pa.Table | None:
+    """samples.parquet of ``root`` (SAMPLES_SCHEMA), or None when there is none."""
+    return _read_table(join(root, SAMPLES), storage_options)
+
+
+def committed_samples(root: str, manifest: pa.Table) -> pa.Table | None:
+    """samples.parquet rows of the shards ``manifest`` lists (rows a crashed run wrote afterwards are dropped)."""
+    samples = read_samples(root)
+    if samples is None:
+        return None
+    committed = pa.array([r.shard for r in table_rows(manifest, ShardRow)], pa.string())
+    return samples.filter(pc.is_in(samples[SAMPLE_COLUMNS.shard], committed))
+
+
+def read_stats(root: str) -> dict[str, Any]:
+    url = join(root, STATS)
+    if not exists(url):
+        raise FileNotFoundError(f"{url} not found: run `pixeldit-data shard` (or build_shards) on this root first")
+    return json.loads(read_bytes(url))
+
+
+def read_state(manifest: pa.Table | None) -> dict[str, Any]:
+    """The pipeline state a committed manifest stores in its metadata ({} for a fresh root)."""
+    if manifest is None:
+        return {}
+    meta = manifest.schema.metadata or {}
+    if STATE_KEY not in meta:
+        raise ValueError(f"{MANIFEST} has no {STATE_KEY.decode()} metadata: it was not written by data_pipeline")
+    state = json.loads(meta[STATE_KEY])
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{MANIFEST} state version {state.get('version')} != {STATE_VERSION}; rebuild this root")
+    return state
+
+
+def captions_by_shard(root: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[str]]:
+    """{shard: captions in sample_index order} from samples.parquet (None captions read as "")."""
+    url = join(root, SAMPLES)
+    c = SAMPLE_COLUMNS
+    table = _read_table(url, storage_options, columns=[c.shard, c.sample_index, c.caption])
+    if table is None:
+        raise FileNotFoundError(f"{url} not found: build the dataset with the data pipeline first")
+    rows: dict[str, list[tuple[int, str]]] = {}
+    for shard, idx, cap in zip(*(table.column(n).to_pylist() for n in (c.shard, c.sample_index, c.caption))):
+        rows.setdefault(shard, []).append((int(idx), cap or ""))
+    out = {}
+    for shard, items in sorted(rows.items()):
+        items.sort()
+        if [i for i, _ in items] != list(range(len(items))):
+            raise ValueError(f"{url}: sample_index of shard {shard} is not 0..{len(items) - 1}")
+        out[shard] = [cap for _, cap in items]
+    return out
+
+
+@dataclass
+class SampleIndex:
+    """samples.parquet of a committed root as numpy arrays (captions and keys stay in Arrow): the loader's view."""
+
+    root: str
+    shards: list[str]  # shard id -> path relative to root
+    shard_id: np.ndarray  # (N,) int64
+    sample_index: np.ndarray  # (N,) int64
+    image_offset: np.ndarray  # (N,) int64
+    image_size: np.ndarray  # (N,) int64
+    ratio_keys: list[str]  # ratio key id -> ratio key
+    ratio_id: np.ndarray  # (N,) int64
+    label: np.ndarray  # (N,) int64, NO_LABEL when none
+    captions: pa.Array
+    keys: pa.Array
+
+    def __len__(self) -> int:
+        return len(self.shard_id)
+
+
+def read_sample_index(root: str, storage_options: dict[str, Any] | None = None) -> SampleIndex:
+    """Read ``{root}/samples.parquet``; the dataset must be committed (manifest written last)."""
+    require_committed(root, storage_options)
+    c = SAMPLE_COLUMNS
+    columns = [c.key, c.shard, c.ratio_key, c.sample_index, c.image_offset, c.image_size, c.caption, c.label]
+    table = _read_table(join(root, SAMPLES), storage_options, columns=columns)
+    if table is None:
+        raise FileNotFoundError(f"{join(root, SAMPLES)} not found although the manifest is: rebuild the root")
+    table = table.combine_chunks()
+    if table.num_rows == 0:
+        raise ValueError(f"{join(root, SAMPLES)} has no rows")
+    shard_codes = pc.dictionary_encode(table[c.shard]).combine_chunks()  # compact for 10^8 rows
+    ratio_codes = pc.dictionary_encode(table[c.ratio_key]).combine_chunks()
+
+    def col(name: str) -> np.ndarray:
+        return table[name].to_numpy().astype(np.int64)
+
+    captions = table[c.caption].fill_null("")
+    return SampleIndex(
+        root=root, shards=[str(s) for s in shard_codes.dictionary.to_pylist()],
+        shard_id=shard_codes.indices.to_numpy().astype(np.int64), sample_index=col(c.sample_index),
+        image_offset=col(c.image_offset), image_size=col(c.image_size),
+        ratio_keys=[str(k) for k in ratio_codes.dictionary.to_pylist()],
+        ratio_id=ratio_codes.indices.to_numpy().astype(np.int64),
+        label=table[c.label].fill_null(NO_LABEL).to_numpy().astype(np.int64),
+        captions=captions.chunk(0) if captions.num_chunks else pa.array([], pa.string()),
+        keys=table[c.key].chunk(0),
+    )  # fmt: skip
+
+
+# ---- writing -------------------------------------------------------------------------------------------------
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def write_samples(root: str, samples: pa.Table, storage_options: dict[str, Any] | None = None) -> None:
+    """samples.parquet alone (cast to SAMPLES_SCHEMA); ``write_index`` commits a whole root."""
+    write_bytes_atomic(join(root, SAMPLES), _parquet_bytes(samples.cast(SAMPLES_SCHEMA)), storage_options)
+
+
+def write_index(root: str, samples: pa.Table, stats: dict[str, Any], manifest: pa.Table,
+                state: dict[str, Any]) -> None:
+    """Commit a root: samples.parquet, stats.json, then manifest.parquet (version + ``state`` metadata) LAST."""
+    write_samples(root, samples)
+    write_json_atomic(join(root, STATS), stats)
+    meta = {FORMAT_VERSION_KEY: str(FORMAT_VERSION).encode(),
+            STATE_KEY: json.dumps({**state, "version": STATE_VERSION}, sort_keys=True).encode()}
+    manifest = manifest.cast(MANIFEST_SCHEMA).replace_schema_metadata(meta)
+    write_bytes_atomic(join(root, MANIFEST), _parquet_bytes(manifest))

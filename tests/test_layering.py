@@ -1,44 +1,54 @@
-"""Dependencies flow one way: pixeldit.models <- pixeldit.diffusion <- pixeldit.train <- launchers, tools.
+"""The shape of the codebase: dependencies flow one way, no import cycles, one owner per on-disk name.
 
-pixeldit/models imports torch and the standard library only (no deepspeed, no torch.distributed);
-data_pipeline never imports the model.
+Import direction: pixeldit.storage, pixeldit.errors <- data_pipeline <- pixeldit.models <- pixeldit.diffusion
+<- pixeldit.conditioning <- pixeldit.train <- launchers, tools. pixeldit/models imports torch and the standard
+library only (no deepspeed, no torch.distributed); data_pipeline never imports the model.
 """
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pixeldit", "data_pipeline", "launchers", "tools")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_in(path: Path) -> set[str]:
+    """Absolute names imported anywhere in one file (module level, functions, TYPE_CHECKING), relative resolved:
+    ``from a.b import c`` gives both ``a.b`` and ``a.b.c`` (c may be a module or a name)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    pkg_parts = parts[:-1]  # the package a relative import starts from (for __init__.py: its own package)
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg_parts[: len(pkg_parts) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            names.add(mod)
+            names.update(f"{mod}.{a.name}" for a in node.names)
+    return names
 
 
 def imports_of(package_dir: Path) -> dict[str, set[str]]:
     """Absolute module names imported by each .py file below package_dir (relative imports resolved)."""
-    out: dict[str, set[str]] = {}
-    for path in sorted(package_dir.rglob("*.py")):
-        rel = path.relative_to(ROOT).with_suffix("")
-        module_parts = list(rel.parts)
-        if module_parts[-1] == "__init__":
-            module_parts = module_parts[:-1]
-            pkg_parts = module_parts
-        else:
-            pkg_parts = module_parts[:-1]
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Import):
-                names.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = pkg_parts[: len(pkg_parts) - (node.level - 1)]
-                    mod = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    mod = node.module or ""
-                names.add(mod)
-                names.update(f"{mod}.{a.name}" for a in node.names)
-        out[str(path.relative_to(ROOT))] = names
-    return out
+    return {str(p.relative_to(ROOT)): imports_in(p) for p in sorted(package_dir.rglob("*.py"))}
+
+
+def project_files() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
 
 
 def offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
@@ -66,15 +76,118 @@ def test_models_do_not_read_environment():
         assert "os.environ" not in path.read_text(), path
 
 
+ABOVE_CONDITIONING = ("pixeldit.train", "pixeldit.release", "launchers", "tools")
+
+
 @pytest.mark.parametrize(
     "package,forbidden",
     [
-        ("data_pipeline", ("pixeldit.models", "pixeldit.diffusion", "pixeldit.train", "launchers", "tools")),
-        ("pixeldit/diffusion", ("pixeldit.train", "launchers", "tools", "deepspeed")),
+        ("data_pipeline", ("pixeldit.models", "pixeldit.diffusion", "pixeldit.conditioning", "pixeldit.train",
+                           "pixeldit.release", "launchers", "tools")),
+        ("pixeldit/diffusion", ("pixeldit.conditioning", "pixeldit.train", "launchers", "tools", "deepspeed")),
+        ("pixeldit/conditioning", ABOVE_CONDITIONING + ("deepspeed",)),
         ("pixeldit/train", ("launchers", "tools")),
-        ("pixeldit/models", ("data_pipeline",)),
+        ("pixeldit/models", ("data_pipeline", "pixeldit.conditioning")),
         ("pixeldit/release", ("pixeldit.train", "deepspeed", "launchers", "tools", "data_pipeline")),
     ],
 )
 def test_dependencies_flow_one_way(package, forbidden):
     assert offenders(package, forbidden) == []
+
+
+@pytest.mark.parametrize("module", ["pixeldit/storage.py", "pixeldit/errors.py"])
+def test_foundations_import_no_project_module(module):
+    names = imports_in(ROOT / module)
+    assert sorted(n for n in names if n.split(".")[0] in PACKAGES) == []
+
+
+def test_data_pipeline_uses_only_storage_and_errors_from_pixeldit():
+    allowed = ("pixeldit.storage", "pixeldit.errors")
+    bad = [f"{file}: imports {name}" for file, names in imports_of(ROOT / "data_pipeline").items()
+           for name in sorted(names)
+           if name.split(".")[0] == "pixeldit" and not any(name == a or name.startswith(a + ".") for a in allowed)]
+    assert bad == []
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> project modules it imports (an imported name that is not a module counts as its module)."""
+    files = {module_name(p): p for p in project_files()}
+    graph = {}
+    for mod, path in files.items():
+        targets = set()
+        for name in imports_in(path):
+            while name and name not in files:
+                name = name.rpartition(".")[0]
+            if name and name != mod:
+                targets.add(name)
+        graph[mod] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] when the graph has none (iterative DFS, three colours)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    for start in sorted(graph):
+        if state.get(start):
+            continue
+        path, stack = [start], [iter(sorted(graph[start]))]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph.get(nxt, ()))))
+    return []
+
+
+def test_find_cycle_reports_a_cycle_and_accepts_a_tree():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_cycle_between_project_modules():
+    graph = import_graph()
+    assert {"data_pipeline.dataset_format", "pixeldit.conditioning.text_cache", "pixeldit.storage"} <= set(graph)
+    assert "data_pipeline.dataset_format" in graph["pixeldit.conditioning.text_cache"]  # the walk sees edges
+    assert find_cycle(graph) == []
+
+
+# file and folder names of on-disk formats: each is spelled in exactly one module, every other reader and
+# writer imports it from there
+FORMAT_NAMES = {
+    "samples.parquet": "data_pipeline/dataset_format.py",
+    "manifest.parquet": "data_pipeline/dataset_format.py",
+    "stats.json": "data_pipeline/dataset_format.py",
+    "text_emb": "data_pipeline/dataset_format.py",
+    "pixeldit.state": "data_pipeline/dataset_format.py",
+    "pixeldit.format_version": "data_pipeline/dataset_format.py",
+    "null.safetensors": "pixeldit/conditioning/text_cache.py",
+    "prepare_stats.json": "data_pipeline/ingest.py",
+}
+
+
+def string_literals(path: Path) -> list[str]:
+    """String constants of a file, f-string pieces included, docstrings left out (prose may name a file)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [n.value.decode("latin-1") if isinstance(n.value, bytes) else n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, (str, bytes)) and id(n) not in docstrings]
+
+
+@pytest.mark.parametrize("name", sorted(FORMAT_NAMES))
+def test_each_format_name_is_spelled_in_one_module(name):
+    pattern = re.compile(rf"(?<![\w.]){re.escape(name)}(?!\w)")
+    spelled_in = sorted(str(p.relative_to(ROOT)) for p in project_files()
+                        if any(pattern.search(s) for s in string_literals(p)))
+    assert spelled_in == [FORMAT_NAMES[name]]

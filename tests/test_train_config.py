@@ -8,7 +8,7 @@ import torch
 
 from pixeldit.train.config import RunConfig, StageConfig, load_config, save_config
 from pixeldit.train.ds_config import build_ds_config
-from pixeldit.train.ema import consolidate_ema, partition_state
+from pixeldit.run_folder import consolidate_ema, partition_state
 from pixeldit.train.optim import LRSchedule
 
 YAML = """

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from pixeldit.errors import CheckpointError
-from pixeldit.storage import TMP_MARK, atomic_local_file, write_json_atomic, write_text_atomic
+from pixeldit.storage import TMP_MARK, atomic_local_file, is_tmp, write_json_atomic, write_text_atomic
 
 RUN_CONFIG = "config.yaml"
 LOSSES = "losses.jsonl"
@@ -60,6 +60,12 @@ def staging_dirname(step: int) -> str:
     """The folder every rank writes step ``step`` into before rank 0 renames it: one name all ranks agree on,
     recognised as a leftover by ``pixeldit.storage.is_tmp``."""
     return f".{step_dirname(step)}{TMP_MARK}all-ranks"
+
+
+def is_save_leftover(name: str) -> bool:
+    """A staging or replaced step folder, or a temp ``latest``, left by an interrupted save (never read).
+    Other temp names (e.g. a universal conversion in progress) are not a save's to delete."""
+    return is_tmp(name) and name.startswith((f".{STEP_PREFIX}", f".{LATEST}"))
 
 
 def preview_path(run_dir: str | os.PathLike, step: int) -> Path:

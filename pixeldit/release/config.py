@@ -148,7 +148,7 @@ class ReleaseConfig:
             raise ConfigError(f"weights={self.weights!r}; valid values: {', '.join(WEIGHTS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}; valid values: {', '.join(DTYPES)}")
-        check_model_args(self.model_args, "model_args")
+        check_model_args(self.model_args, "ReleaseConfig")
 
     def args(self) -> ModelArgs:
         return ModelArgs.from_dict(self.model_args)

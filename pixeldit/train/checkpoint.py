@@ -5,7 +5,7 @@ Writing order, so that a crash at any point leaves the previous checkpoint usabl
     its EMA part);
  2. barrier; rank 0 writes ``meta.json`` and renames the staging folder to ``step_{N:08d}``;
  3. rank 0 replaces ``latest`` atomically LAST, then deletes all but the newest ``keep`` step folders and
-    any leftover staging folder or temp file (``pixeldit.storage.is_tmp``), which is never read.
+    what an interrupted save left behind (``run_folder.is_save_leftover``), which is never read.
 The file system must be shared by all ranks (as DeepSpeed checkpoints need anyway).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from pixeldit import run_folder
-from pixeldit.storage import is_tmp, replace_dir
+from pixeldit.storage import replace_dir
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,7 +81,7 @@ class CheckpointManager:
         for old in done[: max(0, len(done) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.iterdir():
-            if is_tmp(stale.name):
+            if run_folder.is_save_leftover(stale.name):
                 if stale.is_dir():
                     shutil.rmtree(stale, ignore_errors=True)
                 else:

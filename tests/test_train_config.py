@@ -1,14 +1,12 @@
-"""Run config (YAML + dotted overrides + validation), DeepSpeed JSON filling, LR schedule, EMA partitions."""
+"""Run config (YAML + dotted overrides + validation), DeepSpeed JSON filling, LR schedule."""
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
 from pixeldit.train.config import RunConfig, StageConfig, load_config, save_config
 from pixeldit.train.ds_config import build_ds_config
-from pixeldit.train.ema import consolidate_ema, partition_state
 from pixeldit.train.optim import LRSchedule
 
 YAML = """
@@ -100,20 +98,6 @@ def test_lr_schedule_warmup_constant_cosine():
     assert all(cos.lr_at(i) >= cos.lr_at(i + 1) for i in range(10, 110))
     with pytest.raises(ValueError, match="constant, cosine"):
         LRSchedule(1e-3, 10, schedule="linear")
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
-def test_ema_partitions_consolidate_back(tmp_path, world_size):
-    """ZeRO-3 EMA files of any world size consolidate to the full state dict (padding dropped)."""
-    full = {"a.weight": torch.randn(5, 7), "b.bias": torch.randn(3), "c": torch.randn(1)}
-    for r in range(world_size):
-        parts = partition_state(full, world_size, r)
-        assert all(p.numel() == -(-full[k].numel() // world_size) for k, p in parts.items())
-        torch.save({"layout": "zero3", "decay": 0.9, "world_size": world_size, "rank": r,
-                    "shapes": {k: list(v.shape) for k, v in full.items()}, "shadow": parts},
-                   tmp_path / f"ema_rank{r:05d}.pt")
-    back = consolidate_ema(tmp_path)
-    assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
 
 
 @pytest.mark.parametrize("name", ["t2i_curriculum", "imagenet_xl"])

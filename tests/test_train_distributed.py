@@ -101,10 +101,10 @@ def run_and_kill(config: Path, log: Path, run_dir: Path, kill_after_step: int) -
 
 
 def final_state(run_dir: Path) -> tuple[dict, dict]:
-    from pixeldit.train.checkpoint import consolidate_model
-    from pixeldit.train.ema import consolidate_ema
+    from pixeldit.release.zero import consolidate_model
+    from pixeldit.run_folder import consolidate_ema, resolve_checkpoint
 
-    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    latest = resolve_checkpoint(run_dir)
     return consolidate_model(latest), consolidate_ema(latest)
 
 
@@ -190,10 +190,9 @@ def test_zero_stage_trains_and_checkpoints(reference, dataset, tmp_path, zero):
 def test_universal_checkpoint_resumes_on_another_world_size(reference, tmp_path, monkeypatch):
     """A 2-rank ZeRO-2 checkpoint, converted to DeepSpeed's universal format, resumes on 1 rank with the
     same fp32 master weights and EMA, then trains on through the rest of the curriculum."""
-    from pixeldit.train.checkpoint import consolidate_model
+    from pixeldit.release.zero import consolidate_model, to_universal
+    from pixeldit.run_folder import consolidate_ema
     from pixeldit.train.config import load_config
-    from pixeldit.train.ema import consolidate_ema
-    from pixeldit.train.export import to_universal
     from pixeldit.train.trainer import run_training
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pixeldit.train.engine as engine_module
-from pixeldit.train.checkpoint import consolidate_model
+from pixeldit.release.zero import consolidate_model
 from pixeldit.train.config import RunConfig, StageConfig
 from pixeldit.train.trainer import NonFiniteLossError, run_training
 from train_helpers import write_tiny_dataset

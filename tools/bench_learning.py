@@ -39,16 +39,18 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
 
+    from tools.quickstart import default_text_encoder
     from tools.quickstart import main as quickstart
 
+    text_encoder = default_text_encoder()
     quickstart(["--out", str(out), "--images", str(a.images), "--steps-per-stage", str(a.steps_per_stage),
                 "--stage2-steps", str(a.stage2_steps), "--resolutions", *map(str, a.resolutions),
-                "--ema-decay", "0.995", "--sample-steps", str(a.sample_steps)])
+                "--ema-decay", "0.995", "--sample-steps", str(a.sample_steps), "--text-encoder", text_encoder])
 
     from pixeldit.models import build_model
     from pixeldit.release import ReleaseConfig
     from pixeldit.release.writer import save_release
-    from tools.sample import main as sample
+    from pixeldit.release.sample import run as sample
 
     trained_cfg = ReleaseConfig.load(out / "release")
     random_release = save_release(build_model(trained_cfg.args()).state_dict(), trained_cfg, out / "release_random_init")
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = out / f"eval_{name.replace(' ', '_')}"
         args = ["--model", str(release), "--out", str(folder), "--steps", str(a.sample_steps), "--cfg-scale",
                 str(a.cfg_scale), "--height", str(res), "--width", str(res), "--num-per-prompt", str(a.per_prompt),
-                "--seed", "1000"]
+                "--seed", "1000", "--text-encoder", text_encoder]
         for p in prompts():
             args += ["--prompt", p]
         sample(args)

@@ -23,7 +23,7 @@ import torch
 from pixeldit.models import build_model, get_model_args
 from pixeldit.models.flops import train_flops_per_image
 from pixeldit.train.activation_checkpointing import apply_activation_checkpointing
-from pixeldit.train.checkpoint import write_text_atomic
+from pixeldit.storage import write_text_atomic
 from pixeldit.train.metrics import device_peak_tflops
 from tools.bench_cases import Case
 

@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"training did not finish: {result}")
     say(4, f"finished at step {result['step']}; checkpoint {result['checkpoint']}")
 
-    from pixeldit.train.export import export_release
+    from pixeldit.release.export import export_release
 
     release = export_release(sub.run_dir, out / "release", weights="ema", dtype="fp32")
     say(5, f"-> {release}")
 
-    from tools.sample import main as sample_main
+    from pixeldit.release.sample import run as sample_main
 
     samples = out / "samples"
     args = ["--model", str(release), "--out", str(samples), "--steps", str(a.sample_steps), "--cfg-scale",

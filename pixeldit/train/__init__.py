@@ -8,9 +8,12 @@ One concern per module, each with a ``build_*`` factory or a small stateful obje
 - ``bucket_sampler`` + ``loader``: rank-aligned bucket batches from samples.parquet, ``build_loader``
 - ``activation_checkpointing`` + ``engine``: ``build_engine`` (model + REPA projector -> DeepSpeed)
 - ``optim``: AdamW and the warmup + constant/cosine ``LRSchedule``
-- ``ema``: ``EMA`` under every ZeRO stage, ``consolidate_ema(checkpoint_dir)``
-- ``checkpoint``: ``CheckpointManager`` (atomic step folders, ``latest`` pointer, keep-k), ``consolidate_model``
+- ``ema``: ``EMA`` under every ZeRO stage (its file format and ``consolidate_ema``: ``pixeldit.run_folder``)
+- ``checkpoint``: ``CheckpointManager`` (atomic step folders, ``latest`` pointer, keep-k; the names and
+  ``meta.json``: ``pixeldit.run_folder``), ``untie_optimizer_steps`` (a DeepSpeed universal-load fix)
 - ``conditioning``: class ids / text encoder / embedding cache, REPA teacher
 - ``metrics`` + ``preview``: JSONL, tqdm, wandb, MFU; EMA image grids
 - ``trainer``: ``run_training(cfg, stop_requested) -> TrainResult``; ``cli``: ``pixeldit-train``
+
+Training never imports ``pixeldit.release``; releases are made from the checkpoints on disk.
 """

@@ -1,21 +1,15 @@
-"""Atomic, resumable checkpoints of a DeepSpeed run.
-
-Layout (contracts.md)::
-
-    {run_dir}/checkpoints/step_{N:08d}/      DeepSpeed model + optimizer states (ZeRO partitions),
-                                             ema_rank{r}.pt, rng_rank{r}.pt, meta.json
-    {run_dir}/checkpoints/latest             text file holding the name of the newest complete step folder
+"""Atomic, resumable checkpoints of a DeepSpeed run (the on-disk names: ``pixeldit.run_folder``).
 
 Writing order, so that a crash at any point leaves the previous checkpoint usable:
- 1. every rank writes into ``step_{N}.tmp/`` (DeepSpeed states, its RNG, its EMA part);
- 2. barrier; rank 0 writes ``meta.json`` and renames ``step_{N}.tmp`` -> ``step_{N}``;
- 3. rank 0 replaces ``latest`` atomically (tmp file + rename) LAST, then deletes all but the newest ``keep``.
-A ``*.tmp`` folder is never read and is removed by the next save. The file system must be shared by all
-ranks (as DeepSpeed checkpoints need anyway).
+ 1. every rank writes into the staging folder ``run_folder.staging_dirname(N)`` (DeepSpeed states, its RNG,
+    its EMA part);
+ 2. barrier; rank 0 writes ``meta.json`` and renames the staging folder to ``step_{N:08d}``;
+ 3. rank 0 replaces ``latest`` atomically LAST, then deletes all but the newest ``keep`` step folders and
+    what an interrupted save left behind (``run_folder.is_save_leftover``), which is never read.
+The file system must be shared by all ranks (as DeepSpeed checkpoints need anyway).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -26,23 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-LATEST = "latest"
-META = "meta.json"
-RNG_FILE = "rng_rank{rank:05d}.pt"
-STEP_PREFIX = "step_"
-
-
-def step_dirname(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from pixeldit import run_folder
+from pixeldit.storage import replace_dir
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,51 +48,44 @@ class CheckpointManager:
     """Saves/loads step folders under ``{run_dir}/checkpoints`` and keeps the newest ``keep``."""
 
     def __init__(self, run_dir: str | os.PathLike, keep: int, rank: int = 0, world_size: int = 1):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = run_folder.checkpoints_dir(run_dir)
         self.keep, self.rank, self.world_size = keep, rank, world_size
 
     def latest(self) -> Path | None:
         """The newest complete step folder named by ``latest``, or None when there is none."""
-        pointer = self.root / LATEST
-        if not pointer.exists():
-            return None
-        name = pointer.read_text().strip()
-        path = self.root / name
-        if not name.startswith(STEP_PREFIX) or not (path / META).exists():
-            raise FileNotFoundError(f"{pointer} names {name!r}, which is not a complete checkpoint folder "
-                                    f"(no {path / META}); remove {pointer} to start over or fix it by hand")
-        return path
+        return run_folder.read_latest(self.root)
 
     def save(self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any], ema=None) -> Path:
         """Collective: every rank must call it. Returns the final step folder."""
-        name = step_dirname(step)
-        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        final, tmp = self.root / run_folder.step_dirname(step), self.root / run_folder.staging_dirname(step)
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
         _barrier()
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), tmp / RNG_FILE.format(rank=self.rank))
+        torch.save(rng_state(), tmp / run_folder.RNG_FILE.format(rank=self.rank))
         if ema is not None:
             ema.save(tmp)
         _barrier()
         if self.rank == 0:
-            write_text_atomic(tmp / META, json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
-            if final.exists():  # the same step saved again (e.g. stop requested right after a save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            write_text_atomic(self.root / LATEST, name)
+            run_folder.write_meta(tmp, {**meta, "step": step})
+            replace_dir(tmp, final)  # the same step saved again (e.g. stop right after a save) replaces it
+            run_folder.write_latest(self.root, final)
             self._prune()
         _barrier()
         return final
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+        done = run_folder.step_dirs(self.root)
         for old in done[: max(0, len(done) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(f"{STEP_PREFIX}*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.root.iterdir():
+            if run_folder.is_save_leftover(stale.name):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
 
     def load(self, engine, path: Path, load_optimizer: bool = True, ema=None, restore_rng: bool = True) -> dict:
         """Load DeepSpeed states (+ EMA, + this rank's RNG) from a step folder; returns the client state."""
@@ -125,27 +97,28 @@ class CheckpointManager:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
         if ema is not None:
             ema.load(path)
-        rng_path = path / RNG_FILE.format(rank=self.rank)
+        rng_path = path / run_folder.RNG_FILE.format(rank=self.rank)
         if restore_rng and rng_path.exists():
             set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
         return client_state or {}
 
 
-def read_meta(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / META
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: not a complete checkpoint folder")
-    return json.loads(path.read_text())
+def untie_optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Give every parameter state its own ``step`` tensor; returns how many were shared.
 
-
-def consolidate_model(checkpoint_dir: str | os.PathLike, prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the model (keys of PixelDiT.state_dict()) from a step folder, any ZeRO stage and
-    world size (DeepSpeed's zero_to_fp32 on the fp32 master partitions). ``prefix`` selects the submodule of
-    the TrainModule ("model." for PixelDiT, "projector." for the REPA projector)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    path = Path(checkpoint_dir)
-    read_meta(path)  # complete checkpoint only
-    full = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-
+    DeepSpeed 0.19's ZeRO-3 universal load stores ONE step tensor in the state of every parameter group, and
+    torch's AdamW increments each state's step in place, so with our 2 groups (decay / no decay) the step
+    advanced by 2 per optimizer step (measured: 3 -> 5), skewing Adam's bias correction. Call it on
+    ``engine.optimizer.optimizer`` right after loading a universal checkpoint.
+    """
+    seen: set[int] = set()
+    shared = 0
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                state["step"] = step.clone()
+                shared += 1
+            else:
+                seen.add(id(step))
+    return shared

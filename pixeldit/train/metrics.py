@@ -21,6 +21,7 @@ import torch
 
 from pixeldit.models import ModelArgs
 from pixeldit.models.flops import forward_flops
+from pixeldit.run_folder import LOSSES
 from pixeldit.storage import atomic_local_file
 
 from .config import RunConfig, to_dict
@@ -63,7 +64,7 @@ class MetricsLogger:
         self.bar = None
         if rank != 0:
             return
-        self.jsonl = open(self.run_dir / "losses.jsonl", "a")
+        self.jsonl = open(self.run_dir / LOSSES, "a")
         if cfg.logging.progress_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.total_steps, initial=initial_step, desc="train", dynamic_ncols=True)

@@ -28,13 +28,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointManager, read_meta
+from pixeldit.run_folder import RUN_CONFIG, read_meta
+
+from .checkpoint import CheckpointManager, untie_optimizer_steps
 from .conditioning import build_conditioner, build_teacher, load_text_encoder, resolved_system_prompt
 from .config import RunConfig, save_config, to_dict
 from .curriculum import Curriculum
 from .ema import EMA
 from .engine import EngineBundle, build_engine
-from .export import untie_optimizer_steps
 from .loader import TrainLoader, build_loader
 from .metrics import FlopCounter, MetricsLogger, StepTimer
 from .preview import write_preview
@@ -109,7 +110,7 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
     run_dir = Path(cfg.run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / RUN_CONFIG)
     dist.barrier()
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, rank, world)
     curriculum = Curriculum(cfg.stages)

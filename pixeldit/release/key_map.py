@@ -1,4 +1,4 @@
-"""Key map between training checkpoints and release weights, next to the model it describes.
+"""Key map between training checkpoints and release weights (with its round-trip test in tests/test_release_format.py).
 
 Training wraps the model and the REPA projector in one module (``pixeldit.train.engine.TrainModule``:
 ``model.*`` and ``projector.*``), so DeepSpeed's consolidated weights carry those prefixes; the EMA is kept
@@ -10,6 +10,8 @@ so that older releases keep loading.
 from __future__ import annotations
 
 import torch
+
+from pixeldit.errors import CheckpointError
 
 RELEASE_FORMAT_VERSION = 1
 TRAINING_PREFIX = "model."  # TrainModule.model
@@ -43,12 +45,12 @@ def release_to_training(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def check_release_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], where: str) -> None:
-    """Raise a ValueError naming ``where`` unless ``state`` has exactly the ``expected`` keys and shapes."""
+    """Raise a CheckpointError naming ``where`` unless ``state`` has exactly the ``expected`` keys and shapes."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
     if missing or unexpected or wrong:
         details = [f"{name}: {keys[:5]}{' ...' if len(keys) > 5 else ''}" for name, keys in
                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise ValueError(f"{where}: weights do not match the model architecture ({'; '.join(details)}); "
-                         f"check the model size/overrides in the checkpoint's meta.json")
+        raise CheckpointError(f"{where}: weights do not match the model architecture ({'; '.join(details)}); "
+                              f"check the model size/overrides in the checkpoint's meta.json")

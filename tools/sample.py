@@ -61,7 +61,7 @@ def build_conditions(model: PixelDiT, cfg: ReleaseConfig, a: argparse.Namespace,
     if not enc_path:
         raise SystemExit("no text encoder: the model's config names none; pass --text-encoder PATH")
     encoder = TextEncoder.from_pretrained(enc_path, system_prompt=cfg.system_prompt, max_length=args.text_len,
-                                          device=device)
+                                          device=device, keep_padding_states=args.text_padding == "unmasked")
     if encoder.dim != args.text_dim:
         raise SystemExit(f"text encoder {enc_path} has width {encoder.dim}, the model expects {args.text_dim}")
     prompts = [p for p in a.prompt for _ in range(a.num_per_prompt)]

@@ -10,11 +10,13 @@ from .objective import ObjectiveConfig, compute_loss
 from .repa import DinoV2Teacher, REPAProjector, repa_loss
 from .samplers import SAMPLERS, get_sampler
 from .text_cache import TextEmbeddingCache, precompute_text_embeddings
-from .text_encoder import DEFAULT_SYSTEM_PROMPT, TextEncoder
+from .text_encoder import (DEFAULT_SYSTEM_PROMPT, OFFICIAL_SYSTEM_PROMPT, SYSTEM_PROMPTS, TextEncoder,
+                           resolve_system_prompt)
 
 __all__ = [
     "RESOLUTION_SHIFT", "sample_timesteps", "shift_time", "time_grid", "generate", "image_grid", "initial_noise",
     "cfg_model_fn",
     "ObjectiveConfig", "compute_loss", "DinoV2Teacher", "REPAProjector", "repa_loss", "SAMPLERS", "get_sampler",
     "TextEmbeddingCache", "precompute_text_embeddings", "TextEncoder", "DEFAULT_SYSTEM_PROMPT",
+    "OFFICIAL_SYSTEM_PROMPT", "SYSTEM_PROMPTS", "resolve_system_prompt",
 ]

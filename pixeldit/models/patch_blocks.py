@@ -82,7 +82,7 @@ class MMDiTBlock(nn.Module):
         qi, ki = apply_rope(qi, *rope), apply_rope(ki, *rope)
         if text_rope is not None:
             kt = apply_rope(kt, *text_rope)  # (B, h, T, hd)
-            qt = None if qt is None else apply_rope(qt, *text_rope)
+            qt = None if qt is None else apply_rope(qt, *text_rope)  # (B, h, T, hd); None in the last block
         k, v = torch.cat([ki, kt], 2), torch.cat([vi, vt], 2)  # (B, h, L+T, hd)
         q = qi if self.last else torch.cat([qi, qt], 2)  # (B, h, L[+T], hd): last block: image queries only
         mask = None

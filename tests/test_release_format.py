@@ -121,6 +121,24 @@ def test_release_config_errors(tmp_path):
     assert default_sampler(get_model_args("debug-T2I"), 3.0).steps == 25
 
 
+def test_release_from_before_rope_positions_keeps_integer_positions(tmp_path):
+    """A format-1 config.json has no rope_positions: it loads with the integer positions it was trained with;
+    a newer format than the code is refused by name."""
+    state = random_state("debug")
+    old_args = {k: v for k, v in get_model_args("debug").to_dict().items()
+                if k not in ("rope_positions", "post_modulation", "layer_style", "text_padding")}
+    out = save_release(state, ReleaseConfig(model_args=old_args, dtype="fp32", format_version=1), tmp_path / "old")
+    model, cfg = from_pretrained(out)
+    assert model.args.rope_positions == "integer" and cfg.format_version == 1
+    new, _ = from_pretrained(save_release(state, ReleaseConfig(model_args=get_model_args("debug").to_dict(),
+                                                               dtype="fp32"), tmp_path / "new"))
+    assert new.args.rope_positions == "normalized"
+    d = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**d, "format_version": 99}))
+    with pytest.raises(ValueError, match="release format 99 is newer than this code"):
+        ReleaseConfig.load(out)
+
+
 def test_mismatched_weights_name_the_folder(tmp_path):
     state = random_state("debug")
     cfg = ReleaseConfig(model_args=get_model_args("debug").to_dict(), dtype="fp32")

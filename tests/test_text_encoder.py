@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from data_pipeline.dataset_format import NO_LABEL, SampleRow, rows_to_table, text_embedding_dir, write_samples
-from pixeldit.conditioning import TextEmbeddingCache, TextEncoder, precompute_text_embeddings
+from pixeldit.conditioning import (OFFICIAL_SYSTEM_PROMPT, TextEmbeddingCache, TextEncoder, precompute_text_embeddings,
+                                   resolve_system_prompt)
 from pixeldit.conditioning.text_cache import read_shard_header, shard_file
 
 WORDS = ("a an the red blue green circle square triangle photo picture of cat dog bowl soup describe image in "
@@ -73,6 +74,61 @@ def test_gemma2_first_token_plus_prompt_states(gemma):
     long_ref = full_states(lm, tok, SYSTEM + "a very long prompt of a blue square , a red cat and a green dog")
     assert mask[1].all() and torch.allclose(emb[1, 1:], long_ref[7:14], atol=1e-5)
     assert torch.equal(enc.encode([prompt])[0][0], emb[0])  # deterministic, independent of the batch
+
+
+def save_gemma2(path: Path, tok):
+    """A 2-layer random Gemma2ForCausalLM for ``tok`` saved with it into ``path``; returns the model."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                       pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    torch.manual_seed(0)
+    lm = Gemma2ForCausalLM(cfg).eval()
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return lm
+
+
+def test_trailing_space_merged_into_the_prompt_is_not_counted(tmp_path):
+    """SentencePiece style (Gemma): "describe the image : " ends in a lone "▁" that becomes "▁a" in front of
+    "a red circle". The system prompt then occupies 4 tokens, the official pipeline's count
+    (len(encode(system)) + max_length - 2 tokens in all), and the kept states start at the user's first word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for w in ("describe", "▁the", "▁image", "▁:", "▁", "▁a", "▁red", "▁circle"):
+        vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    lm = save_gemma2(tmp_path, tok)
+    system = "describe the image : "
+    enc = TextEncoder.from_pretrained(tmp_path, system_prompt=system, max_length=6)
+    assert enc.sys_tokens == 4 == len(tok(system)["input_ids"]) - 2
+    emb, mask = enc.encode(["a red circle"])
+    ref = full_states(lm, tok, system + "a red circle")  # <bos>, 4 system tokens, "▁a", "▁red", "▁circle"
+    assert mask[0].tolist() == [True] * 4 + [False] * 2
+    assert torch.allclose(emb[0, :4], torch.cat([ref[:1], ref[5:8]]), atol=1e-5)
+
+
+def test_official_system_prompt_by_name_and_unmasked_padding(tmp_path, gemma):
+    path, tok, lm = gemma
+    assert resolve_system_prompt("official") == OFFICIAL_SYSTEM_PROMPT and resolve_system_prompt("x : ") == "x : "
+    assert OFFICIAL_SYSTEM_PROMPT.startswith("Given a user prompt") and OFFICIAL_SYSTEM_PROMPT.endswith("User Prompt: ")
+    named = TextEncoder.from_pretrained(path, system_prompt="official", max_length=8)
+    assert named.system_prompt == OFFICIAL_SYSTEM_PROMPT
+    masked = TextEncoder.from_pretrained(path, system_prompt=SYSTEM, max_length=8)
+    kept = TextEncoder.from_pretrained(path, system_prompt=SYSTEM, max_length=8, keep_padding_states=True)
+    (em, mm), (ek, mk) = masked.encode(["a red circle"]), kept.encode(["a red circle"])
+    assert torch.equal(mm, mk) and torch.equal(em[mm], ek[mk])  # same valid states and mask
+    assert em[~mm].abs().sum() == 0 and ek[~mk].abs().min() > 0  # padding: zeroed, or as the encoder made it
+    assert "padding_states" not in masked.fingerprint() and kept.fingerprint()["padding_states"] == "keep"
+    with pytest.raises(ValueError, match="must encode online"):
+        precompute_text_embeddings(str(write_captions(tmp_path / "data")), kept, progress=False)
 
 
 def test_gemma2_null_is_empty_prompt_without_system_prompt(gemma):

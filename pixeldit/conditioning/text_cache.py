@@ -114,6 +114,9 @@ def precompute_text_embeddings(data_root: str, encoder: TextEncoder, cache_dir: 
     """
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"unknown cache dtype {dtype!r}; valid: {', '.join(CACHE_DTYPES)}")
+    if encoder.keep_padding_states:
+        raise ValueError("the embedding cache stores only the valid caption states; an encoder that keeps padding "
+                         "states (text_padding=unmasked models) must encode online")
     if not 0 <= part < num_parts:
         raise ValueError(f"part {part} must be in 0..{num_parts - 1}")
     cache_dir = cache_dir or text_embedding_dir(data_root)

@@ -73,7 +73,7 @@ def forward_flops_breakdown(args: ModelArgs, height: int, width: int, compaction
 
     pix_linear, pix_attn = 0, 0
     for _ in range(args.pixel_depth):
-        pix_linear += linear(L, D, 6 * Dp * pp)  # per-pixel AdaLN
+        pix_linear += linear(L, D, (4 if args.post_modulation else 6) * Dp * pp)  # per-pixel AdaLN
         pix_linear += linear(P, Dp, int(Dp * args.pixel_mlp_ratio)) * 2  # pixel MLP in + out
         if compaction:
             pix_linear += linear(L, pp * Dp, A) + linear(L, A, 3 * A) + linear(L, A, A) + linear(L, A, pp * Dp)

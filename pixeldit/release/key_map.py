@@ -13,10 +13,12 @@ import torch
 
 from pixeldit.errors import CheckpointError
 
-RELEASE_FORMAT_VERSION = 1
+# 1: first format. 2: model_args gained rope_positions, post_modulation, layer_style and text_padding (a format 1
+# release loads with integer RoPE positions: sizes.LEGACY_DEFAULTS); older code refuses format 2 by name.
+RELEASE_FORMAT_VERSION = 2
 TRAINING_PREFIX = "model."  # TrainModule.model
 TRAINING_ONLY_PREFIXES = ("projector.",)  # TrainModule.projector: trained alongside, not part of a release
-RENAMES: dict[str, str] = {}  # old release key -> current key (none yet: format version 1)
+RENAMES: dict[str, str] = {}  # old release key -> current key (none yet: no parameter was renamed)
 
 
 def training_to_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -71,7 +71,7 @@ def load_text_encoder(config: ReleaseConfig, text_encoder_path: str | os.PathLik
     args = config.args()
     path = locate_text_encoder(config.text_encoder, text_encoder_path)
     encoder = TextEncoder.from_pretrained(path, system_prompt=config.system_prompt, max_length=args.text_len,
-                                          device=device)
+                                          device=device, keep_padding_states=args.text_padding == "unmasked")
     if encoder.dim != args.text_dim:
         raise ConfigError(f"text encoder {path} has width {encoder.dim}, the model expects {args.text_dim}: pass "
                           f"{TEXT_ENCODER_FLAG} PATH with the encoder the model was trained with "

@@ -110,7 +110,8 @@ class DataSection:
 class ConditioningConfig:
     text_mode: TextMode = "online"  # online: run the frozen TextEncoder per batch; cached: embedding cache
     text_encoder: str = ""  # path of the text encoder (HF folder)
-    system_prompt: str | None = None  # prepended to captions; None: pixeldit.diffusion.DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None = None  # prepended to captions; None: DEFAULT_SYSTEM_PROMPT; a name of
+    # pixeldit.diffusion.SYSTEM_PROMPTS ("pixeldit", "official": the official model's instruction) or the text
     embedding_cache: str = ""  # cached embeddings (text_mode=cached); empty: {stage data_path}/text_emb
     repa_teacher: str = ""  # path of the DINOv2 teacher (HF folder); needed when any stage has repa
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pixeldit.models import ModelArgs
 from pixeldit.run_folder import RUN_CONFIG, read_meta
 
 from .checkpoint import CheckpointManager, untie_optimizer_steps
@@ -117,8 +118,15 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
     latest, universal = ckpt.latest(), False
     if latest is None and cfg.checkpoint.resume_from:  # e.g. a universal checkpoint for a new world size
         latest, universal = Path(cfg.checkpoint.resume_from), cfg.checkpoint.load_universal
-    step = read_meta(latest)["step"] if latest is not None else 0
+    meta = read_meta(latest) if latest is not None else {}
+    step = meta["step"] if latest is not None else 0
     args = cfg.model.args()
+    if "model_args" in meta:  # e.g. a run from before rope_positions existed keeps its integer positions
+        saved, wanted = ModelArgs.from_dict(meta["model_args"]).to_dict(), args.to_dict()
+        changed = {k: (v, wanted[k]) for k, v in saved.items() if wanted[k] != v}
+        if changed:
+            raise ValueError(f"{latest}: the checkpoint's model differs from the run config (key: (checkpoint, "
+                             f"config)) {changed}; set model.overrides to the checkpoint's values")
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     teacher = build_teacher(cfg, device)
     encoder = load_text_encoder(cfg, args, device)

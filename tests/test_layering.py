@@ -74,6 +74,9 @@ def test_models_do_not_read_environment():
         ("pixeldit/train", ("launchers", "tools")),
         ("pixeldit/models", ("data_pipeline",)),
         ("pixeldit/release", ("pixeldit.train", "deepspeed", "launchers", "tools", "data_pipeline")),
+        # clean-fid: only its torch-only modules (fid, features, utils import torchvision)
+        ("pixeldit/evaluation", ("launchers", "tools", "torchvision", "open_clip", "torch_fidelity", "cleanfid.fid",
+                                 "cleanfid.features", "cleanfid.utils", "cleanfid.inception_pytorch")),
     ],
 )
 def test_dependencies_flow_one_way(package, forbidden):

@@ -95,6 +95,9 @@ ABOVE_CONDITIONING = ("pixeldit.train", "pixeldit.release", "launchers", "tools"
         ("pixeldit/train", ("launchers", "tools", "pixeldit.release")),
         ("pixeldit/models", ("data_pipeline", "pixeldit.conditioning")),
         ("pixeldit/release", ("pixeldit.train", "launchers", "tools", "data_pipeline")),
+        # clean-fid: only its torch-only modules (fid, features, utils import torchvision)
+        ("pixeldit/evaluation", ("launchers", "tools", "torchvision", "open_clip", "torch_fidelity", "cleanfid.fid",
+                                 "cleanfid.features", "cleanfid.utils", "cleanfid.inception_pytorch")),
     ],
 )
 def test_dependencies_flow_one_way(package, forbidden):

@@ -24,13 +24,12 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from pixeldit import run_folder
-from pixeldit.diffusion import generate, image_grid
+from pixeldit.diffusion import generate, image_grid, to_uint8
 from pixeldit.errors import CheckpointError, CliParser, ConfigError, cli_main
 from pixeldit.models import PixelDiT
 
@@ -56,11 +55,6 @@ def load_any(path: str, device: str = "cpu") -> tuple[PixelDiT, ReleaseConfig, s
     model, cfg = load_training_model(step_dir, "ema", device)
     trained_with = run_folder.read_meta(step_dir).get("text_encoder", "")
     return model, cfg, trained_with if trained_with and os.path.isdir(trained_with) else ""
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (same rounding as the trainer's preview grids)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def build_conditions(model: PixelDiT, cfg: ReleaseConfig, a: argparse.Namespace, device: str,

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pixeldit.diffusion.samplers import SAMPLERS
 from pixeldit.models import MODEL_SIZES, ModelArgs, get_model_args
 
 BucketMode = Literal["fixed", "aspect"]
@@ -40,7 +41,7 @@ ZeroConfig = Literal["zero1", "zero2", "zero3", "zero3_offload"]
 WandbMode = Literal["offline", "online", "disabled"]
 TextMode = Literal["online", "cached"]
 OptimizerName = Literal["adamw"]
-SamplerName = Literal["euler", "heun", "flow_dpm"]  # pixeldit.diffusion.samplers
+SamplerName = Literal[tuple(SAMPLERS)]  # the names of pixeldit.diffusion.samplers.SAMPLERS
 
 
 @dataclass

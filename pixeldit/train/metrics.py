@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pixeldit.models import ModelArgs
+from pixeldit.diffusion import to_uint8
 from pixeldit.models.flops import forward_flops
 from pixeldit.run_folder import LOSSES
 from pixeldit.storage import atomic_local_file
@@ -107,7 +108,7 @@ class MetricsLogger:
             return
         from PIL import Image
 
-        arr = ((grid.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        arr = to_uint8(grid[None])[0]
         with atomic_local_file(path) as tmp:
             Image.fromarray(arr).save(tmp, format="PNG")
         if self.wandb_run is not None:

@@ -33,7 +33,7 @@ from pixeldit.run_folder import RUN_CONFIG, read_meta
 
 from .checkpoint import CheckpointManager, untie_optimizer_steps
 from .conditioning import build_conditioner, build_teacher, load_text_encoder, resolved_system_prompt
-from .config import RunConfig, save_config, to_dict
+from .config import RunConfig, save_config
 from .curriculum import Curriculum
 from .ema import EMA
 from .engine import EngineBundle, build_engine

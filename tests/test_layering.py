@@ -1,6 +1,6 @@
 """The shape of the codebase: dependencies flow one way, no import cycles, one owner per on-disk name.
 
-Import direction: pixeldit.storage, pixeldit.errors <- data_pipeline <- pixeldit.models <- pixeldit.diffusion
+Import direction: pixeldit.storage, pixeldit.errors, pixeldit.cluster <- data_pipeline <- pixeldit.models <- pixeldit.diffusion
 <- pixeldit.conditioning <- pixeldit.train <- launchers, tools. pixeldit/models imports torch and the standard
 library only (no deepspeed, no torch.distributed); data_pipeline never imports the model;
 pixeldit/run_folder.py (the run-folder format) imports torch, the standard library, pixeldit.storage and
@@ -110,8 +110,17 @@ def test_foundations_import_no_project_module(module):
     assert sorted(n for n in names if n.split(".")[0] in PACKAGES) == []
 
 
-def test_data_pipeline_uses_only_storage_and_errors_from_pixeldit():
-    allowed = ("pixeldit.storage", "pixeldit.errors")
+def test_cluster_module_imports_only_the_other_foundations():
+    """pixeldit.cluster (launch config, launch flags, executors, job states) is shared by the training launcher
+    and the data pipeline: it must not pull in the trainer, the model or the data code."""
+    names = imports_in(ROOT / "pixeldit" / "cluster.py")
+    assert sorted(n for n in names if n.split(".")[0] in PACKAGES and not n.startswith(
+        ("pixeldit.storage", "pixeldit.errors"))) == []
+    assert outside("pixeldit/cluster.py", {"pixeldit", "submitit"}) == []
+
+
+def test_data_pipeline_uses_only_storage_errors_and_cluster_from_pixeldit():
+    allowed = ("pixeldit.storage", "pixeldit.errors", "pixeldit.cluster")
     bad = [f"{file}: imports {name}" for file, names in imports_of(ROOT / "data_pipeline").items()
            for name in sorted(names)
            if name.split(".")[0] == "pixeldit" and not any(name == a or name.startswith(a + ".") for a in allowed)]

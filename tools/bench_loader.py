@@ -31,7 +31,7 @@ def make_dataset(root: Path, images: int, size: int) -> str:
     with serve_folder(ds.images_dir) as url:
         ingest(ds.write_url_list(url, str(root / "urls.parquet")), str(root / "ingest"),
                IngestConfig(processes=1, threads=16))
-    build_shards(str(root / "ingest"), str(root / "data"), ShardConfig(samples_per_shard=100, progress=False))
+    build_shards(str(root / "ingest"), str(root / "data"), ShardConfig(samples_per_shard=100, min_side=0, progress=False))
     return str(root / "data")
 
 

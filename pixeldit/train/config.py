@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data_pipeline.filters import parse_filter
 from pixeldit.diffusion.samplers import SAMPLERS
 from pixeldit.models import MODEL_SIZES, ModelArgs, get_model_args
 
@@ -72,6 +73,9 @@ class StageConfig:
     shift: float = 1.0  # timestep shift (SD3-style resolution shift)
     repa: bool = False  # REPA loss on in this stage
     grad_checkpointing: bool = False  # activation checkpointing of patch and PiT blocks
+    # train on the rows of data_path where this holds, e.g. "aesthetic >= 6" (data_pipeline.filters: columns of
+    # samples.parquet, metadata included); "" = every row. Checked against the dataset before training starts
+    filter: str = ""
 
 
 @dataclass
@@ -358,6 +362,11 @@ def validate(cfg: RunConfig) -> None:
                 f"{where}: bucket_align {s.bucket_align} must be a multiple of the patch size {args.patch_size} "
                 f"and resolution {s.resolution} a multiple of bucket_align"
             )
+        if s.filter:
+            try:
+                parse_filter(s.filter)
+            except ValueError as e:
+                raise ValueError(f"{where}.filter: {e}") from None
     if cfg.uses_repa and not cfg.conditioning.repa_teacher:
         raise ValueError("conditioning.repa_teacher is empty but a stage has repa: true (set the DINOv2 path)")
     if args.conditioning == "text":

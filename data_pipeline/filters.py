@@ -10,7 +10,8 @@ Where filters apply: ``pixeldit-data ingest --filter`` (before download, on the 
 (``stages.N.filter`` of the run config: ``stage_mask`` over the rows of samples.parquet, so a stage trains on a
 subset of the same shards without re-sharding).
 
-Grammar (keywords lower case; a column name that is not a plain identifier goes in backticks)::
+Grammar (keywords in any case; a column name that is not a plain identifier, or is a keyword, goes in
+backticks)::
 
     expr    := and_expr ("or" and_expr)*
     and_expr:= not_expr ("and" not_expr)*

@@ -255,6 +255,7 @@ def ingest(url_list: str, out: str, config: IngestConfig | None = None,
     if all(s.state == "done" for s in states):
         plan.state = "committed"
         plan.save()
+        remove_tree(join(out, WORK_DIR))  # every task is done: no scratch folder is in use
     elif waited:
         raise BuildFailed(failed_message(plan, states))
     prep = read_prepare_stats(out) or {}

@@ -269,12 +269,13 @@ def attach_bytes(rows: Iterable[Row], run: _Run) -> Iterator[Row]:
 def verify(rows: Iterable[Row], run: _Run) -> Iterator[Sample]:
     """Row -> Sample: payload verified and normalised (normalize.py), in `workers` processes."""
     limits = run.cfg.limits
+    size = _BATCH if run.pool is not None else 1  # batches amortise the pool's IPC; in-process, rows stream one by one
 
     def batches() -> Iterator[list[Row]]:
         batch: list[Row] = []
         for row in rows:
             batch.append(row)
-            if len(batch) == _BATCH:
+            if len(batch) == size:
                 yield batch
                 batch = []
         if batch:

@@ -1,0 +1,1 @@
+"""Evaluation of trained models: prompt-following checks on the synthetic set (``synthetic_checks``)."""

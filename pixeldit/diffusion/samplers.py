@@ -33,7 +33,7 @@ variant tried was reliable on the same check; from 25 steps this one was the mos
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -118,6 +118,7 @@ def flow_dpm(model_fn: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, progre
 
 
 SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun, "flow_dpm": flow_dpm}
+SamplerName = Literal[tuple(SAMPLERS)]  # the names of SAMPLERS as a type (run config: logging.image_sampler)
 SAMPLER_ORDER: dict[str, int] = {"euler": 1, "heun": 2, "flow_dpm": 2}  # expected convergence order
 MODEL_CALLS_PER_STEP: dict[str, int] = {"euler": 1, "heun": 2, "flow_dpm": 1}
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import LabelEmbedder, RMSNorm, TimestepEmbedder, rope_2d
-from .patch_blocks import MMDiTBlock, PatchBlock
-from .pixel_blocks import PiTBlock, PixelEmbed, PixelHead, patchify_pixels, unpatchify_pixels
+from .patch_blocks import AdaLNZero, MMDiTBlock, PatchBlock
+from .pixel_blocks import PiTBlock, PixelEmbed, PixelHead, PixelwiseAdaLN, patchify_pixels, unpatchify_pixels
 from .sizes import ModelArgs
 
 
@@ -65,7 +65,7 @@ class PixelDiT(nn.Module):
         if hasattr(self, "y_embed"):
             nn.init.normal_(self.y_embed.table.weight, std=0.02)
         for m in self.modules():
-            if m.__class__.__name__ in ("AdaLNZero", "PixelwiseAdaLN"):
+            if isinstance(m, (AdaLNZero, PixelwiseAdaLN)):
                 nn.init.zeros_(m.linear.weight)
                 nn.init.zeros_(m.linear.bias)
         nn.init.zeros_(self.head.linear.weight)

@@ -111,7 +111,7 @@ def test_cli_flags_map_onto_the_launch_config():
     assert (cfg.partition, cfg.account, cfg.qos, cfg.constraint) == ("gpu", "proj", "high", "h100")
     assert cfg.extra_sbatch == {"exclusive": True, "mail-type": "END"} and cfg.env == {"NCCL_DEBUG": "WARN"}
     assert a.array == [("seed", ["1", "2"])] and a.overrides == ["stages.0.lr=2e-4"]
-    assert launch_config(build_parser().parse_args(["submit"])).cluster == "local"  # the default
+    assert launch_config(build_parser().parse_args(["submit"])) == LaunchConfig()  # flag defaults = config defaults
 
 
 def test_submission_folders_never_collide(tmp_path):

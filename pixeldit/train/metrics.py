@@ -6,7 +6,7 @@ a resumed run appends the steps it re-runs again, so the file also shows that th
 wandb runs in ``offline`` mode unless ``logging.wandb=online`` (``disabled`` turns it off); its run id is
 kept in ``{run_dir}/wandb_id.txt`` so a resumed run continues the same wandb run.
 
-MFU = model FLOPs of the step (3x forward per image from ``pixeldit.models.flops``; the recomputed forward
+MFU = model FLOPs of the step (``pixeldit.models.flops.train_flops``: 3x forward per image; the recomputed forward
 of activation checkpointing is not counted) / (step time x world size x peak FLOP/s per device).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from pixeldit.models import ModelArgs
 from pixeldit.diffusion import to_uint8
-from pixeldit.models.flops import forward_flops
+from pixeldit.models.flops import train_flops
 from pixeldit.run_folder import LOSSES
 from pixeldit.storage import atomic_local_file
 
@@ -42,7 +42,7 @@ def device_peak_tflops(override: float = 0.0) -> float | None:
 
 
 class FlopCounter:
-    """Model FLOPs of training on one image of (height, width): 3x forward, cached per size."""
+    """Model FLOPs of training on one image of (height, width) (``train_flops``), cached per size."""
 
     def __init__(self, args: ModelArgs):
         self.args = args
@@ -50,7 +50,7 @@ class FlopCounter:
 
     def train_flops(self, height: int, width: int) -> int:
         if (height, width) not in self._cache:
-            self._cache[(height, width)] = 3 * forward_flops(self.args, height, width)
+            self._cache[(height, width)] = train_flops(self.args, height, width)
         return self._cache[(height, width)]
 
 

@@ -4,6 +4,7 @@
     result = run_training(cfg)          # under torchrun / SLURM (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)
 
 Outline:
+ 0. ``preflight``: the config and every file it names are checked before anything starts;
  1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1);
  2. rank 0 saves the config into the run folder; find ``checkpoints/latest`` (auto-resume);
  3. for each curriculum stage from the one the checkpoint is in: build the engine (engine.py), the EMA,
@@ -39,6 +40,7 @@ from .ema import EMA
 from .engine import EngineBundle, build_engine
 from .loader import TrainLoader, build_loader
 from .metrics import FlopCounter, MetricsLogger, StepTimer
+from .preflight import preflight
 from .preview import write_preview
 
 
@@ -97,7 +99,7 @@ def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.de
 def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[str, Any]:
     stage = cfg.stages[stage_index]
     return {"stage_index": stage_index, "stage_name": stage.name, "model_args": cfg.model.args().to_dict(),
-            "resolution": stage.resolution, "shift": stage.shift, "buckets": stage.buckets,
+            "resolution": stage.resolution, "shift": cfg.stage_objective(stage).shift, "buckets": stage.buckets,
             "bucket_align": stage.bucket_align, "text_encoder": cfg.conditioning.text_encoder,
             "system_prompt": resolved_system_prompt(cfg, cfg.model.args()), "zero": cfg.deepspeed.zero,
             "precision": cfg.deepspeed.precision, "world_size": world_size,
@@ -105,6 +107,8 @@ def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[
 
 
 def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+    # 0. nothing started yet: a bad config or a missing file leaves no process group, run folder or wandb run
+    preflight(cfg)
     # 1-2. process group, run folder, resume point
     info = init_distributed()
     rank, world = info.rank, info.world_size
@@ -140,7 +144,7 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
         while step < curriculum.total_steps and status == "finished":
             stage_index = curriculum.stage_of(step)
             span, stage = curriculum.span(stage_index), cfg.stages[stage_index]
-            objective = curriculum.objective(stage_index, cfg.objective)
+            objective = cfg.stage_objective(stage)
             conditioner = build_conditioner(cfg, args, device, stage_index, encoder)
             bundle = build_engine(cfg, stage_index, world, teacher.dim if teacher is not None else None, universal)
             ema = EMA(bundle.model, cfg.ema_decay, bundle.zero3, world, rank)

@@ -34,7 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from data_pipeline.dataset_format import SAMPLES, captions_by_shard, text_embedding_dir
+from data_pipeline.dataset_format import SAMPLES, caption_sets_by_shard, text_embedding_dir
 from pixeldit.storage import fs_and_path, join, write_bytes_atomic, write_json_atomic
 
 from .text_encoder import TextEncoder

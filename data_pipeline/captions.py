@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from pixeldit.errors import DataError
 from pixeldit.storage import fs_and_path
 
-from .dataset_format import SAMPLES, read_captions
+from .dataset_format import CAPTIONS, SAMPLES, read_captions
 
 PRIMARY_SOURCE = "caption"  # the samples.parquet column; caption_index 0
 COLUMN_PREFIX = "caption_"  # samples.parquet columns caption_<source>
@@ -65,7 +65,7 @@ def _check_side_row(url: str, where: str, row: Any) -> tuple[str, str, str, floa
         raise DataError(f"{url} {where}: empty key")
     if not _SOURCE.fullmatch(source) or source == PRIMARY_SOURCE:
         raise DataError(f"{url} {where}: source {source!r} must match [A-Za-z0-9_-]+ and not be {PRIMARY_SOURCE!r} "
-                        "(the samples.parquet caption)")
+                        f"(the {SAMPLES} caption)")
     if not caption.strip():
         raise DataError(f"{url} {where}: empty caption for key {key!r} source {source!r}")
     if score is not None:
@@ -263,12 +263,12 @@ def read_caption_sets(root: str, keys: pa.Array, storage_options: dict[str, Any]
     counts = np.bincount(row, minlength=len(keys))
     if (counts == 0).any():
         first = int(np.flatnonzero(counts == 0)[0])
-        raise DataError(f"{root}: sample {keys[first].as_py()!r} has no caption in captions.parquet "
+        raise DataError(f"{root}: sample {keys[first].as_py()!r} has no caption in {CAPTIONS} "
                         f"({int((counts == 0).sum())} such samples); rerun `pixeldit-data score {root}`")
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     if not np.array_equal(cidx, np.arange(len(cidx)) - offsets[row]):
         bad = int(np.flatnonzero(cidx != np.arange(len(cidx)) - offsets[row])[0])
-        raise DataError(f"{root}: captions of sample {keys[int(row[bad])].as_py()!r} in captions.parquet do not have "
+        raise DataError(f"{root}: captions of sample {keys[int(row[bad])].as_py()!r} in {CAPTIONS} do not have "
                         "caption_index 0..k-1; rerun the score stage")
     scores = table["score"].to_numpy(zero_copy_only=False).astype(np.float64)[order]
     return CaptionSets(offsets=offsets, scores=scores, captions=table["caption"].take(pa.array(order)).combine_chunks()

@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-parts", type=int, default=1)
     p.add_argument("--overwrite", action="store_true", help="recompute parts that are up to date")
     p.add_argument("--no-progress", action="store_true")
-    p = sub.add_parser("dedupe", help="near-duplicates by pHash and CLIP image embeddings -> dedupe.parquet")
+    p = sub.add_parser("dedupe", help="near-duplicates by pHash and CLIP image embeddings -> the dedupe table")
     p.add_argument("root")
     p.add_argument("--phash-distance", type=int, default=4, help="max Hamming bits of 64; -1 disables")
     p.add_argument("--min-similarity", type=float, default=0.95, help="min embedding cosine; > 1 disables")

@@ -38,15 +38,15 @@ import pyarrow.compute as pc
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pixeldit.errors import DataError
 from pixeldit.storage import fs_and_path, join
 
 from .captions import CaptionSources, collect_captions
-from .dataset_format import (CAPTIONS, CAPTIONS_SCHEMA, SCORE_PART_SCHEMA, SCORES, SCORES_SCHEMA, committed_samples,
-                             read_manifest, read_score_part, read_score_part_metadata, require_committed,
-                             score_part_name, write_table)
+from .dataset_format import (CAPTIONS, CAPTIONS_SCHEMA, SAMPLES, SCORE_PART_SCHEMA, SCORES, SCORES_SCHEMA,
+                             committed_samples, read_manifest, read_score_part, read_score_part_metadata,
+                             require_committed, score_part_name, write_table)
 
 STAGES = ("read", "fetch", "decode", "embed", "write")
-PHASH_BITS = 64
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,14 @@ class ScoreSummary:
     undecodable: list[str] = field(default_factory=list)  # keys
     side_unknown_keys: int = 0
     committed: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call
+    load_seconds: float = 0.0  # of which loading the models
 
     @property
     def images_per_second(self) -> float:
-        return self.samples_scored / self.seconds if self.seconds > 0 else 0.0
+        """Scored images per second of scoring (model loading left out)."""
+        busy = self.seconds - self.load_seconds
+        return self.samples_scored / busy if busy > 0 else 0.0
 
 
 def phash64(image: Image.Image) -> int:
@@ -122,6 +125,9 @@ def _score_shard(root: str, shard: str, samples: pa.Table, captions: pa.Table, m
     """The score part of one shard (SCORE_PART_SCHEMA); ``samples`` / ``captions`` of this shard, sorted."""
     fs, path = fs_and_path(join(root, shard), cfg.storage_options)
     keys = samples["key"].to_pylist()
+    if not np.array_equal(samples["sample_index"].to_numpy(), np.arange(len(keys))):
+        raise DataError(f"{join(root, SAMPLES)}: sample_index of shard {shard} is not 0..{len(keys) - 1}; "
+                        "rebuild the root")
     offsets, sizes = samples["image_offset"].to_numpy(), samples["image_size"].to_numpy()
     n, dim = len(keys), models.clip.dim
     image_emb = np.zeros((n, dim), dtype=np.float32)
@@ -199,9 +205,11 @@ def score_dataset(root: str, cfg: ScoreConfig) -> ScoreSummary:
     mine = shards[cfg.part::cfg.num_parts]
     my_samples = samples.filter(pc.is_in(samples["shard"], pa.array(mine, pa.string())))
     sources = collect_captions(my_samples, cfg.side_captions, samples["key"], options)
+    loading = time.perf_counter()
     models = _Models(cfg)
     run = _run_meta(models.fingerprints, sources)
-    summary = ScoreSummary(root=root, side_unknown_keys=sources.side_unknown_keys)
+    summary = ScoreSummary(root=root, side_unknown_keys=sources.side_unknown_keys,
+                           load_seconds=time.perf_counter() - loading)
     with ThreadPoolExecutor(cfg.decode_threads) as pool:
         for shard in tqdm(mine, desc=f"score {cfg.part}/{cfg.num_parts}", disable=not cfg.progress):
             rows = my_samples.filter(pc.equal(my_samples["shard"], shard))

@@ -9,7 +9,6 @@ import io
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -19,7 +18,7 @@ from curate_fixtures import save_aesthetic_head, save_tiny_clip, write_curation_
 from data_pipeline.captions import (DEFAULT_CAPTION_TEMPERATURE, caption_probabilities, draw_caption,
                                     read_caption_sets)
 from data_pipeline.cli import main as data_cli
-from data_pipeline.dataset_format import (CAPTIONS, SCORES, read_captions, read_dedupe, read_sample_index,
+from data_pipeline.dataset_format import (SCORES, read_captions, read_dedupe, read_sample_index,
                                           read_samples, read_score_part_metadata, read_scores, score_part_name)
 from data_pipeline.dedupe import (DedupeConfig, choose_representatives, dedupe_dataset, embedding_pairs, keep_mask,
                                   phash_pairs)
@@ -148,7 +147,8 @@ def test_planted_near_duplicates_found_with_full_recall_and_no_false_positive(tm
     index = read_sample_index(root)
     keep = keep_mask(root, index.keys)
     dropped = set(data.lossless)
-    assert [k for k, ok in zip(index.keys.to_pylist(), keep) if not ok] == sorted(dropped, key=index.keys.to_pylist().index)
+    order = index.keys.to_pylist()
+    assert [k for k, ok in zip(order, keep) if not ok] == sorted(dropped, key=order.index)
     assert keep.sum() == len(index) - len(dropped)
 
 
@@ -278,7 +278,8 @@ def test_caption_draw_frequencies_follow_the_softmax():
     assert chi2 < 20.5  # chi-square, 4 degrees of freedom: p = 0.0004
     assert np.all(np.abs(counts / n - p) < 5 * np.sqrt(p * (1 - p) / n))
     # the temperature matters: T = 1 is close to uniform, T -> 0 to the argmax
-    hot = np.bincount([draw_caption(scores, 1.0, seed=7, epoch=0, position=i, key="k") for i in range(5000)], minlength=5)
+    hot = np.bincount([draw_caption(scores, 1.0, seed=7, epoch=0, position=i, key="k") for i in range(5000)],
+                      minlength=5)
     assert hot.min() > 800
     cold = [draw_caption(scores, 1e-3, seed=7, epoch=0, position=i, key="k") for i in range(500)]
     assert set(cold) == {3}
@@ -307,3 +308,23 @@ def test_caption_draws_are_the_same_after_a_resume_and_on_any_world_size():
                 got.update(zip(pos, draws(pos)))
         assert [got[p] for p in range(64)] == full
     assert draws(range(64), epoch=3) != full and draws(range(64), seed=12) != full  # new epoch, new draws
+
+
+def test_score_and_dedupe_on_s3(tmp_path, models):
+    """The same stages on an S3 root (moto on 127.0.0.1): ranged image reads, atomic part and table uploads."""
+    import s3fs
+
+    from data_fixtures import moto_s3
+
+    clip, _, _ = models
+    data = write_curation_root(tmp_path / "data", distinct=6, resized=2, lossless=0, per_shard=4)
+    with moto_s3("curate") as bucket:
+        s3fs.S3FileSystem().put(str(data.root) + "/", f"{bucket}/data/", recursive=True)
+        root = f"{bucket}/data"
+        summary = score_dataset(root, ScoreConfig(clip=str(clip), progress=False))
+        assert summary.committed and summary.samples_scored == len(data.keys)
+        local = score_dataset(str(data.root), ScoreConfig(clip=str(clip), progress=False))
+        assert local.committed
+        assert same_table(read_scores(root), read_scores(str(data.root)))
+        dedupe_dataset(root, DedupeConfig(phash_distance=4, min_similarity=None))
+        assert {r["key"]: r["representative"] for r in read_dedupe(root).to_pylist()} == data.resized

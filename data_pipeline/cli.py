@@ -10,8 +10,8 @@
         --captions recaptions.jsonl --device cuda --part 0 --num-parts 8  # CLIP / aesthetic / pHash / captions
     pixeldit-data dedupe s3://bucket/data --phash-distance 4 --min-similarity 0.95 --device cuda
 
-Flag defaults are those of ``IngestConfig`` and ``ShardConfig``. A bad flag, path or setting is one line and
-exit code 2 (``--traceback`` shows the traceback).
+Flag defaults are those of ``IngestConfig``, ``ShardConfig``, ``ScoreConfig`` and ``DedupeConfig``. A bad flag,
+path or setting is one line and exit code 2 (``--traceback`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from typing import Sequence
 from pixeldit.errors import CliParser, cli_main
 from pixeldit.storage import join
 
+from .dedupe import DedupeConfig, dedupe_dataset
 from .ingest import ENCODE_FORMATS, RESIZE_MODES, IngestConfig, IngestSummary, ingest
 from .inputs import INPUT_FORMATS
 from .normalize import VERIFY_LEVELS
+from .score import ScoreConfig, score_dataset
 from .shard import ShardConfig, ShardSummary, build_shards
 from .stats import compute_stats, format_report
 
@@ -134,11 +136,9 @@ def _synth(a: argparse.Namespace) -> int:
 
 
 def _score(a: argparse.Namespace) -> int:
-    from .score import ScoreConfig, score_dataset
-
     cfg = ScoreConfig(clip=a.clip, aesthetic=a.aesthetic, side_captions=tuple(a.captions), batch_size=a.batch_size,
                       device=a.device, decode_threads=a.decode_threads, part=a.part, num_parts=a.num_parts,
-                      overwrite=a.overwrite, progress=not a.no_progress)
+                      overwrite=a.overwrite, progress=a.progress)
     s = score_dataset(a.root, cfg)
     print(f"[score] {s.root} part {a.part}/{a.num_parts}: {s.shards_scored} shards scored, {s.shards_skipped} up to "
           f"date; {s.samples_scored} images, {s.captions_scored} captions, {s.images_per_second:.1f} images/s; "
@@ -149,8 +149,6 @@ def _score(a: argparse.Namespace) -> int:
 
 
 def _dedupe(a: argparse.Namespace) -> int:
-    from .dedupe import DedupeConfig, dedupe_dataset
-
     cfg = DedupeConfig(phash_distance=None if a.phash_distance < 0 else a.phash_distance,
                        min_similarity=None if a.min_similarity > 1 else a.min_similarity, block=a.block,
                        device=a.device)
@@ -202,25 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None, help="write {dir}/urls.parquet for images served at this URL")
     p.add_argument("--out", default=None, help="also serve on 127.0.0.1, ingest and shard into this root")
     p.add_argument("--samples-per-shard", type=int, default=64)
+    sd = ScoreConfig(clip="")
     p = sub.add_parser("score", help="CLIP score, aesthetic score, pHash and caption scores of a committed root")
     p.add_argument("root")
     p.add_argument("--clip", required=True, help="local transformers CLIPModel folder (weights + tokenizer)")
-    p.add_argument("--aesthetic", default=None, help="aesthetic head: safetensors with layers.{i}.weight/bias")
-    p.add_argument("--captions", nargs="*", default=[], help="side caption files (JSONL/parquet: key, source, "
-                   "caption[, score])")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--decode-threads", type=int, default=4)
-    p.add_argument("--part", type=int, default=0, help="this process's part of the shards (e.g. SLURM array id)")
-    p.add_argument("--num-parts", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true", help="recompute parts that are up to date")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--aesthetic", default=sd.aesthetic, help="aesthetic head: safetensors with layers.{i}.weight/bias")
+    p.add_argument("--captions", nargs="*", default=list(sd.side_captions),
+                   help="side caption files (JSONL/parquet: key, source, caption[, score])")
+    p.add_argument("--batch-size", type=int, default=sd.batch_size)
+    p.add_argument("--device", default=sd.device, help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--decode-threads", type=int, default=sd.decode_threads)
+    p.add_argument("--part", type=int, default=sd.part, help="this process's part of the shards (SLURM array id)")
+    p.add_argument("--num-parts", type=int, default=sd.num_parts)
+    p.add_argument("--overwrite", action="store_true", default=sd.overwrite, help="recompute up-to-date parts")
+    p.add_argument("--no-progress", action="store_false", dest="progress", default=sd.progress)
+    dd = DedupeConfig()
     p = sub.add_parser("dedupe", help="near-duplicates by pHash and CLIP image embeddings -> the dedupe table")
     p.add_argument("root")
-    p.add_argument("--phash-distance", type=int, default=4, help="max Hamming bits of 64; -1 disables")
-    p.add_argument("--min-similarity", type=float, default=0.95, help="min embedding cosine; > 1 disables")
-    p.add_argument("--block", type=int, default=4096, help="rows per similarity block")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--phash-distance", type=int, default=dd.phash_distance, help="max Hamming bits of 64; -1 disables")
+    p.add_argument("--min-similarity", type=float, default=dd.min_similarity,
+                   help="min cosine of image embeddings; > 1 disables")
+    p.add_argument("--block", type=int, default=dd.block, help="rows per similarity block")
+    p.add_argument("--device", default=dd.device)
     p = sub.add_parser("serve", help="serve a folder on 127.0.0.1")
     p.add_argument("dir")
     p.add_argument("--port", type=int, default=0)

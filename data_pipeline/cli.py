@@ -6,9 +6,12 @@
     pixeldit-data stats s3://bucket/data --png buckets.png
     pixeldit-data synth synth/ --num-images 64 --out data/         # generate, serve on 127.0.0.1, run
     pixeldit-data serve synth/images                               # serve a folder until Ctrl-C
+    pixeldit-data score s3://bucket/data --clip weights/clip-vit-l14 --aesthetic weights/aesthetic.safetensors \
+        --captions recaptions.jsonl --device cuda --part 0 --num-parts 8  # CLIP / aesthetic / pHash / captions
+    pixeldit-data dedupe s3://bucket/data --phash-distance 4 --min-similarity 0.95 --device cuda
 
-Flag defaults are those of ``IngestConfig`` and ``ShardConfig``. A bad flag, path or setting is one line and
-exit code 2 (``--traceback`` shows the traceback).
+Flag defaults are those of ``IngestConfig``, ``ShardConfig``, ``ScoreConfig`` and ``DedupeConfig``. A bad flag,
+path or setting is one line and exit code 2 (``--traceback`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from typing import Sequence
 from pixeldit.errors import CliParser, cli_main
 from pixeldit.storage import join
 
+from .dedupe import DedupeConfig, dedupe_dataset
 from .ingest import ENCODE_FORMATS, RESIZE_MODES, IngestConfig, IngestSummary, ingest
 from .inputs import INPUT_FORMATS
 from .normalize import VERIFY_LEVELS
+from .score import ScoreConfig, score_dataset
 from .shard import ShardConfig, ShardSummary, build_shards
 from .stats import compute_stats, format_report
 
@@ -130,6 +135,29 @@ def _synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def _score(a: argparse.Namespace) -> int:
+    cfg = ScoreConfig(clip=a.clip, aesthetic=a.aesthetic, side_captions=tuple(a.captions), batch_size=a.batch_size,
+                      device=a.device, decode_threads=a.decode_threads, part=a.part, num_parts=a.num_parts,
+                      overwrite=a.overwrite, progress=a.progress)
+    s = score_dataset(a.root, cfg)
+    print(f"[score] {s.root} part {a.part}/{a.num_parts}: {s.shards_scored} shards scored, {s.shards_skipped} up to "
+          f"date; {s.samples_scored} images, {s.captions_scored} captions, {s.images_per_second:.1f} images/s; "
+          f"{len(s.undecodable)} undecodable{' (' + ', '.join(s.undecodable[:5]) + ')' if s.undecodable else ''}; "
+          f"{s.side_unknown_keys} side captions of unknown keys; "
+          f"{'committed' if s.committed else 'not committed (other parts still running)'}")
+    return 0
+
+
+def _dedupe(a: argparse.Namespace) -> int:
+    cfg = DedupeConfig(phash_distance=None if a.phash_distance < 0 else a.phash_distance,
+                       min_similarity=None if a.min_similarity > 1 else a.min_similarity, block=a.block,
+                       device=a.device)
+    s = dedupe_dataset(a.root, cfg)
+    print(f"[dedupe] {s.root}: {s.dropped} of {s.samples} samples dropped ({s.by_reason}); "
+          f"{s.candidate_pairs} pairs within the thresholds; {s.seconds:.1f}s")
+    return 0
+
+
 def _serve(a: argparse.Namespace) -> int:
     from .serve import serve_folder
 
@@ -172,6 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None, help="write {dir}/urls.parquet for images served at this URL")
     p.add_argument("--out", default=None, help="also serve on 127.0.0.1, ingest and shard into this root")
     p.add_argument("--samples-per-shard", type=int, default=64)
+    sd = ScoreConfig(clip="")
+    p = sub.add_parser("score", help="CLIP score, aesthetic score, pHash and caption scores of a committed root")
+    p.add_argument("root")
+    p.add_argument("--clip", required=True, help="local transformers CLIPModel folder (weights + tokenizer)")
+    p.add_argument("--aesthetic", default=sd.aesthetic, help="aesthetic head: safetensors with layers.{i}.weight/bias")
+    p.add_argument("--captions", nargs="*", default=list(sd.side_captions),
+                   help="side caption files (JSONL/parquet: key, source, caption[, score])")
+    p.add_argument("--batch-size", type=int, default=sd.batch_size)
+    p.add_argument("--device", default=sd.device, help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--decode-threads", type=int, default=sd.decode_threads)
+    p.add_argument("--part", type=int, default=sd.part, help="this process's part of the shards (SLURM array id)")
+    p.add_argument("--num-parts", type=int, default=sd.num_parts)
+    p.add_argument("--overwrite", action="store_true", default=sd.overwrite, help="recompute up-to-date parts")
+    p.add_argument("--no-progress", action="store_false", dest="progress", default=sd.progress)
+    dd = DedupeConfig()
+    p = sub.add_parser("dedupe", help="near-duplicates by pHash and CLIP image embeddings -> the dedupe table")
+    p.add_argument("root")
+    p.add_argument("--phash-distance", type=int, default=dd.phash_distance, help="max Hamming bits of 64; -1 disables")
+    p.add_argument("--min-similarity", type=float, default=dd.min_similarity,
+                   help="min cosine of image embeddings; > 1 disables")
+    p.add_argument("--block", type=int, default=dd.block, help="rows per similarity block")
+    p.add_argument("--device", default=dd.device)
     p = sub.add_parser("serve", help="serve a folder on 127.0.0.1")
     p.add_argument("dir")
     p.add_argument("--port", type=int, default=0)
@@ -195,6 +245,10 @@ def _main(argv: list[str]) -> int:
     elif a.command == "stats":
         report = compute_stats(a.root, png=a.png)
         print(json.dumps(report, indent=2) if a.json else format_report(report))
+    elif a.command == "score":
+        return _score(a)
+    elif a.command == "dedupe":
+        return _dedupe(a)
     elif a.command == "synth":
         return _synth(a)
     elif a.command == "serve":

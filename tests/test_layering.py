@@ -192,6 +192,11 @@ FORMAT_NAMES = {
     "text_emb": "data_pipeline/dataset_format.py",
     "pixeldit.state": "data_pipeline/dataset_format.py",
     "pixeldit.format_version": "data_pipeline/dataset_format.py",
+    "scores.parquet": "data_pipeline/dataset_format.py",
+    "captions.parquet": "data_pipeline/dataset_format.py",
+    "dedupe.parquet": "data_pipeline/dataset_format.py",
+    "score_parts": "data_pipeline/dataset_format.py",
+    "pixeldit.scores": "data_pipeline/dataset_format.py",
     "null.safetensors": "pixeldit/conditioning/text_cache.py",
     "prepare_stats.json": "data_pipeline/ingest.py",
 }

@@ -61,7 +61,8 @@ def test_distributed_env_comes_from_slurm(monkeypatch):
                  "SLURM_JOB_NODELIST": "gpu-[007,012]"}.items():
         monkeypatch.setenv(k, v)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")  # recorded, so that what set_distributed_env writes is undone after the test
+        monkeypatch.delenv(k)
     env = set_distributed_env(LaunchConfig())
     assert env == {"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
                    "MASTER_ADDR": "gpu-007", "MASTER_PORT": str(port_from_job_id("4242"))}

@@ -28,6 +28,7 @@ from train_helpers import free_port, write_tiny_dataset
 pytestmark = pytest.mark.slow
 
 BUILD_INPUTS = ("pyproject.toml", "README.md", "pixeldit", "data_pipeline", "launchers", "ds_configs")
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ZERO_CONFIGS = ("zero1", "zero2", "zero3", "zero3_offload")
 
 # run inside the fresh virtualenv: where each console script's module and the package data come from
@@ -60,7 +61,8 @@ def _env(**extra: str) -> dict[str, str]:
     """This environment without PYTHONPATH (it would put the source tree on sys.path), with the running
     environment's scripts first on PATH: DeepSpeed's JIT ops are built with the same ninja as everywhere else
     (another ninja version hashes its commands differently and rebuilds them)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    drop = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", *DIST_ENV)  # a leaked RANK/WORLD_SIZE would wait for peers
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     path = os.pathsep.join([sysconfig.get_path("scripts"), env.get("PATH", "")])
     return {**env, "PATH": path, "NO_ALBUMENTATIONS_UPDATE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", **extra}
 

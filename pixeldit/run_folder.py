@@ -225,9 +225,11 @@ def resolve_checkpoint(path: str | os.PathLike, fallback: bool = True, verify: s
 # --- manifest: size and SHA-256 of every file of a step folder -------------------------------------------
 
 def checkpoint_files(step_dir: str | os.PathLike) -> list[str]:
-    """Every file of a step folder but the manifest, as sorted '/'-separated paths relative to it."""
+    """Every file of a step folder but the manifest (and temp files of a write in progress), as sorted
+    '/'-separated paths relative to it."""
     root = Path(step_dir)
-    return sorted(f.relative_to(root).as_posix() for f in root.rglob("*") if f.is_file() and f.name != MANIFEST)
+    return sorted(f.relative_to(root).as_posix() for f in root.rglob("*")
+                  if f.is_file() and f.name != MANIFEST and not is_tmp(f.name))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

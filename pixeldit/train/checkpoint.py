@@ -3,10 +3,10 @@
 Writing order, so that a crash at any point leaves the previous checkpoint usable:
  1. every rank writes into the staging folder ``run_folder.staging_dirname(N)`` (DeepSpeed states, its RNG,
     its EMA part);
- 2. barrier; rank 0 writes ``meta.json``, lists every file and hands each rank its share to hash (a file whose
-    name carries a rank number goes to that rank, which has just written it; the rest to rank 0); rank 0
-    writes ``manifest.json`` (size + SHA-256 of every file), checks that it still holds the run-folder lock,
-    and renames the staging folder to ``step_{N:08d}``;
+ 2. barrier; rank 0 writes ``meta.json``; every rank hashes its share of the files (``hash_shares``: a file
+    whose name carries a rank number goes to that rank, which has just written it and reads it from its page
+    cache; the rest to rank 0); rank 0 gathers the digests, writes ``manifest.json`` (size + SHA-256 of every
+    file), checks that it still holds the run-folder lock, and renames the staging folder to ``step_{N:08d}``;
  3. rank 0 replaces ``latest`` atomically LAST, then prunes: only step folders OLDER than the one just written
     are candidates (by step number), the newest ``keep - 1`` of them stay, and neither the folder just written
     nor the one ``latest`` names is ever deleted (newer folders, e.g. of an abandoned longer run, are left
@@ -172,12 +172,12 @@ class CheckpointManager:
         if ema is not None:
             ema.save(tmp)
         _barrier()
-        shares = None
         if self.rank == 0:
             run_folder.write_meta(tmp, {**meta, "step": step})
-            shares = hash_shares(run_folder.checkpoint_files(tmp), self.world_size)
-        shares = _broadcast(shares, self.rank)
-        digests = {name: run_folder.file_sha256(tmp / name) for name in shares[self.rank]}
+        # every rank lists the folder itself: it sees the files it wrote even where a shared file system
+        # caches directory listings (NFS), and a file's share follows from its name alone
+        mine = hash_shares(run_folder.checkpoint_files(tmp), self.world_size)[self.rank]
+        digests = {name: run_folder.file_sha256(tmp / name) for name in mine}
         if _distributed():
             gathered = [None] * self.world_size if self.rank == 0 else None
             dist.gather_object(digests, gathered, dst=0)

@@ -221,7 +221,10 @@ def test_two_trainers_started_together_one_runs_the_other_fails_at_once(dataset,
     assert sorted(codes.values())[0] == 0 and sorted(codes.values())[1] != 0, (codes, outs)
     winner = next(s for s, c in codes.items() if c == 0)
     loser = next(s for s, c in codes.items() if c != 0)
-    assert f"is in use by another trainer (pid {procs[winner].pid} on {HOST}" in outs[loser], outs[loser][-3000:]
+    errors = [line for line in outs[loser].splitlines() if ": error: " in line]
+    assert codes[loser] == 2 and len(errors) == 1, outs[loser][-3000:]  # one line, exit code 2
+    assert errors[0].startswith(f"pixeldit-train: error: run folder {run} is in use by another trainer "
+                                f"(pid {procs[winner].pid} on {HOST}, since "), errors
     records = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))  # one trainer's steps, once each
     assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == winner
@@ -236,6 +239,6 @@ def test_every_rank_fails_together_on_a_held_run_folder(dataset, tmp_path):
         cmd, env = torchrun(write_config(tmp_path / "run.yaml", run, dataset, seed=1))
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0
-        out = proc.stdout + proc.stderr
-        assert out.count(f"is in use by another trainer (pid {os.getpid()} on {HOST}, job 1") >= 2, out[-3000:]
+        line = f"pixeldit-train: error: run folder {run} is in use by another trainer (pid {os.getpid()} on {HOST}, job 1"
+        assert sum(x.startswith(line) for x in proc.stderr.splitlines()) == 2, proc.stderr[-3000:]  # each rank: one line
         assert sorted(p.name for p in run.iterdir()) == [run_folder.LOCK]  # nothing else was written

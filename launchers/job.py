@@ -15,6 +15,10 @@ runs ``TrainJob.__call__``:
 5. the requeued job runs the same pickled ``TrainJob``; the trainer resumes from
    ``{run_dir}/checkpoints/latest`` on disk, so no checkpoint path is frozen into the pickle.
 
+The job id and attempt (``PIXELDIT_JOB_ID``, ``PIXELDIT_JOB_ATTEMPT``: SLURM's restart count, else the
+requeues so far) go into the trainer's run-folder lock, so a requeued job takes over the lock its earlier
+attempt left behind after a hard kill, on any host (``pixeldit.train.run_lock``).
+
 The requeue count of a job lives next to its logs (``{submission folder}/{job_id}_requeues.json``): it is per
 job, survives the requeue, and a new submission of the same run starts again from zero.
 """
@@ -109,8 +113,11 @@ class TrainJob:
         folder = Path(os.environ["SUBMITIT_FOLDER"])  # set by submitit for every task
         requeues = read_requeues(folder, env.job_id)  # read before training: every rank decides alike
         from pixeldit.train.config import load_config
+        from pixeldit.train.run_lock import JOB_ATTEMPT_VAR, JOB_ID_VAR
         from pixeldit.train.trainer import run_training
 
+        os.environ[JOB_ID_VAR] = str(env.job_id)
+        os.environ[JOB_ATTEMPT_VAR] = os.environ.get("SLURM_RESTART_COUNT") or str(requeues)
         cfg = load_config(self.config_path, [])
         print(f"[launcher] job {env.job_id} rank {dist_env['RANK']}/{dist_env['WORLD_SIZE']} master "
               f"{dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']}, requeues so far {requeues}", flush=True)

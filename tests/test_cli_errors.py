@@ -93,6 +93,18 @@ def run_with_dangling_latest(tmp: Path) -> Path:
     return tmp / "run"
 
 
+def truncated_step(tmp: Path) -> Path:
+    """A step folder whose optimizer partition lost its second half after the manifest was written."""
+    step_dir = run_folder.checkpoints_dir(tmp / "run") / run_folder.step_dirname(3)
+    step_dir.mkdir(parents=True)
+    run_folder.write_meta(step_dir, {"step": 3, "model_args": get_model_args("debug").to_dict()})
+    (step_dir / "optim_states.pt").write_bytes(bytes(1000))
+    run_folder.write_manifest(step_dir, {n: run_folder.file_sha256(step_dir / n)
+                                         for n in run_folder.checkpoint_files(step_dir)})
+    (step_dir / "optim_states.pt").write_bytes(bytes(500))
+    return step_dir
+
+
 def step_of_unknown_size(tmp: Path) -> Path:
     step_dir = run_folder.checkpoints_dir(tmp / "run") / run_folder.step_dirname(3)
     step_dir.mkdir(parents=True)
@@ -141,6 +153,8 @@ CLI_ERROR_CASES: list[tuple[str, list[str], Callable[[Path], None] | None, str]]
      "checkpoints/latest"),
     ("release-dangling-latest", ["pixeldit-release", "{tmp}/run", "{tmp}/out"], run_with_dangling_latest,
      "{tmp}/run/checkpoints/latest"),
+    ("release-truncated-checkpoint", ["pixeldit-release", "{tmp}/run/checkpoints/step_00000003", "{tmp}/out"],
+     truncated_step, "optim_states.pt has 500 bytes"),
     ("release-unknown-architecture", ["pixeldit-release", "{tmp}/run/checkpoints/step_00000003", "{tmp}/out"],
      step_of_unknown_size, "XXL/99"),
     ("release-bad-dtype", ["pixeldit-release", "{tmp}/run", "{tmp}/out", "--dtype", "fp16"], run_without_checkpoint,

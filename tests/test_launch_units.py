@@ -11,6 +11,7 @@ import pytest
 from launchers.cli import build_parser, launch_config
 from launchers.config import LaunchConfig, executor_parameters
 from launchers.job import port_from_job_id, read_requeues, set_distributed_env, write_requeues
+from launchers.manage import format_status
 from launchers.registry import job_row, local_state, read_jobs, record_jobs
 from launchers.submit import make_executor, sweep_overrides
 
@@ -98,6 +99,20 @@ def test_registry_and_local_state_from_outside_the_job(tmp_path):
     assert (row["state"], row["result"], row["requeues"]) == ("FINISHED", "finished", 2)
     assert read_requeues(folder, "111") == 0
     assert json.loads((run / "launcher" / "jobs.jsonl").read_text().splitlines()[1])["job_id"] == "222"
+
+
+def test_status_table_shows_whole_results():
+    """Issue 12.7: the result column was cut to 10 characters ("stopped: m")."""
+    long = "stopped: max requeues reached (submit the run again to continue)"
+    rows = [{"job_id": "7", "cluster": "local", "state": "FINISHED", "result": long, "requeues": 5,
+             "submitted": "2026-01-01T00:00:00", "folder": "/runs/x/slurm/a"},
+            {"job_id": "123456_7", "cluster": "slurm", "state": "RUNNING", "result": "", "requeues": 0,
+             "submitted": "2026-01-01T00:00:01", "folder": "/runs/x/slurm/b"}]
+    head, first, second = format_status(rows).splitlines()
+    assert f"  {long}  " in first and first.endswith("/runs/x/slurm/a") and second.endswith("/runs/x/slurm/b")
+    assert head.split() == ["job", "cluster", "state", "result", "requeues", "submitted", "folder"]
+    assert head.index("requeues") == first.index(long) + len(long) + 2  # columns line up
+    assert second.split()[:4] == ["123456_7", "slurm", "RUNNING", "-"]
 
 
 def test_cli_flags_map_onto_the_launch_config():

@@ -10,8 +10,10 @@ One concern per module, each with a ``build_*`` factory or a small stateful obje
 - ``activation_checkpointing`` + ``engine``: ``build_engine`` (model + REPA projector -> DeepSpeed)
 - ``optim``: AdamW and the warmup + constant/cosine ``LRSchedule``
 - ``ema``: ``EMA`` under every ZeRO stage (its file format and ``consolidate_ema``: ``pixeldit.run_folder``)
-- ``checkpoint``: ``CheckpointManager`` (atomic step folders, ``latest`` pointer, keep-k; the names and
-  ``meta.json``: ``pixeldit.run_folder``), ``untie_optimizer_steps`` (a DeepSpeed universal-load fix)
+- ``checkpoint``: ``CheckpointManager`` (atomic, checksummed step folders, ``latest`` pointer, keep-k, the
+  resume point with its fallback; the names, ``meta.json`` and the manifest: ``pixeldit.run_folder``),
+  ``untie_optimizer_steps`` (a DeepSpeed universal-load fix)
+- ``run_lock``: ``RunLock``, one trainer per run folder (a lock file that works on shared file systems)
 - ``conditioning``: class ids / text encoder / embedding cache, REPA teacher
 - ``metrics`` + ``preview``: JSONL, tqdm, wandb, MFU; EMA image grids
 - ``signals``: ``StopFlag``, the one stop-signal mechanism (the CLI's and the launcher job's)

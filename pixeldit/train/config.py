@@ -37,6 +37,7 @@ from pixeldit.diffusion.objective import ObjectiveConfig
 from pixeldit.diffusion.samplers import SamplerName
 from pixeldit.errors import ConfigError
 from pixeldit.models import MODEL_SIZES, ModelArgs, get_model_args
+from pixeldit.run_folder import VERIFY_MODES
 from pixeldit.storage import write_text_atomic
 
 BucketMode = Literal["fixed", "aspect"]
@@ -46,6 +47,7 @@ ZeroConfig = Literal["zero1", "zero2", "zero3", "zero3_offload"]  # the JSONs of
 WandbMode = Literal["offline", "online", "disabled"]
 TextMode = Literal["online", "cached"]
 OptimizerName = Literal["adamw"]
+VerifyMode = Literal[VERIFY_MODES]  # pixeldit.run_folder.checkpoint_problem
 
 
 @dataclass
@@ -121,7 +123,13 @@ class ConditioningConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1000  # save every N optimizer steps (and at every stage end and at the end)
-    keep: int = 3  # keep the last k step folders
+    keep: int = 3  # keep the last k step folders (up to the newest save; newer folders are never pruned)
+    # checks of the checkpoint a run resumes from: "size" (every file of its manifest.json there with its size; a
+    # stat per file) or "full" (and its SHA-256, spread over the ranks: ~1 s per GB per rank)
+    verify: VerifyMode = "size"
+    # a damaged `latest` (or folder it names) falls back to the newest intact step folder, said in one line;
+    # false: stop with an error instead
+    fallback: bool = True
     resume_from: str = ""  # a step folder to start from when the run has no checkpoint of its own yet
     load_universal: bool = False  # resume_from is a DeepSpeed universal checkpoint (any world size)
 

@@ -1,8 +1,10 @@
 """Logging of a training run: per-step JSONL, progress bar, wandb (offline by default), throughput and MFU.
 
 Rank 0 logs; other ranks only time their steps. Every optimizer step appends one line to
-``{run_dir}/losses.jsonl`` (step, stage, loss, flow, repa, lr, grad_norm, skipped, bucket, samples/s, mfu):
-a resumed run appends the steps it re-runs again, so the file also shows that they are identical.
+``{run_dir}/losses.jsonl`` (step, stage, loss, flow, repa, lr, grad_norm, skipped, skip_reason, nonfinite_total,
+bucket, samples/s, mfu): a resumed run appends the steps it re-runs again, so the file also shows that they are
+identical. Every line is strict JSON: a non-finite number (the NaN loss of a skipped step, an infinite
+gradient norm) is written as ``null``; ``skip_reason`` says which it was.
 wandb runs in ``offline`` mode unless ``logging.wandb=online`` (``disabled`` turns it off); its run id is
 kept in ``{run_dir}/wandb_id.txt`` so a resumed run continues the same wandb run.
 
@@ -12,6 +14,7 @@ of activation checkpointing is not counted) / (step time x world size x peak FLO
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -54,6 +57,12 @@ class FlopCounter:
         return self._cache[(height, width)]
 
 
+def json_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with non-finite floats (NaN, inf) as None: JSON has no NaN, ``json.dumps`` would write a bare
+    ``NaN`` that strict readers reject."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
 class MetricsLogger:
     """Rank-0 sink for step records and image grids; a no-op on other ranks."""
 
@@ -90,7 +99,7 @@ class MetricsLogger:
     def log_step(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps(json_record(record), allow_nan=False) + "\n")
         self.jsonl.flush()
         step = record["step"]
         if self.bar is not None:

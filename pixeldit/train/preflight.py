@@ -61,7 +61,9 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> None:
             except (FileNotFoundError, ValueError) as e:
                 key = "conditioning.embedding_cache" if c.embedding_cache else f"stages.{i} ({stage.name}).data_path"
                 raise ConfigError(f"{key} (text_mode=cached): {e}") from None
-    if cfg.checkpoint.resume_from and run_folder.read_latest(run_folder.checkpoints_dir(cfg.run_dir)) is None:
+    # a run with a `latest` of its own resumes from it (a damaged one falls back to an intact step folder)
+    has_own = (run_folder.checkpoints_dir(cfg.run_dir) / run_folder.LATEST).exists()
+    if cfg.checkpoint.resume_from and not has_own:
         if not os.path.isdir(cfg.checkpoint.resume_from):
             raise FileNotFoundError(f"checkpoint.resume_from={cfg.checkpoint.resume_from!r} not found (the run "
                                     f"{cfg.run_dir} has no checkpoint of its own yet, so it would start there)")

@@ -40,7 +40,8 @@ from pixeldit.errors import UserError
 from pixeldit.storage import exists, fs_and_path, is_local, join, list_files, read_bytes, write_json_atomic, \
     write_text_atomic
 
-BUILD_DIR = "_build"
+from .dataset_format import BUILD_DIR
+
 PLAN_FILE = "plan.json"
 TASKS_DIR = "tasks"
 JOBS_FILE = "jobs.jsonl"
@@ -63,7 +64,7 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         if self.tasks < 1:
-            raise ValueError(f"tasks must be >= 1, got {self.tasks}")
+            raise ValueError(f"BuildOptions.tasks (--tasks) must be >= 1, got {self.tasks}")
 
 
 class BuildBusyError(UserError, RuntimeError):

@@ -39,6 +39,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pixeldit.errors import ConfigError, DataError
+
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
   | (?P<number>(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?)
@@ -389,7 +391,7 @@ def parse_filter(expression: str) -> RowFilter:
 def check_stage_filter(root: str, expression: str, where: str = "",
                        storage_options: dict[str, Any] | None = None) -> RowFilter:
     """Parse ``expression`` and check it against the columns of ``{root}/samples.parquet`` (its footer only):
-    a missing column is a one-line ValueError naming it and the columns that exist. ``where`` prefixes the
+    a missing column is a one-line ConfigError (a ValueError) naming it and the columns that exist. ``where`` prefixes the
     message (e.g. the run-config key ``stages.2 (s1024).filter``)."""
     from .dataset_format import SAMPLES, read_samples_schema
 
@@ -397,14 +399,25 @@ def check_stage_filter(root: str, expression: str, where: str = "",
         row_filter = parse_filter(expression)
         row_filter.check(read_samples_schema(root, storage_options), f"{root.rstrip('/')}/{SAMPLES}")
     except ValueError as e:
-        raise ValueError(f"{where}: {e}" if where else str(e)) from None
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
     return row_filter
 
 
-def stage_mask(root: str, expression: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """(N,) bool over the rows of ``read_sample_index(root)`` (committed shards, samples.parquet order): True
-    where ``expression`` holds. Reads only the columns the expression names."""
-    from .dataset_format import read_committed_columns
+def stage_mask(root: str, expression: str, storage_options: dict[str, Any] | None = None, *,
+               keys: pa.Array | pa.ChunkedArray | None = None, where: str = "") -> np.ndarray:
+    """The stage-time row filter: (N,) bool over the rows of ``read_sample_index(root)`` (committed shards,
+    samples.parquet order), True where ``expression`` holds. Reads only the key and the columns the expression
+    names. ``keys``: the caller's index keys (e.g. ``SampleIndex.keys``); the mask is checked to line up with
+    them row for row. ``where`` prefixes errors (the run-config key). This is the one function a training
+    loader calls to select a stage's rows of the same shards (``stages.N.filter``), without re-sharding."""
+    from .dataset_format import SAMPLE_COLUMNS, read_committed_columns
 
-    row_filter = check_stage_filter(root, expression, storage_options=storage_options)
-    return row_filter.mask(read_committed_columns(root, row_filter.columns, storage_options))
+    row_filter = check_stage_filter(root, expression, where, storage_options)
+    table = read_committed_columns(root, list(dict.fromkeys([SAMPLE_COLUMNS.key, *row_filter.columns])),
+                                   storage_options)
+    mine = table.column(SAMPLE_COLUMNS.key)
+    if keys is not None and (len(keys) != len(mine) or not mine.equals(
+            pa.chunked_array([keys]) if isinstance(keys, pa.Array) else keys)):
+        raise DataError(f"{root}: samples.parquet changed while the stage's rows were selected "
+                        f"({len(keys)} rows in the index, {table.num_rows} now); restart once the root is committed")
+    return row_filter.mask(table)

@@ -10,7 +10,8 @@
 
 The whole curriculum of a run config (all its stages) runs in one job; on preemption or time limit (USR2)
 the job saves at the next step boundary, requeues itself and resumes from the latest checkpoint.
-The default cluster is the local executor (this machine, no SLURM).
+The default cluster is the local executor (this machine, no SLURM). The run config and the files it names
+are checked before anything is submitted; a mistake is one line and exit code 2.
 """
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ import argparse
 import json
 import sys
 
-from pixeldit.cluster import LaunchConfig, parse_key_value, add_launch_flags, launch_config_from_args
+from pixeldit.cluster import LaunchConfig, add_launch_flags, launch_config_from_args, parse_key_value
+from pixeldit.errors import CliParser, cli_main
 
 from .manage import cancel, format_status, status, tail
-from .submit import RunBusyError, job_result, prepare_run, submit, submit_array, sweep_overrides
+from .submit import job_result, prepare_run, submit, submit_array, sweep_overrides
+
+PROG = "pixeldit-submit"
 
 
 def _axis(text: str) -> tuple[str, list[str]]:
@@ -30,8 +34,7 @@ def _axis(text: str) -> tuple[str, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pixeldit-submit", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="submit a run (or a job array of runs)")
     s.add_argument("--config", action="append", default=None, help="run config YAML (repeat: a job array)")
@@ -94,17 +97,17 @@ def _run(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command == "submit" and a.array and a.config and len(a.config) > 1:
         parser.error("use either several --config or --array, not both")
-    try:
-        return _run(a)
-    except (ValueError, FileNotFoundError, RunBusyError) as e:  # a config or run-folder problem: say which
-        print(f"pixeldit-submit: error: {e}", file=sys.stderr)
-        return 2
+    return _run(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

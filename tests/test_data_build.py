@@ -21,6 +21,8 @@ from data_pipeline.serve import serve_folder
 from data_pipeline.shard import ShardConfig, build_shards
 from data_pipeline.synthetic import make_synthetic_dataset
 from pixeldit.cluster import LaunchConfig
+from pixeldit.train.config import RunConfig, StageConfig
+from pixeldit.train.loader import build_loader
 
 pytestmark = pytest.mark.slow
 META = ("aesthetic", "punsafe", "LICENSE:license")
@@ -135,6 +137,10 @@ def test_metadata_filters_select_exactly_the_expected_rows_at_shard_and_stage_ti
     assert {k for k, m in zip(keys, mask) if m} == want and len(mask) == len(keys)
     assert {k for k, m in zip(keys, stage_mask(data["ref"], "license in ('cc0', 'nc') or license is null")) if m} \
         == {r["key"] for r in reference if r["license"] in ("cc0", "nc", None)}
+    # the training loader plans exactly those rows (stages.N.filter), the same shards
+    stage = StageConfig(name="s1024", data_path=data["ref"], filter=FILTER, resolution=512, bucket_align=32)
+    loader = build_loader(RunConfig(stages=[stage]), 0, rank=0, world_size=1)
+    assert {keys[r] for rows in loader.groups.values() for r in rows} == want
     # shard time: only those rows are sharded (3 tasks), the others counted as "filtered"
     out = str(tmp_path / "filtered")
     summary = build_shards(data["ingest"], out, ShardConfig(**{**SHARD.__dict__, "filter": FILTER}),

@@ -4,6 +4,8 @@ Stages of the stream (what it holds at each point):
  1. ``read_sample_index`` (``data_pipeline.dataset_format``, which owns the dataset layout): the root's
     samples table -> one row per sample: shard, ratio key, byte offset/size of the image member inside its
     tar, caption, label. No tar is scanned.
+ 1b. the stage's row filter (``stages.N.filter``, ``data_pipeline.filters.stage_mask``): only the rows where it
+    holds are planned (same shards, no re-sharding); no filter: every row.
  2. ``EpochPlan`` (bucket_sampler.py): per epoch, seeded by (seed, stage, epoch), the list of this rank's
     micro-batches, each from one bucket, the same bucket on every rank at every position.
  3. ``PlanSampler`` -> torch DataLoader (``batch_size=None``, ``num_workers`` workers, each worker builds
@@ -29,6 +31,8 @@ from PIL import Image
 
 from data_pipeline.buckets import bucket_table
 from data_pipeline.dataset_format import SAMPLES, SampleIndex, read_sample_index
+from data_pipeline.filters import stage_mask
+from pixeldit.errors import DataError
 from pixeldit.storage import fs_and_path, join
 
 from .bucket_sampler import BatchSpec, EpochPlan, PlanSampler, stable_salt
@@ -179,17 +183,25 @@ def build_loader(cfg: RunConfig, stage_index: int, rank: int, world_size: int,
                              f"{index.label[row]} outside 0..{num_classes - 1} ({int(bad.sum())} such rows); "
                              f"a class-conditional model needs a class id for every sample")
     rows = np.arange(len(index), dtype=np.int64)
+    if stage.filter:  # stage-time row filter: the rows of the same shards where it holds
+        where = f"stages.{stage_index} ({stage.name}).filter"
+        keep = stage_mask(stage.data_path, stage.filter, cfg.data.storage_options, keys=index.keys, where=where)
+        if not keep.any():
+            raise DataError(f"{where}: {stage.filter!r} holds for none of the {len(index)} samples of "
+                            f"{join(stage.data_path, SAMPLES)}")
+        rows = rows[keep]
     if stage.buckets == "fixed":
         groups = {FIXED_BUCKET: rows}
         sizes = {FIXED_BUCKET: (stage.resolution, stage.resolution)}
     else:
         table = bucket_table(stage.resolution, stage.bucket_align)
-        unknown = [k for k in index.ratio_keys if k not in table]
+        present = [(i, k) for i, k in enumerate(index.ratio_keys) if (index.ratio_id[rows] == i).any()]
+        unknown = [k for _, k in present if k not in table]
         if unknown:
             raise ValueError(f"{stage.data_path}: ratio keys {unknown} are not in the bucket table "
                              f"(valid: {sorted(table)})")
-        groups = {k: rows[index.ratio_id == i] for i, k in enumerate(index.ratio_keys)}
-        sizes = {k: table[k] for k in index.ratio_keys}
+        groups = {k: rows[index.ratio_id[rows] == i] for i, k in present}
+        sizes = {k: table[k] for _, k in present}
     return TrainLoader(BucketBatchDataset(index, cfg.data.storage_options), groups, sizes, seed=cfg.seed,
                        salt=stable_salt(f"{stage_index}:{stage.name}"), rank=rank, world_size=world_size,
                        micro_batch=stage.micro_batch, num_workers=cfg.data.num_workers,

@@ -26,7 +26,7 @@ from pixeldit.train.loader import build_loader
 
 pytestmark = pytest.mark.slow
 META = ("aesthetic", "punsafe", "LICENSE:license")
-INGEST = IngestConfig(label_col="label", meta_cols=META, threads=4, timeout=3, samples_per_shard=6)
+INGEST = IngestConfig(label_col="label", meta_cols=META, threads=4, timeout=3, samples_per_shard=8)  # 5 ingest shards: no worker respawn
 SHARD = ShardConfig(min_side=16, samples_per_shard=3, progress=False)
 FILTER = "aesthetic >= 5 and punsafe < 0.5"
 
@@ -173,19 +173,19 @@ def test_a_filter_on_a_missing_column_names_it_and_the_columns_that_exist(data, 
 
 def test_a_failed_task_is_named_by_status_and_reruns_alone(data, tmp_path, capsys):
     out = str(tmp_path / "rerun")
-    tar = os.path.join(data["ingest"], "00003.tar")
+    tar = os.path.join(data["ingest"], "00002.tar")
     os.rename(tar, tar + ".away")  # task 1's second ingest shard is lost from storage: the task fails mid-way
     try:
         with pytest.raises(BuildFailed) as failed:
             build_shards(data["ingest"], out, SHARD, BuildOptions(tasks=3))
     finally:
         os.rename(tar + ".away", tar)
-    assert ("1 of 3 tasks not done: task 1 (2 ingest shards ingest/00002-00003): failed: FileNotFoundError"
+    assert ("1 of 3 tasks not done: task 1 (2 ingest shards ingest/00001-00002): failed: FileNotFoundError"
             in str(failed.value))
     assert data_cli(["status", out]) == 0
     status = capsys.readouterr().out
     assert "shard build" in status and "2 done, 1 failed" in status
-    assert "task 1: 2 ingest shards ingest/00002-00003: failed on " in status and "00003.tar" in status
+    assert "task 1: 2 ingest shards ingest/00001-00002: failed on " in status and "00002.tar" in status
     assert not os.path.exists(os.path.join(out, SAMPLES))  # nothing committed
     plan = load_plan(out)
     before = {t: (r["time"], r["pid"]) for t, r in read_records(plan).items() if r["status"] == "done"}

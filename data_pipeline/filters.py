@@ -391,8 +391,8 @@ def parse_filter(expression: str) -> RowFilter:
 def check_stage_filter(root: str, expression: str, where: str = "",
                        storage_options: dict[str, Any] | None = None) -> RowFilter:
     """Parse ``expression`` and check it against the columns of ``{root}/samples.parquet`` (its footer only):
-    a missing column is a one-line ConfigError (a ValueError) naming it and the columns that exist. ``where`` prefixes the
-    message (e.g. the run-config key ``stages.2 (s1024).filter``)."""
+    a missing column is a one-line ConfigError (a ValueError) naming it and the columns that exist. ``where``
+    prefixes the message (e.g. the run-config key ``stages.2 (s1024).filter``)."""
     from .dataset_format import SAMPLES, read_samples_schema
 
     try:

@@ -26,7 +26,8 @@ from pixeldit.train.loader import build_loader
 
 pytestmark = pytest.mark.slow
 META = ("aesthetic", "punsafe", "LICENSE:license")
-INGEST = IngestConfig(label_col="label", meta_cols=META, threads=4, timeout=3, samples_per_shard=8)  # 5 ingest shards: no worker respawn
+# 5 ingest shards of 8 rows: img2dataset's pool worker (respawned after 5 shards) starts once per call
+INGEST = IngestConfig(label_col="label", meta_cols=META, threads=4, timeout=3, samples_per_shard=8)
 SHARD = ShardConfig(min_side=16, samples_per_shard=3, progress=False)
 FILTER = "aesthetic >= 5 and punsafe < 0.5"
 
@@ -150,7 +151,8 @@ def test_metadata_filters_select_exactly_the_expected_rows_at_shard_and_stage_ti
     ingested = pq.read_table([os.path.join(data["ingest"], f"{n}.parquet")
                               for n in finished_shards(data["ingest"]).values()])
     screened = np.array([st == "success" and bool((c or "").strip())
-                         for st, c in zip(ingested.column("status").to_pylist(), ingested.column("caption").to_pylist())])
+                         for st, c in zip(ingested.column("status").to_pylist(),
+                                          ingested.column("caption").to_pylist())])
     assert summary.stats["skipped"]["filtered"] == int((screened & ~f.mask(ingested)).sum())
     assert summary.stats["ok"] == len(want) and summary.stats["pending"] == 0
     assert summary.stats["total"] == read_stats(data["ref"])["total"]

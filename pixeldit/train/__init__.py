@@ -7,7 +7,10 @@ One concern per module, each with a ``build_*`` factory or a small stateful obje
 - ``curriculum``: stage spans and per-stage objective
 - ``bucket_sampler`` + ``loader``: rank-aligned bucket batches from samples.parquet, ``build_loader``
 - ``activation_checkpointing`` + ``engine``: ``build_engine`` (model + REPA projector -> DeepSpeed)
-- ``optim``: AdamW and the warmup + constant/cosine ``LRSchedule``
+- ``optim``: AdamW or CAME and the warmup + constant/cosine ``LRSchedule``; ``came``: CAME with factored second
+  moments that stay factored under ZeRO (``zero_partitions``: which matrix rows/columns each flat ZeRO
+  partition holds)
+- ``warm_start``: start a run from a release folder's weights (``checkpoint.init_from``: fine-tuning)
 - ``ema``: ``EMA`` under every ZeRO stage (its file format and ``consolidate_ema``: ``pixeldit.run_folder``)
 - ``checkpoint``: ``CheckpointManager`` (atomic step folders, ``latest`` pointer, keep-k; the names and
   ``meta.json``: ``pixeldit.run_folder``), ``untie_optimizer_steps`` (a DeepSpeed universal-load fix)
@@ -15,5 +18,6 @@ One concern per module, each with a ``build_*`` factory or a small stateful obje
 - ``metrics`` + ``preview``: JSONL, tqdm, wandb, MFU; EMA image grids
 - ``trainer``: ``run_training(cfg, stop_requested) -> TrainResult``; ``cli``: ``pixeldit-train``
 
-Training never imports ``pixeldit.release``; releases are made from the checkpoints on disk.
+Releases are made from the checkpoints on disk; training reads a release folder only in ``warm_start``, through
+the release format modules (``pixeldit.release.config``, ``safe_load``, ``key_map``).
 """

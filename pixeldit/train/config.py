@@ -40,7 +40,7 @@ Precision = Literal["bf16", "fp32"]
 ZeroConfig = Literal["zero1", "zero2", "zero3", "zero3_offload"]
 WandbMode = Literal["offline", "online", "disabled"]
 TextMode = Literal["online", "cached"]
-OptimizerName = Literal["adamw"]
+OptimizerName = Literal["adamw", "came"]
 SamplerName = Literal[tuple(SAMPLERS)]  # the names of pixeldit.diffusion.samplers.SAMPLERS
 
 
@@ -72,15 +72,29 @@ class StageConfig:
     shift: float = 1.0  # timestep shift (SD3-style resolution shift)
     repa: bool = False  # REPA loss on in this stage
     grad_checkpointing: bool = False  # activation checkpointing of patch and PiT blocks
+    grad_clip: float | None = None  # gradient clipping of this stage (0 = off); None: optim.grad_clip
+
+    def clip(self, optim: "OptimConfig") -> float:
+        return optim.grad_clip if self.grad_clip is None else self.grad_clip
+
+
+@dataclass
+class CameSection:
+    """CAME's own settings (pixeldit.train.came); defaults of the paper and of the official PixelDiT recipe."""
+
+    betas: tuple[float, float, float] = (0.9, 0.999, 0.9999)  # first moment, squared gradient, instability
+    eps: tuple[float, float] = (1e-30, 1e-16)  # added to the squared gradient / to the instability
+    clip_threshold: float = 1.0  # the normalised update is scaled down to this RMS
 
 
 @dataclass
 class OptimConfig:
-    name: OptimizerName = "adamw"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 = off)
+    name: OptimizerName = "adamw"  # adamw, or came (factored second moments, kept factored under ZeRO)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    eps: float = 1e-8  # AdamW
+    weight_decay: float = 0.0  # matrices only (both optimizers)
+    grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 = off); stages[].grad_clip overrides it per stage
+    came: CameSection = field(default_factory=CameSection)
 
 
 @dataclass
@@ -122,6 +136,8 @@ class CheckpointConfig:
     every: int = 1000  # save every N optimizer steps (and at every stage end and at the end)
     keep: int = 3  # keep the last k step folders
     resume_from: str = ""  # a step folder to start from when the run has no checkpoint of its own yet
+    init_from: str = ""  # a release folder (ours, or an imported official model): when the run has no checkpoint
+    # of its own yet, the model and its EMA start from its weights with a fresh optimizer (pixeldit.train.warm_start)
     load_universal: bool = False  # resume_from is a DeepSpeed universal checkpoint (any world size)
 
 
@@ -374,5 +390,16 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("logging.log_every must be positive and logging.image_every >= 0")
     if cfg.data.num_workers < 0:
         raise ValueError("data.num_workers must be >= 0")
-    if cfg.optim.grad_clip < 0:
-        raise ValueError("optim.grad_clip must be >= 0 (0 = off)")
+    if cfg.optim.grad_clip < 0 or any(s.grad_clip is not None and s.grad_clip < 0 for s in cfg.stages):
+        raise ValueError("optim.grad_clip and stages[].grad_clip must be >= 0 (0 = off)")
+    came = cfg.optim.came
+    if not all(0.0 <= b < 1.0 for b in came.betas) or min(came.eps) <= 0 or came.clip_threshold <= 0:
+        raise ValueError(f"optim.came: betas in [0, 1), eps > 0 and clip_threshold > 0, got betas={came.betas}, "
+                         f"eps={came.eps}, clip_threshold={came.clip_threshold}")
+    if cfg.optim.name == "came" and cfg.checkpoint.load_universal:
+        raise ValueError("optim.name=came with checkpoint.load_universal=true: CAME's row/column statistics have no "
+                         "DeepSpeed universal-checkpoint form; valid: load_universal with optim.name=adamw, or resume "
+                         "a CAME run on the world size it was saved with")
+    if cfg.checkpoint.init_from and cfg.checkpoint.resume_from:
+        raise ValueError("checkpoint.init_from and checkpoint.resume_from are both set: init_from starts a run from "
+                         "release weights (fresh optimizer), resume_from continues a checkpoint; set one")

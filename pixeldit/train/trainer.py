@@ -5,7 +5,8 @@
 
 Outline:
  1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1);
- 2. rank 0 saves the config into the run folder; find ``checkpoints/latest`` (auto-resume);
+ 2. rank 0 saves the config into the run folder; find ``checkpoints/latest`` (auto-resume); a run with no
+    checkpoint yet and ``checkpoint.init_from`` starts from that release's weights (warm_start.py);
  3. for each curriculum stage from the one the checkpoint is in: build the engine (engine.py), the EMA,
     the loader; load the checkpoint (the same path serves a resume and a stage boundary, so both are exact);
  4. every step: agree on the stop flag; set the LR; for each micro-batch draw the batch, build the
@@ -40,6 +41,7 @@ from .engine import EngineBundle, build_engine
 from .loader import TrainLoader, build_loader
 from .metrics import FlopCounter, MetricsLogger, StepTimer
 from .preview import write_preview
+from .warm_start import check_init_release, read_init_weights
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,11 +103,12 @@ def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[
             "bucket_align": stage.bucket_align, "text_encoder": cfg.conditioning.text_encoder,
             "system_prompt": resolved_system_prompt(cfg, cfg.model.args()), "zero": cfg.deepspeed.zero,
             "precision": cfg.deepspeed.precision, "world_size": world_size,
-            "ema_decay": cfg.ema_decay}
+            "ema_decay": cfg.ema_decay, "optimizer": cfg.optim.name, "init_from": cfg.checkpoint.init_from}
 
 
 def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     # 1-2. process group, run folder, resume point
+    check_init_release(cfg)  # a release of another architecture fails here, before any process group
     info = init_distributed()
     rank, world = info.rank, info.world_size
     run_dir = Path(cfg.run_dir)
@@ -118,6 +121,7 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
     latest, universal = ckpt.latest(), False
     if latest is None and cfg.checkpoint.resume_from:  # e.g. a universal checkpoint for a new world size
         latest, universal = Path(cfg.checkpoint.resume_from), cfg.checkpoint.load_universal
+    init_state = read_init_weights(cfg) if latest is None and cfg.checkpoint.init_from else None
     meta = read_meta(latest) if latest is not None else {}
     step = meta["step"] if latest is not None else 0
     args = cfg.model.args()
@@ -142,8 +146,13 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
             span, stage = curriculum.span(stage_index), cfg.stages[stage_index]
             objective = curriculum.objective(stage_index, cfg.objective)
             conditioner = build_conditioner(cfg, args, device, stage_index, encoder)
-            bundle = build_engine(cfg, stage_index, world, teacher.dim if teacher is not None else None, universal)
+            bundle = build_engine(cfg, stage_index, world, teacher.dim if teacher is not None else None, universal,
+                                  init_state)
             ema = EMA(bundle.model, cfg.ema_decay, bundle.zero3, world, rank)
+            if init_state is not None:  # weights only: the EMA starts there too; later stages load checkpoints
+                ema.load_full(init_state)
+                metrics.write(f"model and EMA initialised from {cfg.checkpoint.init_from} (fresh optimizer)")
+                init_state = None
             loader = build_loader(cfg, stage_index, rank, world,
                                   args.num_classes if args.conditioning == "class" else None)
             if latest is not None:

@@ -108,7 +108,8 @@ def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[
 
 def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     # 1-2. process group, run folder, resume point
-    check_init_release(cfg)  # a release of another architecture fails here, before any process group
+    if cfg.checkpoint.init_from and CheckpointManager(cfg.run_dir, cfg.checkpoint.keep).latest() is None:
+        check_init_release(cfg)  # a release of another architecture fails here, before any process group
     info = init_distributed()
     rank, world = info.rank, info.world_size
     run_dir = Path(cfg.run_dir)

@@ -63,10 +63,10 @@ def run(zero: str, out: Path) -> None:
     full = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in module.named_parameters()}
     pieces = {}
     vec = 0
-    for lay in came._layouts.values():
-        for s in lay.part.segments:
+    for part in came.partitions():
+        for s in part.segments:
             pieces.setdefault(s.name, []).append([s.param_start, s.numel, len(s.shape) == 2])
-        vec += came.state[lay.part.tensor]["exp_avg_sq"].numel()
+        vec += came.state[part.tensor]["exp_avg_sq"].numel()
     result = {"factored": sorted(came.factored_names()), "pieces": pieces, "exp_avg_sq": vec,
               "shapes": {n: tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
                          for n, p in module.named_parameters()}}

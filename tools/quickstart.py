@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
 
     samples = out / "samples"
     args = ["--model", str(release), "--out", str(samples), "--steps", str(a.sample_steps), "--cfg-scale",
-            str(a.cfg_scale), "--height", str(a.resolutions[1]), "--width", str(a.resolutions[1]), "--num-per-prompt", "2"]
+            str(a.cfg_scale), "--height", str(a.resolutions[1]), "--width", str(a.resolutions[1]), "--num-per-prompt", "2",
+            "--text-encoder", a.text_encoder]  # the release records the encoder by name only
     for p in PROMPTS:
         args += ["--prompt", p]
     sample_main(args)

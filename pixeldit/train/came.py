@@ -10,7 +10,7 @@ One step on a weight matrix G (m, n) of gradients, t = step (no bias correction)
     W = W - lr (wd W + M / sqrt(S)),  S_ij = R_i C_j / mean(R)        (confidence-guided step)
 
 A vector (bias, norm scale) keeps an element-wise v = b2 v + (1 - b2)(g^2 + eps1), U = g / sqrt(v), the same
-clipping and M, and steps by M (no instability term). A matrix therefore costs m n + 4 (m + n) numbers of state
+clipping and M, and steps by M (no instability term). A matrix therefore costs m n + 2 (m + n) numbers of state
 against AdamW's 2 m n. Parameters of 3 or more dimensions are refused (the model has none; reshape them).
 
 Under ZeRO the optimizer does not see matrices but flat fp32 partitions in which a matrix may be cut anywhere
@@ -98,7 +98,7 @@ class _Layout:
     stats_at: dict[str, int] = field(default_factory=dict)  # factored param -> offset of [rows | cols] in a buffer
     stats_size: int = 0
     rms_at: dict[str, int] = field(default_factory=dict)  # param -> slot in the clipping buffer
-    state_at: dict[str, int] = field(default_factory=dict)  # local segment -> offset in its state vector(s)
+    state_at: dict[str, Any] = field(default_factory=dict)  # local piece -> offset in exp_avg_sq, or (row, col)
     sizes: dict[str, int] = field(default_factory=dict)  # state vector lengths: vec, row, col
     _numels: torch.Tensor | None = None
 
@@ -179,6 +179,10 @@ class CAME(torch.optim.Optimizer):
         """Step on these ZeRO flat partitions from now on; ``comm(partition)`` is the in-place sum over the ranks
         that share it (``bind_zero``: an all-reduce over its process group)."""
         self._layouts = {id(part.tensor): _Layout(part, comm=comm(part)) for part in partitions}
+
+    def partitions(self) -> list[FlatPartition]:
+        """What each stepped tensor holds: a parameter of its own, or (after ``bind_partitions``) ZeRO pieces."""
+        return [lay.part for lay in self._layouts.values()]
 
     def factored_names(self) -> set[str]:
         """Names of the parameters (or pieces of them) this rank steps with factored statistics."""

@@ -2,9 +2,10 @@
 
 One concern per module, each with a ``build_*`` factory or a small stateful object:
 
-- ``config``: the typed ``RunConfig`` tree, ``load_config(path, overrides)``, ``save_config``
+- ``config``: the typed ``RunConfig`` tree, ``load_config(path, overrides)`` (validated), ``save_config``
+- ``preflight``: ``preflight(cfg, world_size)``, the files and JSON a run needs, checked before anything starts
 - ``ds_config``: ZeRO JSON of ``ds_configs/`` completed/checked from the run config
-- ``curriculum``: stage spans and per-stage objective
+- ``curriculum``: stage spans (the per-stage objective: ``RunConfig.stage_objective``)
 - ``bucket_sampler`` + ``loader``: rank-aligned bucket batches from samples.parquet, ``build_loader``
 - ``activation_checkpointing`` + ``engine``: ``build_engine`` (model + REPA projector -> DeepSpeed)
 - ``optim``: AdamW or CAME and the warmup + constant/cosine ``LRSchedule``; ``came``: CAME with factored second
@@ -12,10 +13,13 @@ One concern per module, each with a ``build_*`` factory or a small stateful obje
   partition holds)
 - ``warm_start``: start a run from a release folder's weights (``checkpoint.init_from``: fine-tuning)
 - ``ema``: ``EMA`` under every ZeRO stage (its file format and ``consolidate_ema``: ``pixeldit.run_folder``)
-- ``checkpoint``: ``CheckpointManager`` (atomic step folders, ``latest`` pointer, keep-k; the names and
-  ``meta.json``: ``pixeldit.run_folder``), ``untie_optimizer_steps`` (a DeepSpeed universal-load fix)
+- ``checkpoint``: ``CheckpointManager`` (atomic, checksummed step folders, ``latest`` pointer, keep-k, the
+  resume point with its fallback; the names, ``meta.json`` and the manifest: ``pixeldit.run_folder``),
+  ``untie_optimizer_steps`` (a DeepSpeed universal-load fix)
+- ``run_lock``: ``RunLock``, one trainer per run folder (a lock file that works on shared file systems)
 - ``conditioning``: class ids / text encoder / embedding cache, REPA teacher
 - ``metrics`` + ``preview``: JSONL, tqdm, wandb, MFU; EMA image grids
+- ``signals``: ``StopFlag``, the one stop-signal mechanism (the CLI's and the launcher job's)
 - ``trainer``: ``run_training(cfg, stop_requested) -> TrainResult``; ``cli``: ``pixeldit-train``
 
 Releases are made from the checkpoints on disk; training reads a release folder only in ``warm_start``, through

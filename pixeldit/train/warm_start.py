@@ -4,9 +4,10 @@ an imported official one (``python -m pixeldit.release.official import``).
 Weights only: the model and its EMA start from the release; the optimizer, the LR schedule and the REPA
 projector (not part of a release) start fresh. In the trainer's order:
 
- 1. ``check_init_release(cfg)``, before anything expensive: the release's architecture (its ``config.json``)
-    must equal the run config's (``model.size`` + ``model.overrides``) field by field, else one ``ConfigError``
-    naming every differing field with both values;
+ 1. ``check_init_release(cfg)``, in ``preflight`` (before anything starts): the folder must exist and hold a
+    ``config.json`` and its weights file(s), and the release's architecture must equal the run config's
+    (``model.size`` + ``model.overrides``) field by field, else one ``ConfigError`` naming the key (and every
+    differing field with both values);
  2. ``read_init_weights(cfg)``: the release's tensors in fp32, keys strictly those of the model;
  3. ``build_engine(..., init_state=...)`` loads them into the model before ``deepspeed.initialize`` (so the
     bf16 and partitioned copies DeepSpeed makes hold them) and ``write_fp32_masters`` then writes the exact
@@ -22,15 +23,16 @@ through the format modules only (``config``, ``safe_load``, ``key_map``: no deep
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from pixeldit.errors import CheckpointError, ConfigError
+from pixeldit.errors import CheckpointError, ConfigError, UserError
 from pixeldit.release.config import CONFIG_FILE, ReleaseConfig
 from pixeldit.release.key_map import TRAINING_PREFIX, release_to_model
-from pixeldit.release.safe_load import load_release_weights
+from pixeldit.release.safe_load import SHARD_INDEX, SINGLE_FILE, load_release_weights
 
 from .config import RunConfig
 from .zero_partitions import write_full_values, zero_partitions
@@ -41,7 +43,17 @@ def check_init_release(cfg: RunConfig) -> ReleaseConfig | None:
     folder = cfg.checkpoint.init_from
     if not folder:
         return None
-    release = ReleaseConfig.load(folder)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"checkpoint.init_from={folder!r} not found (the run {cfg.run_dir} has no checkpoint of its "
+                          f"own yet, so it would start from that release's weights); set it to a release folder "
+                          f"(pixeldit-release, or pixeldit-official import) or remove it")
+    try:
+        release = ReleaseConfig.load(folder)
+    except UserError as err:
+        raise ConfigError(f"checkpoint.init_from={folder!r}: {err}") from None
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in (SINGLE_FILE, SHARD_INDEX)):
+        raise ConfigError(f"checkpoint.init_from={folder!r}: neither {SINGLE_FILE} nor {SHARD_INDEX} there: not a "
+                          f"complete release folder; re-export it with pixeldit-release")
     saved, wanted = release.args().to_dict(), cfg.model.args().to_dict()
     changed = {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)}
     if changed:

@@ -410,7 +410,7 @@ def stage_mask(root: str, expression: str, storage_options: dict[str, Any] | Non
     names. ``keys``: the caller's index keys (e.g. ``SampleIndex.keys``); the mask is checked to line up with
     them row for row. ``where`` prefixes errors (the run-config key). This is the one function a training
     loader calls to select a stage's rows of the same shards (``stages.N.filter``), without re-sharding."""
-    from .dataset_format import SAMPLE_COLUMNS, read_committed_columns
+    from .dataset_format import SAMPLE_COLUMNS, SAMPLES, read_committed_columns
 
     row_filter = check_stage_filter(root, expression, where, storage_options)
     table = read_committed_columns(root, list(dict.fromkeys([SAMPLE_COLUMNS.key, *row_filter.columns])),
@@ -418,6 +418,6 @@ def stage_mask(root: str, expression: str, storage_options: dict[str, Any] | Non
     mine = table.column(SAMPLE_COLUMNS.key)
     if keys is not None and (len(keys) != len(mine) or not mine.equals(
             pa.chunked_array([keys]) if isinstance(keys, pa.Array) else keys)):
-        raise DataError(f"{root}: samples.parquet changed while the stage's rows were selected "
+        raise DataError(f"{root.rstrip('/')}/{SAMPLES} changed while the stage's rows were selected "
                         f"({len(keys)} rows in the index, {table.num_rows} now); restart once the root is committed")
     return row_filter.mask(table)

@@ -9,6 +9,7 @@ import os
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -21,6 +22,7 @@ from data_pipeline.serve import serve_folder
 from data_pipeline.shard import ShardConfig, build_shards
 from data_pipeline.synthetic import make_synthetic_dataset
 from pixeldit.cluster import LaunchConfig
+from pixeldit.errors import DataError
 from pixeldit.train.config import RunConfig, StageConfig
 from pixeldit.train.loader import build_loader
 
@@ -142,6 +144,8 @@ def test_metadata_filters_select_exactly_the_expected_rows_at_shard_and_stage_ti
     stage = StageConfig(name="s1024", data_path=data["ref"], filter=FILTER, resolution=512, bucket_align=32)
     loader = build_loader(RunConfig(stages=[stage]), 0, rank=0, world_size=1)
     assert {keys[r] for rows in loader.groups.values() for r in rows} == want
+    with pytest.raises(DataError, match=r"reference/samples.parquet changed while .* \(\d+ rows in the index"):
+        stage_mask(data["ref"], FILTER, keys=pa.array(keys[1:] + keys[:1]))  # rows no longer line up
     # shard time: only those rows are sharded (3 tasks), the others counted as "filtered"
     out = str(tmp_path / "filtered")
     summary = build_shards(data["ingest"], out, ShardConfig(**{**SHARD.__dict__, "filter": FILTER}),

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Sequence
 
+from pixeldit.errors import CliParser, cli_main
 from pixeldit.storage import join
 
 from .ingest import ENCODE_FORMATS, RESIZE_MODES, IngestConfig, IngestSummary, ingest
@@ -132,9 +133,7 @@ def _serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pixeldit-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CliParser(prog="pixeldit-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ingest", help="URL list -> img2dataset shards (incremental)")
     p.add_argument("url_list", help="parquet/csv/jsonl file or folder, local or s3://")
@@ -170,12 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        return _dispatch(a)
-    except (FileNotFoundError, ValueError) as err:  # bad paths / settings: one line, not a traceback
-        print(f"pixeldit-data {a.command}: error: {err}", file=sys.stderr)
-        return 2
+    """A user's mistake (bad path, setting, unreachable storage) ends in one line and exit code 2."""
+    return cli_main("pixeldit-data", lambda args: _dispatch(build_parser().parse_args(args)), argv)
 
 
 def _dispatch(a: argparse.Namespace) -> int:

@@ -15,7 +15,9 @@ import sys
 
 import yaml
 
-from .config import load_config, to_dict
+from pixeldit.errors import CliParser, cli_main
+
+from .config import load_config, to_saved_dict
 
 
 class StopFlag:
@@ -37,8 +39,7 @@ class StopFlag:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pixeldit-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog="pixeldit-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="run config YAML (defaults are used for keys it leaves out)")
     p.add_argument("overrides", nargs="*", help="dotted overrides key.path=value, e.g. stages.1.lr=5e-5")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
@@ -46,10 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors a user can fix (config, data, storage) end in one line and exit code 2 (``pixeldit.errors``)."""
+    return cli_main("pixeldit-train", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(yaml.safe_dump(to_saved_dict(cfg), sort_keys=False))
         return 0
     from .trainer import run_training
 

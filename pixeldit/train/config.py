@@ -32,6 +32,7 @@ from typing import Any, Literal
 import yaml
 
 from pixeldit.models import MODEL_SIZES, ModelArgs, get_model_args
+from pixeldit.storage import REDACTED, redact_options, resolve_s3_settings, write_text_atomic
 
 BucketMode = Literal["fixed", "aspect"]
 Schedule = Literal["constant", "cosine"]
@@ -53,12 +54,21 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One dataset root of a stage and its mixing weight."""
+
+    path: str = ""  # dataset root written by data_pipeline (local folder or s3://bucket/prefix)
+    weight: float = 1.0  # share of every epoch's draws (normalised over the stage's sources)
+
+
+@dataclass
 class StageConfig:
     """One curriculum stage: the trainer runs ``steps`` optimizer steps, then moves to the next stage."""
 
     name: str = "stage0"
     steps: int = 1000
-    data_path: str = ""  # dataset root written by data_pipeline (local folder or s3://bucket/prefix)
+    data_path: str = ""  # dataset root written by data_pipeline (local folder or s3://bucket/prefix), or:
+    sources: list[DataSource] = field(default_factory=list)  # several roots with mixing weights (no data_path)
     resolution: int = 256  # base resolution of the bucket table
     buckets: BucketMode = "fixed"  # fixed: every image center-cropped to resolution^2; aspect: ratio buckets
     bucket_align: int = 32  # bucket sides are multiples of this (bucket_table(resolution, bucket_align))
@@ -71,6 +81,10 @@ class StageConfig:
     shift: float = 1.0  # timestep shift (SD3-style resolution shift)
     repa: bool = False  # REPA loss on in this stage
     grad_checkpointing: bool = False  # activation checkpointing of patch and PiT blocks
+
+    def data_sources(self) -> list[DataSource]:
+        """The stage's dataset roots with their weights (``data_path`` is one root of weight 1)."""
+        return list(self.sources) if self.sources else [DataSource(self.data_path, 1.0)]
 
 
 @dataclass
@@ -101,9 +115,23 @@ class DeepSpeedSection:
 
 @dataclass
 class DataSection:
+    """How the loader reads the stages' datasets (pixeldit/train/loader.py)."""
+
     num_workers: int = 4  # DataLoader workers per rank (0: load in the training process)
     prefetch_factor: int = 2
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (e.g. s3 endpoint_url)
+    # fsspec options (e.g. s3 endpoint_url). Credentials (key, secret, token) are redacted wherever the config
+    # is saved and refused by the launcher: give them as AWS_* environment variables or an AWS profile
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    s3: dict[str, float] = field(default_factory=dict)  # S3 timeouts/retries: pixeldit.storage.S3Settings fields
+    cache_dir: str = ""  # node-local cache of remote shards (flock-shared by the node); "": $TMPDIR/pixeldit-cache
+    cache_max_gb: float = 100.0  # size bound of the cache (LRU eviction); 0: no cache, one ranged GET per image
+    prefetch_batches: int = 8  # global batches ahead of the training step whose shards are fetched
+    fetch_threads: int = 4  # concurrent shard downloads per rank
+    shuffle_block_shards: int = 16  # shards shuffled together per bucket (>= nodes keeps reads node-local)
+    max_bad_samples: int = 100  # per rank and stage: undecodable samples skipped and counted, then the run fails
+    skip_damaged_shards: bool = False  # shards missing or of the wrong size: fail (default) or leave them out
+    worker_timeout_s: float = 600.0  # a DataLoader worker silent this long is an error (0: wait forever)
+    target_mfu: float = 0.4  # the MFU the stage-start data-rate line sizes the data rate for
 
 
 @dataclass
@@ -321,13 +349,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return cfg
 
 
+def to_saved_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as it may be written anywhere (config.yaml, launcher files, wandb): credentials in
+    ``data.storage_options`` replaced by ``pixeldit.storage.REDACTED``."""
+    tree = to_dict(cfg)
+    tree["data"]["storage_options"] = redact_options(tree["data"]["storage_options"])
+    return tree
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Write the config as YAML atomically (tmp file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the config (credentials redacted) as YAML atomically."""
+    write_text_atomic(Path(path), yaml.safe_dump(to_saved_dict(cfg), sort_keys=False))
 
 
 def validate(cfg: RunConfig) -> None:
@@ -345,8 +377,16 @@ def validate(cfg: RunConfig) -> None:
         for key in ("steps", "micro_batch", "grad_accum", "resolution", "bucket_align"):
             if getattr(s, key) <= 0:
                 raise ValueError(f"{where}.{key}={getattr(s, key)} must be positive")
-        if not s.data_path:
+        if s.data_path and s.sources:
+            raise ValueError(f"{where}: set data_path (one root) or sources (several roots with weights), not both")
+        if not s.data_path and not s.sources:
             raise ValueError(f"{where}.data_path is empty: set the dataset root written by data_pipeline")
+        for j, src in enumerate(s.sources):
+            if not src.path or not src.weight > 0:
+                raise ValueError(f"{where}.sources.{j}: needs a path and a weight > 0, got {src.path!r}, {src.weight}")
+        paths = [src.path for src in s.data_sources()]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"{where}.sources: a root appears twice ({paths}); give it one weight")
         if s.lr <= 0 or s.warmup_steps < 0 or not 0.0 <= s.min_lr_ratio <= 1.0:
             raise ValueError(f"{where}: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
         if s.shift <= 0:
@@ -370,7 +410,26 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("max_consecutive_nonfinite must be positive")
     if cfg.logging.log_every <= 0 or cfg.logging.image_every < 0:
         raise ValueError("logging.log_every must be positive and logging.image_every >= 0")
-    if cfg.data.num_workers < 0:
+    d = cfg.data
+    if d.num_workers < 0:
         raise ValueError("data.num_workers must be >= 0")
+    for key in ("prefetch_factor", "prefetch_batches", "fetch_threads", "shuffle_block_shards"):
+        if getattr(d, key) <= 0:
+            raise ValueError(f"data.{key}={getattr(d, key)} must be positive")
+    if d.cache_max_gb < 0 or d.max_bad_samples < 0 or d.worker_timeout_s < 0:
+        raise ValueError("data.cache_max_gb, data.max_bad_samples and data.worker_timeout_s must be >= 0")
+    if not 0.0 < d.target_mfu <= 1.0:
+        raise ValueError(f"data.target_mfu={d.target_mfu} must be in (0, 1]")
+    resolve_s3_settings(d.s3)  # unknown keys and bad values named here, before anything starts
+    if any(v == REDACTED for v in _leaves(d.storage_options)):
+        raise ValueError(f"data.storage_options holds {REDACTED!r} values: this config was read back from a run "
+                         f"folder, where credentials are never saved; remove them and give the credentials as AWS_* "
+                         f"environment variables or an AWS profile")
     if cfg.optim.grad_clip < 0:
         raise ValueError("optim.grad_clip must be >= 0 (0 = off)")
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    return [tree]

@@ -296,8 +296,8 @@ def _read_range(fs: fsspec.AbstractFileSystem, path: str, url: str, start: int, 
         if reason is None or isinstance(fs, LocalFileSystem):
             raise
         settings = s3_settings()
-        raise StorageError(f"{url}: bytes {start}..{end} still failing after {settings.max_attempts} attempts "
-                           f"({reason}: {_one_line(err)}) from {s3_endpoint(fs)}; raise "
+        raise StorageError(f"{url}: S3 endpoint {s3_endpoint(fs)}: bytes {start}..{end} cut off mid-transfer "
+                           f"{settings.max_attempts} times ({reason}: {_one_line(err)}); check the network or raise "
                            f"{S3_ENV['max_attempts']} (run config: data.s3.max_attempts)") from err
 
 
@@ -443,7 +443,7 @@ def retry_reason(err: BaseException) -> str | None:
         if isinstance(e, ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in _THROTTLE_CODES or status == 429 or "reduce your request rate" in str(e):
+            if code in _THROTTLE_CODES or status in (429, 503) or "reduce your request rate" in str(e):
                 return "throttled"
             if status >= 500 or code in ("InternalError", "ServiceUnavailable", "RequestTimeout"):
                 return "server error"
@@ -500,7 +500,7 @@ def storage_failure(what: str, endpoint: str, reason: str, attempts: int, second
     settings = s3_settings()
     advice = _ADVICE[reason].format(read=settings.read_timeout_s, connect=settings.connect_timeout_s)
     last = f"; last: {_one_line(err)}" if reason in ("server error", "connection error") else ""
-    return StorageError(f"{what}: {reason} from S3 endpoint {endpoint} ({attempts} attempts in {seconds:.1f} s"
+    return StorageError(f"{what}: S3 endpoint {endpoint}: {reason} ({attempts} attempts in {seconds:.1f} s"
                         f"{last}); {advice}")
 
 

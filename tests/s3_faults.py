@@ -161,9 +161,10 @@ class FaultProxy:
                 if fault != "forward":
                     with self.lock:
                         self.faults[fault] += 1
-                if fault == "slowdown":
+                if fault == "slowdown":  # a HEAD answer has no body (S3 sends the bare 503)
                     client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: "
-                                   + str(len(SLOWDOWN_BODY)).encode() + b"\r\n\r\n" + SLOWDOWN_BODY)
+                                   + str(len(SLOWDOWN_BODY)).encode() + b"\r\n\r\n"
+                                   + (b"" if method == "HEAD" else SLOWDOWN_BODY))
                     continue
                 if fault == "reset-before":
                     _reset(client)

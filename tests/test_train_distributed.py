@@ -5,7 +5,10 @@
 - a run SIGKILLed (every process) twice and resumed gives bit-identical per-step losses, fp32 master
   weights and EMA to an uninterrupted run: the first kill as the last step of stage a is logged (resume
   from step 2 or 3, so the resumed run crosses the stage boundary), the second at a random step of stage b;
-- gradient checkpointing on and off give the same losses.
+- gradient checkpointing on and off give the same losses;
+- a universal checkpoint of the 2-rank run resumes on 1 rank with the same fp32 weights and EMA, and with the
+  same global batch (micro_batch doubled) continues the identical sample sequence; the ledger of the run lists
+  exactly the keys the ranks recorded.
 """
 from __future__ import annotations
 
@@ -54,13 +57,13 @@ def write_config(path: Path, run_dir: Path, data: Path, zero: str = "zero2", **s
     return path
 
 
-def launch(config: Path, log: Path) -> subprocess.Popen:
+def launch(config: Path, log: Path, **env_extra: str) -> subprocess.Popen:
     cmd, env = torchrun(config)
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, env={**env, **env_extra}, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT)
 
 
-def run_to_end(config: Path, log: Path, timeout: float = 120) -> None:
-    proc = launch(config, log)
+def run_to_end(config: Path, log: Path, timeout: float = 120, **env_extra: str) -> None:
+    proc = launch(config, log, **env_extra)
     if proc.wait(timeout=timeout) != 0:
         raise AssertionError(f"training failed (rc {proc.returncode}); log tail:\n{log.read_text()[-4000:]}")
 
@@ -112,7 +115,8 @@ def final_state(run_dir: Path) -> tuple[dict, dict]:
 def reference(dataset, tmp_path_factory) -> Path:
     """Uninterrupted ZeRO-2 run, shared by the resume and checkpointing tests."""
     tmp = tmp_path_factory.mktemp("ref")
-    run_to_end(write_config(tmp / "run.yaml", tmp / "run", dataset), tmp / "log.txt")
+    run_to_end(write_config(tmp / "run.yaml", tmp / "run", dataset), tmp / "log.txt",
+               PIXELDIT_RECORD_KEYS=str(tmp / "run" / "recorded_keys"))
     return tmp / "run"
 
 
@@ -203,7 +207,9 @@ def test_universal_checkpoint_resumes_on_another_world_size(reference, tmp_path,
     src = reference / "checkpoints" / "step_00000006"
     universal = to_universal(src, tmp_path / "universal" / "step_00000006")
     cfg = load_config(reference / "config.yaml", [f"run_dir={tmp_path / 'run'}", f"checkpoint.resume_from={universal}",
-                                                  "checkpoint.load_universal=true", "data.num_workers=0"])
+                                                  "checkpoint.load_universal=true", "data.num_workers=0",
+                                                  "stages.1.micro_batch=4"])  # same global batch on 1 rank
+    monkeypatch.setenv("PIXELDIT_RECORD_KEYS", str(tmp_path / "keys"))
     result = run_training(cfg, stop_requested=lambda: True)  # load, then save at once in the new run
     assert result.status == "stopped" and result.step == 6
     saved = tmp_path / "run" / "checkpoints" / "step_00000006"
@@ -213,3 +219,26 @@ def test_universal_checkpoint_resumes_on_another_world_size(reference, tmp_path,
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     result = run_training(cfg)  # resumes from its own checkpoint now
     assert result.status == "finished" and result.step == sum(STAGE_STEPS) and len(result.losses) == 1
+    # step 7 on 1 rank drew the global batch that step 7 drew on 2 ranks
+    assert recorded_steps(tmp_path / "keys") == [recorded_steps(reference / "recorded_keys")[-1]]
+
+
+def recorded_steps(folder: Path) -> list[list[str]]:
+    """Per optimizer step (in order), the sorted keys every rank drew (the loader's PIXELDIT_RECORD_KEYS hook)."""
+    steps: dict[tuple, list[str]] = {}
+    for path in sorted(folder.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            steps.setdefault((r["stage"], r["epoch"], r["batch"]), []).extend(r["key"])
+    return [sorted(keys) for keys in steps.values()]
+
+
+def test_ledger_lists_exactly_the_recorded_keys(reference):
+    from pixeldit.train.ledger import ledger
+
+    by_step: dict[int, list[str]] = {}
+    for step, root, key in ledger(reference, sum(STAGE_STEPS)):
+        by_step.setdefault(step, []).append(key)
+    assert sorted(by_step) == list(range(1, sum(STAGE_STEPS) + 1))
+    assert [sorted(v) for _, v in sorted(by_step.items())] == recorded_steps(reference / "recorded_keys")
+    assert [len(v) for v in by_step.values()] == [4] * STAGE_STEPS[0] + [8] * STAGE_STEPS[1]  # G per stage

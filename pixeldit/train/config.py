@@ -16,8 +16,9 @@ Example (YAML)::
       - {name: s512-fixed, steps: 100000, data_path: s3://bkt/data, resolution: 512, buckets: fixed,
          micro_batch: 32, lr: 1.0e-4, warmup_steps: 2000, shift: 3.0, repa: true}
       - {name: s512-aspect, steps: 50000, data_path: s3://bkt/data, resolution: 512, buckets: aspect, shift: 3.0}
-      - {name: s1024, steps: 30000, data_path: s3://bkt/data, resolution: 1024, buckets: aspect,
-         micro_batch: 8, lr: 5.0e-5, shift: 4.0, grad_checkpointing: true}
+      - {name: s1024, steps: 30000, resolution: 1024, buckets: aspect, micro_batch: 8, lr: 5.0e-5, shift: 4.0,
+         grad_checkpointing: true, sources: [{path: s3://bkt/data, weight: 3}, {path: s3://bkt/hq, weight: 1}]}
+    data: {num_workers: 8, cache_dir: /local/nvme/pixeldit-cache, cache_max_gb: 500, s3: {read_timeout_s: 30}}
 """
 from __future__ import annotations
 

@@ -30,10 +30,12 @@ import collections
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -56,18 +58,41 @@ RECORD_KEYS_ENV = "PIXELDIT_RECORD_KEYS"
 OPEN_SHARDS = 16  # open shard files per reader (process)
 
 
-def decode_and_crop(data: bytes, height: int, width: int) -> torch.Tensor:
-    """Encoded image bytes -> (3, height, width) float32 in [-1, 1]: RGB, resize to cover, center crop."""
+def decode_to_bucket(data: bytes, height: int, width: int) -> torch.Tensor:
+    """Encoded image bytes -> (3, height, width) uint8 RGB: resized to cover the bucket, center crop.
+
+    Only the centred box that survives the crop is resized (antialiased bicubic on uint8, the algorithm of
+    PIL's resize), and a JPEG far larger than the bucket is decoded at 1/2, 1/4 or 1/8 size by the decoder."""
     with Image.open(io.BytesIO(data)) as im:
-        img = im.convert("RGB")
-    scale = max(height / img.height, width / img.width)
-    new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
-    if (new_w, new_h) != img.size:
-        img = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    img = img.crop((left, top, left + width, top + height))
-    arr = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
-    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
+        scale = max(height / im.height, width / im.width)
+        if scale < 0.5:  # JPEG draft: the decoder downscales by a power of two, staying >= the cover size
+            im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+        if im.mode == "RGB":  # the pipeline stores RGB: skip convert's copy
+            im.load()
+            img = im
+        else:
+            img = im.convert("RGB")
+    src_w, src_h = img.size
+    scale = max(height / src_h, width / src_w)
+    box_w, box_h = min(src_w, max(1, round(width / scale))), min(src_h, max(1, round(height / scale)))
+    left, top = (src_w - box_w) // 2, (src_h - box_h) // 2
+    with warnings.catch_warnings():  # PIL's buffer is read-only; nothing below writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        arr = torch.from_numpy(np.asarray(img))[top:top + box_h, left:left + box_w]  # (h', w', 3)
+    x = arr.permute(2, 0, 1)  # (3, h', w')
+    if (box_h, box_w) != (height, width):
+        x = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bicubic", antialias=True)[0]
+    return x.contiguous()  # (3, H, W)
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (x / 127.5 - 1), any shape."""
+    return pixels.float().div_(127.5).sub_(1.0)  # (faster than one mixed-dtype op on CPU)
+
+
+def decode_and_crop(data: bytes, height: int, width: int) -> torch.Tensor:
+    """Encoded image bytes -> (3, height, width) float32 in [-1, 1] (``decode_to_bucket``, then scaled)."""
+    return to_unit_range(decode_to_bucket(data, height, width))
 
 
 # ---- 1. sources ------------------------------------------------------------------------------------------------
@@ -149,15 +174,19 @@ def check_stage_data(cfg: RunConfig, stage_index: int, skip: set[str] = frozense
     return out
 
 
+def _damaged_list(problems: dict[str, list[ShardProblem]]) -> str:
+    bad = [(root, p) for root, ps in problems.items() for p in ps]
+    listed = "; ".join(f"{join(root, p.shard)}: {p.problem}" for root, p in bad[:20])
+    return listed + (f"; and {len(bad) - 20} more" if len(bad) > 20 else "")
+
+
 def damaged_shards_error(cfg: RunConfig, stage_index: int, problems: dict[str, list[ShardProblem]]) -> str | None:
     """The one-line error naming every damaged shard of a stage (None when there is none)."""
-    bad = [(root, p) for root, ps in problems.items() for p in ps]
-    if not bad:
+    count = sum(len(ps) for ps in problems.values())
+    if not count:
         return None
     stage = cfg.stages[stage_index]
-    listed = "; ".join(f"{join(root, p.shard)}: {p.problem}" for root, p in bad[:20])
-    more = f"; and {len(bad) - 20} more" if len(bad) > 20 else ""
-    return (f"stage {stage_index} ({stage.name}): {len(bad)} shards do not match {MANIFEST}: {listed}{more}. "
+    return (f"stage {stage_index} ({stage.name}): {count} shards do not match {MANIFEST}: {_damaged_list(problems)}. "
             f"Training would stop when a batch needs one: restore them (rerun the sharding), or set "
             f"data.skip_damaged_shards=true to train without their samples")
 
@@ -193,7 +222,7 @@ def open_sources(cfg: RunConfig, stage_index: int, num_classes: int | None = Non
         for root, p in sorted(damaged):
             sources.left_out.setdefault(root, []).append(p)
         notes.append(f"data.skip_damaged_shards: leaving out {int(bad_shard.sum())} damaged shards, "
-                     f"{int(lost.sum())} of {len(sources)} samples ({error.split(': ', 1)[1].split('. Training')[0]})")
+                     f"{int(lost.sum())} of {len(sources)} samples ({_damaged_list(problems)})")
     return sources, selection, notes
 
 
@@ -279,7 +308,7 @@ class BatchDataset(torch.utils.data.Dataset):
         bad = []
         for row in rows:
             try:
-                images.append(decode_and_crop(self.reader.read(row), spec.height, spec.width))
+                images.append(decode_to_bucket(self.reader.read(row), spec.height, spec.width))
             except UserError:  # storage unreachable, a shard changed since the check: not a bad sample
                 raise
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:  # PIL raises all three
@@ -296,7 +325,7 @@ class BatchDataset(torch.utils.data.Dataset):
         r = np.asarray(rows, dtype=np.int64)
         shards = src.shard[r]
         return {
-            "x0": torch.stack(images),  # (B, 3, H, W)
+            "x0": to_unit_range(torch.stack(images)),  # (B, 3, H, W) float32
             "caption": [src.caption(x) for x in rows],
             "label": torch.from_numpy(src.label[r]),  # (B,)
             "source": src.shard_source[shards].tolist(),
@@ -548,7 +577,7 @@ class TrainLoader:
         try:
             for spec in self._specs(self.epoch, self.batch, self.micro):
                 for row in spec.rows:
-                    decode_and_crop(reader.read(row), spec.height, spec.width)
+                    decode_to_bucket(reader.read(row), spec.height, spec.width)
                     n += 1
                     if n >= max_samples:
                         break

@@ -323,8 +323,9 @@ class S3Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
                     name.endswith("timeout_s") and value == 0):
-                raise ConfigError(f"S3 setting {name}={value!r} must be a {'positive' if 'timeout' in name else 'non-negative'} "
-                                  f"number of seconds ({S3_ENV[name]} / data.s3.{name})")
+                kind = "positive" if "timeout" in name else "non-negative"
+                raise ConfigError(f"S3 setting {name}={value!r} must be a {kind} number of seconds "
+                                  f"({S3_ENV[name]} / data.s3.{name})")
 
     def backoff_cap(self, retry: int) -> float:
         return min(self.backoff_max_s, self.backoff_s * 2 ** (retry - 1))
@@ -483,7 +484,8 @@ _ADVICE = {
                           "service is up",
     "no answer": "the endpoint accepts connections but did not answer within the read timeout of {read:g} s "
                  "(connect timeout {connect:g} s); check the endpoint (AWS_ENDPOINT_URL or "
-                 "storage_options.endpoint_url) or raise PIXELDIT_S3_READ_TIMEOUT_S (run config: data.s3.read_timeout_s)",
+                 "storage_options.endpoint_url) or raise PIXELDIT_S3_READ_TIMEOUT_S "
+                 "(run config: data.s3.read_timeout_s)",
     "throttled": "S3 kept throttling (SlowDown); raise PIXELDIT_S3_MAX_ATTEMPTS / PIXELDIT_S3_BACKOFF_MAX_S "
                  "(run config: data.s3.max_attempts, data.s3.backoff_max_s) or spread the data over more prefixes",
     "server error": "the endpoint kept answering with server errors; retry later or raise PIXELDIT_S3_MAX_ATTEMPTS "

@@ -1,8 +1,9 @@
 """The shape of the codebase: dependencies flow one way, no import cycles, one owner per on-disk name.
 
-Import direction: pixeldit.errors <- pixeldit.storage <- pixeldit.node_cache; storage and errors <- data_pipeline <- pixeldit.models <- pixeldit.diffusion
-<- pixeldit.conditioning <- pixeldit.train <- launchers, tools. pixeldit/models imports torch and the standard
-library only (no deepspeed, no torch.distributed); data_pipeline never imports the model.
+Import direction: pixeldit.errors <- pixeldit.storage <- pixeldit.node_cache; storage and errors <- data_pipeline
+<- pixeldit.models <- pixeldit.diffusion <- pixeldit.conditioning <- pixeldit.train <- launchers, tools.
+pixeldit/models imports torch and the standard library only (no deepspeed, no torch.distributed); data_pipeline
+never imports the model.
 """
 from __future__ import annotations
 

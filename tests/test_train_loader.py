@@ -296,3 +296,34 @@ def test_record_hook_writes_the_keys(tiny, tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "keys" / "rank00001.jsonl").read_text().splitlines()]
     assert [x["key"] for x in lines] == keys and [(x["epoch"], x["batch"]) for x in lines] == [(0, 0), (0, 1)]
     assert os.path.getsize(tmp_path / "keys" / "rank00001.jsonl") > 0
+
+
+def test_a_stuck_read_in_a_worker_becomes_an_error(tiny, monkeypatch):
+    import time
+
+    from pixeldit.errors import StorageError
+    from pixeldit.train.loader import SampleReader
+
+    monkeypatch.setattr(SampleReader, "read", lambda self, row: time.sleep(60))  # inherited by the forked worker
+    loader = build_loader(_cfg(tiny, workers=1, worker_timeout_s=1.0), 0, rank=0, world_size=1)
+    start = time.time()
+    with pytest.raises(StorageError, match="data.worker_timeout_s=1 s: a read is stuck"):
+        loader.next()
+    assert time.time() - start < 30
+    loader.close()
+
+
+def test_data_rate_line_sizes_the_need_from_the_flop_model(tiny):
+    from pixeldit.models import get_model_args
+    from pixeldit.train.loader import data_rate_line
+    from pixeldit.train.metrics import FlopCounter
+
+    cfg = _cfg(tiny)
+    loader = build_loader(cfg, 0, rank=0, world_size=2)
+    flops = FlopCounter(get_model_args("debug"))
+    need = 0.4 * 100e12 * 2 / flops.train_flops(32, 32)  # data.target_mfu x peak x ranks / FLOPs per image
+    line = data_rate_line(cfg, 0, loader, flops, 2, 100.0)
+    assert line.startswith(f"data rate: the run needs {need:.0f} img/s") and "40% MFU on 2 ranks" in line
+    assert "probe:" in line and ("enough" in line or "SHORT by" in line) and "\n" not in line
+    assert "the need is unknown" in data_rate_line(cfg, 0, loader, flops, 2, None)
+    assert loader.state_dict()["batch"] == 0  # the probe does not move the stream

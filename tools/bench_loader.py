@@ -58,7 +58,8 @@ def bench_bucketed(data: str, resolution: int, micro_batch: int, workers: int,
     from pixeldit.train.config import RunConfig, StageConfig
     from pixeldit.train.loader import build_loader
 
-    cfg = RunConfig(stages=[StageConfig(data_path=data, resolution=resolution, buckets="aspect", micro_batch=micro_batch)])
+    stage = StageConfig(data_path=data, resolution=resolution, buckets="aspect", micro_batch=micro_batch)
+    cfg = RunConfig(stages=[stage])
     cfg.data.num_workers = workers
     for k, v in data_options.items():
         setattr(cfg.data, k, v)

@@ -5,8 +5,9 @@ One concern per module, each with a ``build_*`` factory or a small stateful obje
 - ``config``: the typed ``RunConfig`` tree, ``load_config(path, overrides)``, ``save_config``
 - ``ds_config``: ZeRO JSON of ``ds_configs/`` completed/checked from the run config
 - ``curriculum``: stage spans and per-stage objective
-- ``bucket_sampler`` + ``loader``: the world-size independent plan of global batches (one bucket each) over
-  the stage's dataset roots, node-cached shard reads, ``build_loader``; ``ledger``: ``pixeldit-ledger``
+- ``sources`` + ``bucket_sampler`` + ``loader``: the stage's dataset roots checked against their manifests,
+  the world-size independent plan of global batches (one bucket each), node-cached shard reads,
+  ``build_loader``; ``ledger``: ``pixeldit-ledger``
 - ``activation_checkpointing`` + ``engine``: ``build_engine`` (model + REPA projector -> DeepSpeed)
 - ``optim``: AdamW and the warmup + constant/cosine ``LRSchedule``
 - ``ema``: ``EMA`` under every ZeRO stage, ``consolidate_ema(checkpoint_dir)``

@@ -32,7 +32,8 @@ from pixeldit.storage import REDACTED, atomic_local_file, configure_s3
 from .checkpoint import CheckpointManager, read_meta
 from .config import RunConfig, from_dict, validate
 from .curriculum import Curriculum
-from .loader import build_plan, open_sources
+from .loader import build_plan
+from .sources import open_sources
 
 CONFIG_FILE = "config.yaml"
 

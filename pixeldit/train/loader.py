@@ -1,11 +1,10 @@
 """The training loader: a stage's dataset roots (local folders or S3) -> rank-aligned micro-batches of pixels.
 
 Stages of the stream (what it holds at each point):
- 1. ``open_sources``: per dataset root of the stage (``stage.data_sources()``, each with a mixing weight),
-    ``read_sample_index`` (data_pipeline.dataset_format): one row per sample (shard, byte range of its image
-    inside the tar, caption, label) and the manifest. Before the first step every shard is checked against
-    manifest.parquet (``check_stage_data``: present, same size): all damaged shards are named in one error,
-    or, with ``data.skip_damaged_shards``, their samples are left out and counted;
+ 1. ``open_sources`` (sources.py): per dataset root of the stage (each with a mixing weight), its
+    samples.parquet (one row per sample: shard, byte range of its image inside the tar, caption, label) and
+    manifest. Before the first step every shard is checked against manifest.parquet (present, same size): all
+    damaged shards are named in one error, or, with ``data.skip_damaged_shards``, their samples left out;
  2. ``StagePlan`` (bucket_sampler.py): the global batches of every epoch, one bucket each, the same for any
     world size with the same global batch; ``TrainLoader`` walks it from its state (epoch, global batch,
     micro step) and gives rank r its slice of each global batch (``BatchSpec``);
@@ -27,7 +26,6 @@ nothing from the global RNGs (the DataLoader gets its own generator), so saved R
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import json
 import math
@@ -37,7 +35,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -45,14 +43,14 @@ import torch
 from PIL import Image
 
 from data_pipeline.buckets import bucket_table
-from data_pipeline.dataset_format import (MANIFEST, SAMPLES, SampleIndex, ShardProblem, check_shards, read_manifest,
-                                          read_sample_index, require_committed)
+from data_pipeline.dataset_format import SAMPLES, ShardProblem
 from pixeldit.errors import DataError, StorageError, UserError
 from pixeldit.node_cache import NodeCache, RemoteFile
-from pixeldit.storage import is_local, join, read_range
+from pixeldit.storage import read_range
 
-from .bucket_sampler import FIXED_BUCKET, BatchSpec, PlanTable, StagePlan, stable_salt
+from .bucket_sampler import FIXED_BUCKET, BatchSpec, StagePlan, stable_salt
 from .config import RunConfig
+from .sources import SourceSet, open_sources
 
 RECORD_KEYS_ENV = "PIXELDIT_RECORD_KEYS"
 OPEN_SHARDS = 16  # open shard files per reader (process)
@@ -93,137 +91,6 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
 def decode_and_crop(data: bytes, height: int, width: int) -> torch.Tensor:
     """Encoded image bytes -> (3, height, width) float32 in [-1, 1] (``decode_to_bucket``, then scaled)."""
     return to_unit_range(decode_to_bucket(data, height, width))
-
-
-# ---- 1. sources ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SourceSet:
-    """The sample indexes of a stage's roots, concatenated: global row r belongs to source
-    ``searchsorted(row_offset, r, 'right') - 1``; shards get global ids the same way."""
-
-    roots: list[str]
-    weights: list[float]
-    indexes: list[SampleIndex]
-    storage_options: dict[str, Any]
-    left_out: dict[str, list[str]] = field(default_factory=dict)  # root -> damaged shards left out
-
-    def __post_init__(self) -> None:
-        ix = self.indexes
-        self.row_offset = np.cumsum([0] + [len(i) for i in ix])
-        self.shard_offset = np.cumsum([0] + [len(i.shards) for i in ix])
-        self.ratio_keys = sorted({k for i in ix for k in i.ratio_keys})
-        rid = {k: n for n, k in enumerate(self.ratio_keys)}
-        self.source = np.concatenate([np.full(len(i), s, dtype=np.int64) for s, i in enumerate(ix)])
-        self.shard = np.concatenate([i.shard_id + self.shard_offset[s] for s, i in enumerate(ix)])
-        self.ratio = np.concatenate([np.array([rid[k] for k in i.ratio_keys], dtype=np.int64)[i.ratio_id]
-                                     for i in ix])
-        self.image_offset = np.concatenate([i.image_offset for i in ix])
-        self.image_size = np.concatenate([i.image_size for i in ix])
-        self.sample_index = np.concatenate([i.sample_index for i in ix])
-        self.label = np.concatenate([i.label for i in ix])
-        self.shard_rel = [s for i in ix for s in i.shards]
-        self.shard_bytes = np.concatenate([i.shard_bytes for i in ix])
-        self.shard_source = np.concatenate([np.full(len(i.shards), s, dtype=np.int64) for s, i in enumerate(ix)])
-        self.remote = [not is_local(r) for r in self.roots]
-
-    def __len__(self) -> int:
-        return len(self.shard)
-
-    def locate(self, row: int) -> tuple[int, int]:
-        s = int(np.searchsorted(self.row_offset, row, side="right") - 1)
-        return s, int(row - self.row_offset[s])
-
-    def key(self, row: int) -> str:
-        s, r = self.locate(row)
-        return self.indexes[s].keys[r].as_py()
-
-    def caption(self, row: int) -> str:
-        s, r = self.locate(row)
-        return self.indexes[s].captions[r].as_py()
-
-    def shard_url(self, shard: int) -> str:
-        return join(self.roots[int(self.shard_source[shard])], self.shard_rel[shard])
-
-    def shard_file(self, shard: int) -> RemoteFile:
-        return RemoteFile(self.shard_url(shard), int(self.shard_bytes[shard]))
-
-    def table(self) -> PlanTable:
-        return PlanTable(self.source, self.shard, self.sample_index, self.ratio, self.ratio_keys, list(self.weights))
-
-    def fingerprints(self) -> list[dict[str, Any]]:
-        """Per root: rows and a digest of its committed shards (the ledger checks the root is unchanged)."""
-        out = []
-        for root, ix in zip(self.roots, self.indexes):
-            text = "\n".join(f"{s}\t{b}" for s, b in zip(ix.shards, ix.shard_bytes.tolist()))
-            out.append({"root": root, "samples": len(ix), "digest": hashlib.sha256(text.encode()).hexdigest()[:16]})
-        return out
-
-
-def check_stage_data(cfg: RunConfig, stage_index: int, skip: set[str] = frozenset()) -> dict[str, list[ShardProblem]]:
-    """{root: shards that do not match its manifest} for every root of the stage but those in ``skip``
-    (one listing per root)."""
-    out = {}
-    for src in cfg.stages[stage_index].data_sources():
-        if src.path in skip:
-            continue
-        require_committed(src.path, cfg.data.storage_options)
-        out[src.path] = check_shards(src.path, read_manifest(src.path, cfg.data.storage_options),
-                                     cfg.data.storage_options)
-    return out
-
-
-def _damaged_list(problems: dict[str, list[ShardProblem]]) -> str:
-    bad = [(root, p) for root, ps in problems.items() for p in ps]
-    listed = "; ".join(f"{join(root, p.shard)}: {p.problem}" for root, p in bad[:20])
-    return listed + (f"; and {len(bad) - 20} more" if len(bad) > 20 else "")
-
-
-def damaged_shards_error(cfg: RunConfig, stage_index: int, problems: dict[str, list[ShardProblem]]) -> str | None:
-    """The one-line error naming every damaged shard of a stage (None when there is none)."""
-    count = sum(len(ps) for ps in problems.values())
-    if not count:
-        return None
-    stage = cfg.stages[stage_index]
-    return (f"stage {stage_index} ({stage.name}): {count} shards do not match {MANIFEST}: {_damaged_list(problems)}. "
-            f"Training would stop when a batch needs one: restore them (rerun the sharding), or set "
-            f"data.skip_damaged_shards=true to train without their samples")
-
-
-def open_sources(cfg: RunConfig, stage_index: int, num_classes: int | None = None,
-                 problems: dict[str, list[ShardProblem]] | None = None) -> tuple[SourceSet, np.ndarray, list[str]]:
-    """(sources, selection mask over their rows, notes to print) of a stage. ``problems``: the result of
-    ``check_stage_data`` when the caller already has it (the trainer checks on rank 0 and broadcasts)."""
-    stage, options = cfg.stages[stage_index], cfg.data.storage_options
-    problems = check_stage_data(cfg, stage_index) if problems is None else problems
-    error = damaged_shards_error(cfg, stage_index, problems)
-    if error and not cfg.data.skip_damaged_shards:
-        raise DataError(error)
-    srcs = stage.data_sources()
-    sources = SourceSet([s.path for s in srcs], [s.weight for s in srcs],
-                        [read_sample_index(s.path, options) for s in srcs], options)
-    if num_classes is not None:
-        bad = (sources.label < 0) | (sources.label >= num_classes)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            root = sources.roots[sources.locate(row)[0]]
-            raise ValueError(f"{join(root, SAMPLES)}: sample {sources.key(row)} has label {sources.label[row]} "
-                             f"outside 0..{num_classes - 1} ({int(bad.sum())} such rows); a class-conditional model "
-                             f"needs a class id for every sample")
-    selection = np.ones(len(sources), dtype=bool)
-    notes = []
-    if error:
-        damaged = {(root, p.shard) for root, ps in problems.items() for p in ps}
-        bad_shard = np.array([(sources.roots[int(sources.shard_source[g])], rel) in damaged
-                              for g, rel in enumerate(sources.shard_rel)], dtype=bool)
-        lost = bad_shard[sources.shard]
-        selection &= ~lost
-        for root, p in sorted(damaged):
-            sources.left_out.setdefault(root, []).append(p)
-        notes.append(f"data.skip_damaged_shards: leaving out {int(bad_shard.sum())} damaged shards, "
-                     f"{int(lost.sum())} of {len(sources)} samples ({_damaged_list(problems)})")
-    return sources, selection, notes
 
 
 # ---- 4. reading and decoding (inside DataLoader workers) --------------------------------------------------------
@@ -478,7 +345,8 @@ class TrainLoader:
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "timeout": self.worker_timeout_s}
         dl = torch.utils.data.DataLoader(
-            self.dataset, sampler=self._specs(self.epoch, self.batch, self.micro), batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
+            self.dataset, sampler=self._specs(self.epoch, self.batch, self.micro), batch_size=None,
+            collate_fn=_identity, num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed), **kwargs)  # own generator: global RNG untouched
         self._iter = iter(dl)  # forks the workers: start the prefetch thread only after
         cache = self.dataset.cache
@@ -678,6 +546,6 @@ def data_rate_line(cfg: RunConfig, stage_index: int, loader: TrainLoader, flops,
     need = d.target_mfu * peak_tflops * 1e12 * world_size / per_image
     verdict = "enough" if estimate >= need else (f"SHORT by {need / max(estimate, 1e-9):.1f}x: more data.num_workers, "
                                                  f"CPU per rank, or a closer data copy")
-    return (f"data rate: the run needs {need:.0f} img/s ({need * mean_bytes / 1e6:.1f} MB/s at {mean_bytes / 1e3:.0f} kB "
-            f"per image) for {100 * d.target_mfu:.0f}% MFU on {world_size} ranks of {peak_tflops:g} TFLOP/s "
+    return (f"data rate: the run needs {need:.0f} img/s ({need * mean_bytes / 1e6:.1f} MB/s at "
+            f"{mean_bytes / 1e3:.0f} kB per image) for {100 * d.target_mfu:.0f}% MFU on {world_size} ranks of {peak_tflops:g} TFLOP/s "
             f"({per_image / 1e12:.3g} TFLOP per image per step at {stage.resolution}px); {got}: {verdict}")

@@ -42,10 +42,10 @@ from .curriculum import Curriculum
 from .ema import EMA
 from .engine import EngineBundle, build_engine
 from .export import untie_optimizer_steps
-from .loader import (TrainLoader, build_loader, build_node_cache, check_stage_data, damaged_shards_error,
-                     data_rate_line)
+from .loader import TrainLoader, build_loader, build_node_cache, data_rate_line
 from .metrics import FlopCounter, MetricsLogger, StepTimer, device_peak_tflops
 from .preview import write_preview
+from .sources import check_stage_data, damaged_shards_error
 
 
 class NonFiniteLossError(RuntimeError):
@@ -261,7 +261,8 @@ def _check_data(cfg: RunConfig, first_stage: int, rank: int) -> dict[int, dict]:
         except Exception as err:  # noqa: BLE001 (handed to every rank first: all stop with the same error)
             failure = err
             kind = type(err) if isinstance(err, USER_ERRORS) else RuntimeError
-            result = [("error", kind, f"{err}" if kind is not RuntimeError else f"rank 0 failed checking the data: {err}")]
+            message = f"{err}" if kind is not RuntimeError else f"rank 0 failed checking the data: {err}"
+            result = [("error", kind, message)]
     dist.broadcast_object_list(result, src=0)
     if failure is not None:
         raise failure

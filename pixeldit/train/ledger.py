@@ -58,7 +58,8 @@ def _without_redacted(tree: Any) -> Any:
 
 
 def ledger(run_dir: str | os.PathLike, step: int) -> Iterator[tuple[int, str, str]]:
-    """(optimizer step, root, sample key) of every sample drawn by steps 1..``step``, in order."""
+    """(optimizer step, root, sample key) of every sample drawn by steps 1..``step``, in order (the run folder
+    and the step are checked before the first draw is produced)."""
     cfg = load_run_config(run_dir)
     configure_s3(cfg.data.s3)
     latest = CheckpointManager(run_dir, cfg.checkpoint.keep).latest()
@@ -71,6 +72,11 @@ def ledger(run_dir: str | os.PathLike, step: int) -> Iterator[tuple[int, str, st
     curriculum = Curriculum(cfg.stages)
     if not 0 <= step <= curriculum.total_steps:
         raise ValueError(f"--step {step} outside 0..{curriculum.total_steps} (the run's curriculum)")
+    return _draws(cfg, curriculum, segments, latest, step)
+
+
+def _draws(cfg: RunConfig, curriculum: Curriculum, segments: list[dict[str, Any]], latest: Path,
+           step: int) -> Iterator[tuple[int, str, str]]:
     for stage_index in range(curriculum.stage_of(max(step - 1, 0)) + 1):
         span = curriculum.span(stage_index)
         own = sorted((s for s in segments if s["stage"] == stage_index), key=lambda s: s["step"])
@@ -124,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def write_ledger(out, run_dir: str, step: int, unique: bool) -> None:
     seen: set[tuple[str, str]] = set()
+    draws = ledger(run_dir, step)
     out.write("step\troot\tkey\n")
-    for s, root, key in ledger(run_dir, step):
+    for s, root, key in draws:
         if unique:
             if (root, key) in seen:
                 continue

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pixeldit.errors import ConfigError
+from pixeldit.errors import ConfigError, UserError
 from pixeldit.storage import credential_keys
 
 from .config import LaunchConfig, executor_parameters
@@ -31,7 +31,7 @@ from .job import TrainJob
 from .registry import is_active, job_state, read_jobs, read_result, record_jobs
 
 
-class RunBusyError(RuntimeError):
+class RunBusyError(UserError, RuntimeError):
     """A job of the run is still pending or running; a second one would write the same checkpoints."""
 
 
@@ -83,8 +83,10 @@ def check_not_busy(run_dir: Path) -> None:
 
 
 def prepare_run(config_path: str | None, overrides: list[str], launch: LaunchConfig) -> tuple[Path, Any]:
-    """Load and validate the run config (fail here, not in the queue); the run_dir made absolute."""
+    """Load the run config and check it and its files for this world size (fail here, not in the queue);
+    the run_dir made absolute."""
     from pixeldit.train.config import load_config
+    from pixeldit.train.preflight import preflight
 
     cfg = load_config(config_path, overrides)
     secrets_found = credential_keys(cfg.data.storage_options)
@@ -93,6 +95,7 @@ def prepare_run(config_path: str | None, overrides: list[str], launch: LaunchCon
                           f"credential; a submission saves the run config and pickles the job, so credentials never "
                           f"travel with it: export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (or "
                           f"AWS_PROFILE) in the submitting shell, the job inherits the environment")
+    preflight(cfg, launch.world_size)
     if not cfg.run_dir:
         raise ValueError(f"run config {config_path or '(defaults)'}: run_dir is empty; set it in the file or "
                          f"pass run_dir=PATH")

@@ -1,9 +1,12 @@
 """The shape of the codebase: dependencies flow one way, no import cycles, one owner per on-disk name.
 
-Import direction: pixeldit.errors <- pixeldit.storage <- pixeldit.node_cache; storage and errors <- data_pipeline
-<- pixeldit.models <- pixeldit.diffusion <- pixeldit.conditioning <- pixeldit.train <- launchers, tools.
-pixeldit/models imports torch and the standard library only (no deepspeed, no torch.distributed); data_pipeline
-never imports the model.
+Import direction as README "Architecture" draws it (``LAYERS``, lowest first): a module imports its own layer
+and the layers below it, never one above; nothing installed imports tools/. Inside the bottom layer:
+pixeldit.errors <- pixeldit.storage <- pixeldit.node_cache. pixeldit/models imports torch and the standard
+library only (no deepspeed, no torch.distributed); data_pipeline never imports the model;
+pixeldit/run_folder.py (the run-folder format) imports torch, the standard library, pixeldit.storage and
+pixeldit.errors only; pixeldit.release and pixeldit.train never import each other, and inside pixeldit.release
+only zero.py uses deepspeed.
 """
 from __future__ import annotations
 
@@ -43,9 +46,27 @@ def imports_in(path: Path) -> set[str]:
     return names
 
 
+# README "Architecture": a module imports its own layer and the layers below it, never one above.
+LAYERS: list[tuple[str, ...]] = [
+    ("pixeldit.storage", "pixeldit.errors", "pixeldit.node_cache"),
+    ("data_pipeline",),
+    ("pixeldit.models",),
+    ("pixeldit.diffusion",),
+    ("pixeldit.conditioning",),
+    ("pixeldit.run_folder",),
+    ("pixeldit.release", "pixeldit.train"),  # side by side: neither imports the other
+    ("pixeldit.evaluation",),
+    ("launchers",),
+    ("tools",),
+]
+SIBLINGS_APART = ("pixeldit.release", "pixeldit.train")
+
+
 def imports_of(package_dir: Path) -> dict[str, set[str]]:
-    """Absolute module names imported by each .py file below package_dir (relative imports resolved)."""
-    return {str(p.relative_to(ROOT)): imports_in(p) for p in sorted(package_dir.rglob("*.py"))}
+    """Absolute module names imported by each .py file below package_dir, or by that one file (relative
+    imports resolved)."""
+    paths = [package_dir] if package_dir.is_file() else sorted(package_dir.rglob("*.py"))
+    return {str(p.relative_to(ROOT)): imports_in(p) for p in paths}
 
 
 def project_files() -> list[Path]:
@@ -61,14 +82,15 @@ def offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
     return bad
 
 
+def outside(package: str, allowed_roots: set[str]) -> list[str]:
+    """Imports of ``package`` whose top-level module is not in ``allowed_roots`` (plus the standard library)."""
+    allowed = allowed_roots | {"__future__"} | set(sys.stdlib_module_names)
+    return [f"{file}: imports {name}" for file, names in imports_of(ROOT / package).items()
+            for name in sorted(names) if name.split(".")[0] not in allowed]
+
+
 def test_models_import_torch_and_stdlib_only():
-    allowed_roots = {"torch", "pixeldit", "__future__"} | set(sys.stdlib_module_names)
-    bad = []
-    for file, names in imports_of(ROOT / "pixeldit" / "models").items():
-        for name in names:
-            if name.split(".")[0] not in allowed_roots:
-                bad.append(f"{file}: imports {name}")
-    assert bad == []
+    assert outside("pixeldit/models", {"torch", "pixeldit"}) == []
     assert offenders("pixeldit/models", ("deepspeed", "torch.distributed", "pixeldit.diffusion", "pixeldit.train")) == []
 
 
@@ -87,9 +109,12 @@ ABOVE_CONDITIONING = ("pixeldit.train", "pixeldit.release", "launchers", "tools"
                            "pixeldit.release", "launchers", "tools")),
         ("pixeldit/diffusion", ("pixeldit.conditioning", "pixeldit.train", "launchers", "tools", "deepspeed")),
         ("pixeldit/conditioning", ABOVE_CONDITIONING + ("deepspeed",)),
-        ("pixeldit/train", ("launchers", "tools")),
+        ("pixeldit/train", ("launchers", "tools", "pixeldit.release")),
         ("pixeldit/models", ("data_pipeline", "pixeldit.conditioning")),
-        ("pixeldit/release", ("pixeldit.train", "deepspeed", "launchers", "tools", "data_pipeline")),
+        ("pixeldit/release", ("pixeldit.train", "launchers", "tools", "data_pipeline")),
+        # clean-fid: only its torch-only modules (fid, features, utils import torchvision)
+        ("pixeldit/evaluation", ("launchers", "tools", "torchvision", "open_clip", "torch_fidelity", "cleanfid.fid",
+                                 "cleanfid.features", "cleanfid.utils", "cleanfid.inception_pytorch")),
     ],
 )
 def test_dependencies_flow_one_way(package, forbidden):
@@ -171,6 +196,11 @@ FORMAT_NAMES = {
     "text_emb": "data_pipeline/dataset_format.py",
     "pixeldit.state": "data_pipeline/dataset_format.py",
     "pixeldit.format_version": "data_pipeline/dataset_format.py",
+    "scores.parquet": "data_pipeline/dataset_format.py",
+    "captions.parquet": "data_pipeline/dataset_format.py",
+    "dedupe.parquet": "data_pipeline/dataset_format.py",
+    "score_parts": "data_pipeline/dataset_format.py",
+    "pixeldit.scores": "data_pipeline/dataset_format.py",
     "null.safetensors": "pixeldit/conditioning/text_cache.py",
     "prepare_stats.json": "data_pipeline/ingest.py",
 }
@@ -195,3 +225,52 @@ def test_each_format_name_is_spelled_in_one_module(name):
     spelled_in = sorted(str(p.relative_to(ROOT)) for p in project_files()
                         if any(pattern.search(s) for s in string_literals(p)))
     assert spelled_in == [FORMAT_NAMES[name]]
+
+
+def test_run_folder_imports_torch_stdlib_storage_errors_only():
+    assert outside("pixeldit/run_folder.py", {"torch", "pixeldit"}) == []
+    allowed = ("pixeldit.storage", "pixeldit.errors")
+    names = imports_of(ROOT / "pixeldit" / "run_folder.py")["pixeldit/run_folder.py"]
+    assert sorted(n for n in names if n.startswith("pixeldit.") and not n.startswith(allowed)) == []
+
+
+def test_only_release_zero_uses_deepspeed():
+    bad = [b for b in offenders("pixeldit/release", ("deepspeed",)) if not b.startswith("pixeldit/release/zero.py:")]
+    assert bad == []
+    assert offenders("pixeldit/release/zero.py", ("deepspeed",))  # the rule still looks at the right file
+
+
+def _layer(module: str) -> tuple[int, str] | None:
+    """(layer index, package) of a project module name, by its longest listed prefix; None for others."""
+    best = None
+    for i, packages in enumerate(LAYERS):
+        for pkg in packages:
+            if (module == pkg or module.startswith(pkg + ".")) and (best is None or len(pkg) > len(best[1])):
+                best = (i, pkg)
+    return best
+
+
+def layer_offenders() -> list[str]:
+    bad = []
+    for top in ("pixeldit", "data_pipeline", "launchers", "tools"):
+        for file, names in imports_of(ROOT / top).items():
+            own = _layer(file.removesuffix(".py").replace("/", ".").removesuffix(".__init__"))
+            if own is None:
+                continue
+            for name in sorted(names):
+                other = _layer(name)
+                if other is None or other[1] == own[1]:
+                    continue
+                if other[0] > own[0] or {own[1], other[1]} == set(SIBLINGS_APART):
+                    bad.append(f"{file} ({own[1]}) imports {name} ({other[1]})")
+    return bad
+
+
+def test_every_module_imports_its_own_layer_or_below():
+    assert layer_offenders() == []
+
+
+def test_layer_check_sees_upward_and_sibling_imports():
+    assert _layer("pixeldit.train.config") == (6, "pixeldit.train")
+    assert _layer("pixeldit.storage") == (0, "pixeldit.storage") and _layer("yaml") is None
+    assert _layer("tools.bench_mfu")[0] > _layer("launchers.cli")[0] > _layer("pixeldit.evaluation")[0]

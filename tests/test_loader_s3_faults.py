@@ -44,7 +44,7 @@ def test_two_rank_run_through_faulty_s3_matches_local_disk_and_saves_no_secret(t
     from launchers.submit import submit
     from pixeldit.errors import ConfigError
     from pixeldit.storage import fs_and_path
-    from pixeldit.train.export import export_release
+    from pixeldit.release.export import export_release
 
     data = write_tiny_dataset(tmp_path / "data", {"1.00": 12, "0.50": 8, "2.00": 8}, per_shard=4)
     local = tmp_path / "local"

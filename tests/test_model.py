@@ -1,15 +1,21 @@
 """PixelDiT model: shapes, per-pixel AdaLN, compaction, zero-init, gradients, overfitting, FLOP counter."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pixeldit.models import MODEL_SIZES, build_model, get_model_args
+from pixeldit.models import MODEL_SIZES, ModelArgs, build_model, get_model_args
 from pixeldit.models.flops import forward_flops_breakdown
-from pixeldit.models.pixel_blocks import PixelwiseAdaLN, patchify_pixels, unpatchify_pixels
+from pixeldit.models.layers import rope_2d
+from pixeldit.models.pixel_blocks import PiTBlock, PixelwiseAdaLN, patchify_pixels, unpatchify_pixels
 
 SMALL = ("debug", "debug-T2I")
+OFFICIAL = {"layer_style": "official", "post_modulation": True}  # the official layers with PiT post-modulation
+VARIANTS = [("debug", {}), ("debug-T2I", {}), ("debug", OFFICIAL),
+            ("debug-T2I", {**OFFICIAL, "text_padding": "unmasked"})]
 
 
 def cond_kwargs(args, batch: int, device="cpu", gen: torch.Generator | None = None) -> dict:
@@ -99,9 +105,9 @@ def test_patchify_roundtrip():
     assert torch.equal(unpatchify_pixels(patchify_pixels(x, 16), 2, 32, 48, 16), x)
 
 
-@pytest.mark.parametrize("size", SMALL)
-def test_gradient_reaches_every_parameter(size):
-    args = get_model_args(size)
+@pytest.mark.parametrize("size,overrides", VARIANTS)
+def test_gradient_reaches_every_parameter(size, overrides):
+    args = get_model_args(size, **overrides)
     model = build_model(args)
     randomize_zero_init(model)
     x = torch.randn(2, 3, 32, 32)
@@ -150,11 +156,12 @@ def test_unknown_size_lists_valid_sizes():
         get_model_args("XXL/2")
 
 
-@pytest.mark.parametrize("size,hw", [("debug", (32, 48)), ("debug-T2I", (64, 32))])
-def test_flop_counter_matches_torch_flop_counter(size, hw):
+@pytest.mark.parametrize("size,overrides", VARIANTS)
+def test_flop_counter_matches_torch_flop_counter(size, overrides):
     """Every Linear is counted exactly; attention products are added analytically (SDPA on CPU is
     not counted by FlopCounterMode)."""
-    args = get_model_args(size)
+    args = get_model_args(size, **overrides)
+    hw = (32, 48) if args.conditioning == "class" else (64, 32)
     model = build_model(args)
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, *hw), torch.rand(1), **cond_kwargs(args, 1))
@@ -168,3 +175,74 @@ def test_flop_counter_reproduces_paper_numbers():
     assert round(forward_flops_breakdown(xl, 256, 256, compaction=False).total / 1e9) == 82247
     params = sum(p.numel() for p in build_model(xl, device="meta").parameters())
     assert round(params / 1e6) == 798  # PixelDiT-XL: 797.5M parameters
+
+
+def test_saved_args_from_before_the_new_fields_keep_their_behaviour():
+    """A model_args dict written before rope_positions existed means integer positions; new models default
+    to the official normalized ones."""
+    saved = get_model_args("debug").to_dict()
+    for key in ("rope_positions", "post_modulation", "layer_style", "text_padding"):
+        del saved[key]
+    old = ModelArgs.from_dict(saved)
+    assert (old.rope_positions, old.post_modulation, old.layer_style, old.text_padding) == (
+        "integer", False, "pixeldit", "masked")
+    assert get_model_args("debug").rope_positions == "normalized"
+    assert ModelArgs.from_dict(get_model_args("debug").to_dict()) == get_model_args("debug")
+
+
+@pytest.mark.parametrize("field,value,valid", [("rope_positions", "grid", "normalized, integer"),
+                                               ("layer_style", "nvidia", "pixeldit, official"),
+                                               ("text_padding", "zero", "masked, unmasked"),
+                                               ("post_modulation", "yes", "true, false")])
+def test_invalid_choices_list_the_valid_values(field, value, valid):
+    with pytest.raises(ValueError, match=f"{field}='{value}'; valid values: {valid}"):
+        get_model_args("debug", **{field: value})
+
+
+def test_normalized_rope_positions_span_the_same_range_at_every_resolution():
+    """Normalized: the corners of a 4x6 and an 8x12 grid sit at the same positions (0 and 16); integer: not."""
+    for positions, same in (("normalized", True), ("integer", False)):
+        small, big = rope_2d(16, 4, 6, positions=positions), rope_2d(16, 8, 12, positions=positions)
+        assert torch.equal(small[0][0], big[0][0])
+        assert torch.allclose(small[0][-1], big[0][-1], atol=1e-6) == same
+
+
+def test_rope_positions_change_the_output():
+    args = get_model_args("debug")
+    model = build_model(args)
+    randomize_zero_init(model, std=0.2)
+    x, t, y = torch.randn(1, 3, 48, 64), torch.rand(1), torch.tensor([1])
+    legacy = build_model(replace(args, rope_positions="integer"))
+    legacy.load_state_dict(model.state_dict())
+    assert (model(x, t, y=y) - legacy(x, t, y=y)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("text_padding", ["masked", "unmasked"])
+def test_unmasked_text_padding_ignores_the_mask(text_padding):
+    args = get_model_args("debug-T2I", text_padding=text_padding)
+    model = build_model(args)
+    randomize_zero_init(model, std=0.2)
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    cond = cond_kwargs(args, 2, gen=torch.Generator().manual_seed(0))  # sample 0 is padded
+    with_mask = model(x, t, **cond)
+    without = model(x, t, context=cond["context"])
+    assert torch.equal(with_mask, without) == (text_padding == "unmasked")
+
+
+def test_post_modulation_pit_block_modulates_outputs():
+    """Post-modulation: 4 chunks (scale1, shift1, scale2, shift2) per pixel, no gates; zero modulation leaves the
+    attention and MLP outputs unscaled (a pre-modulated block is then the identity)."""
+    torch.manual_seed(0)
+    block = PiTBlock(8, 4, 2, attn_dim=8, num_heads=2, post_modulation=True)
+    assert block.adaln.linear.out_features == 4 * 4 * 4
+    x, s_cond = torch.randn(3, 4, 4), torch.randn(3, 8)
+    rope = rope_2d(4, 1, 3)
+    torch.nn.init.zeros_(block.adaln.linear.weight)
+    torch.nn.init.zeros_(block.adaln.linear.bias)
+    plain = x + block.compaction(block.norm1(x), 1, rope)
+    plain = plain + block.mlp(block.norm2(plain))
+    torch.testing.assert_close(block(x, s_cond, 1, rope), plain)
+    block.adaln.linear.bias.data.view(4, 4, 4)[:, 1] = 0.5  # (pixel, chunk, channel): shift1 of every pixel
+    block.adaln.linear.bias.data.view(4, 4, 4)[:, 2] = -1.0  # scale2: the MLP output is switched off
+    shifted = x + block.compaction(block.norm1(x), 1, rope) + 0.5
+    torch.testing.assert_close(block(x, s_cond, 1, rope), shifted)

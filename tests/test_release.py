@@ -27,11 +27,11 @@ from PIL import Image
 
 from pixeldit.diffusion import generate, image_grid
 from pixeldit.models import build_model, get_model_args
-from pixeldit.release import from_pretrained
-from pixeldit.train.checkpoint import consolidate_model
-from pixeldit.train.ema import consolidate_ema
-from pixeldit.train.export import export_release, is_universal_checkpoint, resolve_checkpoint, to_universal
-from tools.sample import main as sample_main
+from pixeldit.release import SHARD_INDEX, SINGLE_FILE, from_pretrained
+from pixeldit.release.export import export_release
+from pixeldit.release.sample import run as sample_main
+from pixeldit.release.zero import consolidate_model, to_universal
+from pixeldit.run_folder import consolidate_ema, is_universal_checkpoint, preview_path, read_meta, resolve_checkpoint
 from tools.sampler_order import single_thread  # one intra-op thread, as the trainer ran
 from train_helpers import torchrun, write_tiny_dataset
 
@@ -97,13 +97,13 @@ def test_release_roundtrip(trained, tmp_path):
         images = generate(model, {"y": y}, model.null_condition(n), noise=noise, steps=PREVIEW["image_sample_steps"],
                           sampler=PREVIEW["image_sampler"], cfg_scale=PREVIEW["image_cfg_scale"], shift=cfg.sampler.shift)
     grid = ((image_grid(images, nrow=2).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    preview = np.asarray(Image.open(run_dir / "samples" / f"step_{STEPS:08d}.png"))
+    preview = np.asarray(Image.open(preview_path(run_dir, STEPS)))
     assert np.array_equal(grid, preview)
 
     # raw weights in bf16, sharded above 256 KiB; the same through the HF index layout
     out16 = export_release(step_dir, tmp_path / "release_raw", weights="raw", dtype="bf16", max_shard_bytes=256 << 10)
-    assert len(json.loads((out16 / "model.safetensors.index.json").read_text())["weight_map"]) == len(raw)
-    assert len(list(out16.glob("model-*-of-*.safetensors"))) > 1 and not (out16 / "model.safetensors").exists()
+    assert len(json.loads((out16 / SHARD_INDEX).read_text())["weight_map"]) == len(raw)
+    assert len(list(out16.glob("model-*-of-*.safetensors"))) > 1 and not (out16 / SINGLE_FILE).exists()
     m16, c16 = from_pretrained(out16)
     assert (c16.weights, c16.dtype) == ("raw", "bf16")
     assert all(torch.equal(v, raw[k].to(torch.bfloat16).float()) for k, v in m16.state_dict().items())
@@ -149,14 +149,14 @@ def test_universal_resume_on_one_rank(trained, data, tmp_path):
     zero, run_dir = trained
     step_dir = resolve_checkpoint(run_dir)
     universal = to_universal(step_dir, tmp_path / "universal")
-    assert is_universal_checkpoint(universal) and json.loads((universal / "meta.json").read_text())["universal"]
+    assert is_universal_checkpoint(universal) and read_meta(universal)["universal"]
     assert not (tmp_path / "latest_universal").exists()
 
     new_run = tmp_path / "run_1rank"
     train(write_config(tmp_path / "resume.yaml", new_run, data, zero, STEPS + 1, 1e-8,
                        resume_from=str(universal), load_universal=True), nproc=1)
     resumed = resolve_checkpoint(new_run)
-    assert resumed.name == f"step_{STEPS + 1:08d}" and json.loads((resumed / "meta.json").read_text())["world_size"] == 1
+    assert resumed.name == f"step_{STEPS + 1:08d}" and read_meta(resumed)["world_size"] == 1
 
     before, after = consolidate_model(step_dir), consolidate_model(resumed)
     fresh = build_model(get_model_args("debug")).state_dict()
@@ -169,5 +169,5 @@ def test_universal_resume_on_one_rank(trained, data, tmp_path):
     if zero == "zero3" and steps != {STEPS + 1.0}:
         pytest.xfail(f"DeepSpeed ZeRO-3 universal load shares one Adam step tensor between both param groups "
                      f"(step {STEPS} -> {steps}); the trainer must call "
-                     f"pixeldit.train.export.untie_optimizer_steps(engine.optimizer.optimizer) after loading")
+                     f"pixeldit.train.checkpoint.untie_optimizer_steps(engine.optimizer.optimizer) after loading")
     assert steps == {STEPS + 1.0}  # Adam moments and step count restored (a fresh optimizer would say 1)

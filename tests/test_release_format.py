@@ -9,15 +9,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pixeldit import run_folder
+from pixeldit.errors import CheckpointError
 from pixeldit.models import build_model, get_model_args
-from pixeldit.models.key_map import check_release_keys, release_to_training, training_only, training_to_release
 from pixeldit.release import (ReleaseConfig, SamplerDefaults, UnsafeCheckpointError, default_sampler,
                               from_pretrained, load_release_weights, safe_load)
+from pixeldit.release.cli import parse_size
+from pixeldit.release.cli import run as release_cli
+from pixeldit.release.config import text_encoder_name
+from pixeldit.release.export import export_release, load_training_model
+from pixeldit.release.key_map import check_release_keys, release_to_training, training_only, training_to_release
 from pixeldit.release.writer import save_release, shard_state
-from pixeldit.train.ema import EMA_FILE, partition_state
-from pixeldit.train.export import export_release, load_training_model, untie_optimizer_steps
-from tools.release import main as release_main
-from tools.release import parse_size
+from pixeldit.storage import is_tmp
+from pixeldit.train.checkpoint import untie_optimizer_steps
 
 
 def random_state(size: str = "debug", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -25,16 +29,18 @@ def random_state(size: str = "debug", seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: torch.randn_like(v) for k, v in build_model(get_model_args(size)).state_dict().items()}
 
 
-def write_ema_checkpoint(step_dir: Path, state: dict[str, torch.Tensor], world_size: int, size: str = "debug") -> Path:
+def write_ema_checkpoint(step_dir: Path, state: dict[str, torch.Tensor], world_size: int, size: str = "debug",
+                         **meta) -> Path:
     """A step folder holding only what the EMA export reads: ZeRO-3 EMA partitions of ``world_size`` ranks + meta."""
     step_dir.mkdir(parents=True)
     shapes = {k: list(v.shape) for k, v in state.items()}
     for rank in range(world_size):
-        torch.save({"layout": "zero3", "decay": 0.99, "world_size": world_size, "rank": rank, "shapes": shapes,
-                    "shadow": partition_state(state, world_size, rank)}, step_dir / EMA_FILE.format(rank=rank))
-    meta = {"step": 12, "stage_index": 1, "stage_name": "s512", "model_args": get_model_args(size).to_dict(),
-            "resolution": 64, "shift": 3.0, "text_encoder": "", "system_prompt": "", "world_size": world_size}
-    (step_dir / "meta.json").write_text(json.dumps(meta))
+        shadow = run_folder.partition_state(state, world_size, rank)
+        run_folder.save_ema_file(step_dir, {"layout": "zero3", "decay": 0.99, "world_size": world_size, "rank": rank,
+                                            "shapes": shapes, "shadow": shadow})
+    run_folder.write_meta(step_dir, {
+        "step": 12, "stage_index": 1, "stage_name": "s512", "model_args": get_model_args(size).to_dict(),
+        "resolution": 64, "shift": 3.0, "text_encoder": "", "system_prompt": "", "world_size": world_size, **meta})
     return step_dir
 
 
@@ -49,7 +55,7 @@ def test_key_map_roundtrip_and_checks():
     first = next(iter(bad))
     bad[first] = torch.zeros(1)
     bad["extra"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"ckpt X: .*unexpected: \['extra'\].*wrong shape"):
+    with pytest.raises(CheckpointError, match=r"ckpt X: .*unexpected: \['extra'\].*wrong shape"):
         check_release_keys(bad, expected, "ckpt X")
 
 
@@ -64,7 +70,10 @@ def test_shards_cover_all_keys_and_load_back(tmp_path):
     assert sorted(set(index["weight_map"].values())) == sorted(p.name for p in out.glob("model-*.safetensors"))
     model, _ = from_pretrained(out)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.old"))
+    assert [p.name for p in tmp_path.iterdir()] == ["rel"]  # no staging folder left behind
+    save_release(state, cfg, out)  # over an existing release: replaced whole, nothing left beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["rel"] and (out / "model.safetensors").exists()
+    assert not (out / "model.safetensors.index.json").exists() and not any(is_tmp(p.name) for p in out.iterdir())
 
 
 def test_safe_load_refuses_pickles(tmp_path):
@@ -99,7 +108,7 @@ def test_shard_index_cannot_point_outside_the_folder(tmp_path):
 
 
 def test_release_config_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a PixelDiT release folder"):
+    with pytest.raises(CheckpointError, match="not a PixelDiT release folder"):
         ReleaseConfig.load(tmp_path)
     cfg = ReleaseConfig(model_args=get_model_args("debug").to_dict())
     (tmp_path / "config.json").write_text(json.dumps({**json.loads(cfg.to_json()), "colour": 1}))
@@ -112,11 +121,29 @@ def test_release_config_errors(tmp_path):
     assert default_sampler(get_model_args("debug-T2I"), 3.0).steps == 25
 
 
+def test_release_from_before_rope_positions_keeps_integer_positions(tmp_path):
+    """A format-1 config.json has no rope_positions: it loads with the integer positions it was trained with;
+    a newer format than the code is refused by name."""
+    state = random_state("debug")
+    old_args = {k: v for k, v in get_model_args("debug").to_dict().items()
+                if k not in ("rope_positions", "post_modulation", "layer_style", "text_padding")}
+    out = save_release(state, ReleaseConfig(model_args=old_args, dtype="fp32", format_version=1), tmp_path / "old")
+    model, cfg = from_pretrained(out)
+    assert model.args.rope_positions == "integer" and cfg.format_version == 1
+    new, _ = from_pretrained(save_release(state, ReleaseConfig(model_args=get_model_args("debug").to_dict(),
+                                                               dtype="fp32"), tmp_path / "new"))
+    assert new.args.rope_positions == "normalized"
+    d = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**d, "format_version": 99}))
+    with pytest.raises(ValueError, match="release format 99 is newer than this code"):
+        ReleaseConfig.load(out)
+
+
 def test_mismatched_weights_name_the_folder(tmp_path):
     state = random_state("debug")
     cfg = ReleaseConfig(model_args=get_model_args("debug").to_dict(), dtype="fp32")
     out = save_release({k: v for k, v in state.items() if k != next(iter(state))}, cfg, tmp_path / "rel")
-    with pytest.raises(ValueError, match="rel: the weights do not match"):
+    with pytest.raises(CheckpointError, match="rel: the weights do not match"):
         from_pretrained(out)
 
 
@@ -124,8 +151,8 @@ def test_export_ema_from_zero3_partitions(tmp_path):
     """3 ranks' EMA partitions -> release with exactly those weights; sampler overrides; stage shift."""
     state = random_state()
     step_dir = write_ema_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000012", state, world_size=3)
-    (step_dir.parent / "latest").write_text(step_dir.name)
-    release_main([str(tmp_path / "run"), str(tmp_path / "rel"), "--dtype", "fp32", "--max-shard-size", "300KiB",
+    run_folder.write_latest(step_dir.parent, step_dir)
+    release_cli([str(tmp_path / "run"), str(tmp_path / "rel"), "--dtype", "fp32", "--max-shard-size", "300KiB",
                   "--steps", "7", "--cfg-interval", "0.2", "0.9"])
     model, cfg = from_pretrained(tmp_path / "rel")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
@@ -142,9 +169,40 @@ def test_export_ema_from_zero3_partitions(tmp_path):
     assert all(torch.equal(m16.state_dict()[k], v.to(torch.bfloat16).float()) for k, v in state.items())
 
 
+@pytest.mark.parametrize("recorded,name", [
+    ("/home/alice/models/gemma-2-2b-it", "gemma-2-2b-it"),
+    ("/scratch/hf/hub/models--google--gemma-2-2b-it/snapshots/0123abcd", "google/gemma-2-2b-it"),
+    ("./encoders/minilm/", "minilm"),
+    ("google/gemma-2-2b-it", "google/gemma-2-2b-it"),
+    ("", ""),
+])
+def test_release_records_the_text_encoder_by_name(tmp_path, recorded, name):
+    assert text_encoder_name(recorded) == name
+    state = random_state("debug-T2I")
+    step_dir = write_ema_checkpoint(tmp_path / "step_00000012", state, 1, size="debug-T2I", text_encoder=recorded)
+    out = export_release(step_dir, tmp_path / "rel")
+    assert json.loads((out / "config.json").read_text())["text_encoder"] == name
+    with pytest.raises(ValueError, match="records the text encoder by name"):
+        save_release(state, ReleaseConfig(model_args=get_model_args("debug-T2I").to_dict(), text_encoder="/abs/enc"),
+                     tmp_path / "rel2")
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    cfg = json.loads(ReleaseConfig(model_args=get_model_args("debug").to_dict()).to_json())
+    cfg["model_args"]["name"] = "XXL/99"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: model_args.name='XXL/99' .*valid names: B/16, L/16, XL/16"):
+        ReleaseConfig.load(tmp_path)
+    step_dir = write_ema_checkpoint(tmp_path / "step_00000012", random_state(), 1)
+    meta = run_folder.read_meta(step_dir)
+    run_folder.write_meta(step_dir, {**meta, "model_args": cfg["model_args"]})
+    with pytest.raises(ValueError, match=r"step_00000012/meta.json: model_args.name='XXL/99'"):
+        export_release(step_dir, tmp_path / "rel")
+
+
 def test_export_checks_the_architecture(tmp_path):
     step_dir = write_ema_checkpoint(tmp_path / "step_00000012", random_state("debug"), 1, size="debug-T2I")
-    with pytest.raises(ValueError, match="step_00000012 \\(ema weights\\): weights do not match"):
+    with pytest.raises(CheckpointError, match="step_00000012 \\(ema weights\\): weights do not match"):
         export_release(step_dir, tmp_path / "rel")
 
 

@@ -1,24 +1,31 @@
-"""pixeldit-sample on release folders: PNGs, grid, prompts.json; seed-reproducible; sampler flags.
+"""pixeldit-sample on release folders: PNGs, grid, prompts.json; seed-reproducible; sampler flags; the text
+encoder found by name (--text-encoder, an old release's absolute path, the Hugging Face cache).
 
-(The same CLI on a training run folder is checked against its release in tests/test_release.py.)
+(The same CLI on a training run folder is checked against its release in tests/test_release.py; its one-line
+errors in tests/test_cli_errors.py.)
 """
 from __future__ import annotations
 
 import json
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from diffusion_fixtures import minilm_dir
+from pixeldit.errors import ConfigError
 from pixeldit.models import build_model, get_model_args
-from pixeldit.release import ReleaseConfig, SamplerDefaults
+from pixeldit.release import CONFIG_FILE, ReleaseConfig, SamplerDefaults
+from pixeldit.release.config import text_encoder_name
+from pixeldit.release.sample import run as sample_main
 from pixeldit.release.writer import save_release
-from tools.sample import main as sample_main
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def make_release(tmp_path, size: str, **overrides):
+def make_release(tmp_path, size: str, text_encoder: str = MINILM, **overrides):
     args = get_model_args(size, **overrides)
     torch.manual_seed(0)
     model = build_model(args)
@@ -26,7 +33,7 @@ def make_release(tmp_path, size: str, **overrides):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     cfg = ReleaseConfig(model_args=args.to_dict(), resolution=32, step=7, dtype="fp32",
-                        text_encoder=str(minilm_dir()) if args.conditioning == "text" else "",
+                        text_encoder=text_encoder if args.conditioning == "text" else "",
                         sampler=SamplerDefaults(steps=3, cfg_scale=2.0, shift=1.5))
     return save_release(model.state_dict(), cfg, tmp_path / "release", max_shard_bytes=1 << 20)
 
@@ -54,11 +61,11 @@ def test_class_model_sampling_is_seed_reproducible(tmp_path, capsys):
                  "--shift", "1"])
     assert "euler, 2 steps, CFG 1.0" in capsys.readouterr().out
     assert not np.array_equal(images(tmp_path / "c")["0000.png"], a["0000.png"])
-    with pytest.raises(SystemExit, match="class ids"):
+    with pytest.raises(ConfigError, match="--class-id"):
         sample_main(["--model", str(rel), "--class-id", "99", "--out", str(tmp_path / "d")])
-    with pytest.raises(SystemExit, match="multiples of the patch size 16"):
+    with pytest.raises(ConfigError, match="multiples of the patch size 16"):
         sample_main(["--model", str(rel), "--class-id", "1", "--height", "40", "--out", str(tmp_path / "d")])
-    with pytest.raises(SystemExit, match="class-conditional model: pass --class-id"):
+    with pytest.raises(ConfigError, match="class-conditional model: pass --class-id"):
         sample_main(["--model", str(rel), "--prompt", "a cat", "--out", str(tmp_path / "d")])
 
 
@@ -66,12 +73,42 @@ def test_text_model_sampling_with_real_text_encoder(tmp_path):
     rel = make_release(tmp_path, "debug-T2I", text_dim=384, text_len=16)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a blue square\n\n")
-    sample_main(["--model", str(rel), "--prompt", "a red circle", "--prompts-file", str(prompts), "--out",
-                 str(tmp_path / "s"), "--height", "32", "--width", "48", "--sampler", "heun",
-                 "--cfg-interval", "0.1", "0.9"])
+    common = ["--model", str(rel), "--prompt", "a red circle", "--prompts-file", str(prompts), "--height", "32",
+              "--width", "48", "--sampler", "heun", "--cfg-interval", "0.1", "0.9"]
+    with pytest.raises(ConfigError, match=f"text encoder '{MINILM}' .*pass --text-encoder PATH"):
+        sample_main([*common, "--out", str(tmp_path / "s")])  # not in the (empty) Hugging Face cache
+    sample_main([*common, "--out", str(tmp_path / "s"), "--text-encoder", str(minilm_dir())])
     entries = json.loads((tmp_path / "s" / "prompts.json").read_text())
     assert [e["prompt"] for e in entries] == ["a red circle", "a blue square"]
     out = images(tmp_path / "s")
     assert out["0000.png"].shape == (32, 48, 3) and not np.array_equal(out["0000.png"], out["0001.png"])
-    with pytest.raises(SystemExit, match="text-to-image model: pass --prompt"):
+    with pytest.raises(ConfigError, match="text-to-image model: pass --prompt"):
         sample_main(["--model", str(rel), "--class-id", "1", "--out", str(tmp_path / "x")])
+
+
+def hub_cache_with_minilm(cache):
+    """A Hugging Face hub cache holding MiniLM as ``sentence-transformers/all-MiniLM-L6-v2`` (files linked)."""
+    repo = cache / f"models--{MINILM.replace('/', '--')}"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for f in minilm_dir().iterdir():
+        (snapshot / f.name).symlink_to(f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    return snapshot
+
+
+def test_text_encoder_found_by_name_in_the_hub_cache_or_at_an_old_absolute_path(tmp_path, monkeypatch):
+    snapshot = hub_cache_with_minilm(tmp_path / "hub")
+    assert text_encoder_name(str(snapshot)) == MINILM  # what a release made from that folder records
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    rel = make_release(tmp_path, "debug-T2I", text_dim=384, text_len=16)
+    args = ["--model", str(rel), "--prompt", "a red circle", "--seed", "2"]
+    sample_main([*args, "--out", str(tmp_path / "by_name")])
+    sample_main([*args, "--out", str(tmp_path / "by_path"), "--text-encoder", str(minilm_dir())])
+    # a release written before names were recorded holds the absolute path of the training machine
+    cfg = json.loads((rel / CONFIG_FILE).read_text())
+    (rel / CONFIG_FILE).write_text(json.dumps({**cfg, "text_encoder": str(minilm_dir())}))
+    sample_main([*args, "--out", str(tmp_path / "old_release")])
+    a, b, c = (images(tmp_path / d) for d in ("by_name", "by_path", "old_release"))
+    assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)

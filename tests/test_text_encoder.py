@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.dataset_format import NO_LABEL, SampleRow, rows_to_table, text_embedding_dir, write_samples
-from pixeldit.conditioning import TextEmbeddingCache, TextEncoder, precompute_text_embeddings
+from data_pipeline.dataset_format import CAPTIONS as CAPTIONS_FILE
+from data_pipeline.dataset_format import (CAPTIONS_SCHEMA, NO_LABEL, CaptionRow, SampleRow, rows_to_table,
+                                          text_embedding_dir, write_samples, write_table)
+from pixeldit.conditioning import (OFFICIAL_SYSTEM_PROMPT, TextEmbeddingCache, TextEncoder, precompute_text_embeddings,
+                                   resolve_system_prompt)
 from pixeldit.conditioning.text_cache import read_shard_header, shard_file
 from pixeldit.node_cache import NodeCache
+from pixeldit.storage import join
 
 WORDS = ("a an the red blue green circle square triangle photo picture of cat dog bowl soup describe image in "
          "detail : , . very long prompt").split()
@@ -74,6 +78,61 @@ def test_gemma2_first_token_plus_prompt_states(gemma):
     long_ref = full_states(lm, tok, SYSTEM + "a very long prompt of a blue square , a red cat and a green dog")
     assert mask[1].all() and torch.allclose(emb[1, 1:], long_ref[7:14], atol=1e-5)
     assert torch.equal(enc.encode([prompt])[0][0], emb[0])  # deterministic, independent of the batch
+
+
+def save_gemma2(path: Path, tok):
+    """A 2-layer random Gemma2ForCausalLM for ``tok`` saved with it into ``path``; returns the model."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                       pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    torch.manual_seed(0)
+    lm = Gemma2ForCausalLM(cfg).eval()
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return lm
+
+
+def test_trailing_space_merged_into_the_prompt_is_not_counted(tmp_path):
+    """SentencePiece style (Gemma): "describe the image : " ends in a lone "▁" that becomes "▁a" in front of
+    "a red circle". The system prompt then occupies 4 tokens, the official pipeline's count
+    (len(encode(system)) + max_length - 2 tokens in all), and the kept states start at the user's first word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for w in ("describe", "▁the", "▁image", "▁:", "▁", "▁a", "▁red", "▁circle"):
+        vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    lm = save_gemma2(tmp_path, tok)
+    system = "describe the image : "
+    enc = TextEncoder.from_pretrained(tmp_path, system_prompt=system, max_length=6)
+    assert enc.sys_tokens == 4 == len(tok(system)["input_ids"]) - 2
+    emb, mask = enc.encode(["a red circle"])
+    ref = full_states(lm, tok, system + "a red circle")  # <bos>, 4 system tokens, "▁a", "▁red", "▁circle"
+    assert mask[0].tolist() == [True] * 4 + [False] * 2
+    assert torch.allclose(emb[0, :4], torch.cat([ref[:1], ref[5:8]]), atol=1e-5)
+
+
+def test_official_system_prompt_by_name_and_unmasked_padding(tmp_path, gemma):
+    path, tok, lm = gemma
+    assert resolve_system_prompt("official") == OFFICIAL_SYSTEM_PROMPT and resolve_system_prompt("x : ") == "x : "
+    assert OFFICIAL_SYSTEM_PROMPT.startswith("Given a user prompt") and OFFICIAL_SYSTEM_PROMPT.endswith("User Prompt: ")
+    named = TextEncoder.from_pretrained(path, system_prompt="official", max_length=8)
+    assert named.system_prompt == OFFICIAL_SYSTEM_PROMPT
+    masked = TextEncoder.from_pretrained(path, system_prompt=SYSTEM, max_length=8)
+    kept = TextEncoder.from_pretrained(path, system_prompt=SYSTEM, max_length=8, keep_padding_states=True)
+    (em, mm), (ek, mk) = masked.encode(["a red circle"]), kept.encode(["a red circle"])
+    assert torch.equal(mm, mk) and torch.equal(em[mm], ek[mk])  # same valid states and mask
+    assert em[~mm].abs().sum() == 0 and ek[~mk].abs().min() > 0  # padding: zeroed, or as the encoder made it
+    assert "padding_states" not in masked.fingerprint() and kept.fingerprint()["padding_states"] == "keep"
+    with pytest.raises(ValueError, match="must encode online"):
+        precompute_text_embeddings(str(write_captions(tmp_path / "data")), kept, progress=False)
 
 
 def test_gemma2_null_is_empty_prompt_without_system_prompt(gemma):
@@ -186,7 +245,7 @@ def test_cache_parts_resume_and_incomplete(tmp_path, gemma):
         TextEmbeddingCache(cache_dir)  # part 1 has not run: no meta.json yet
     precompute_text_embeddings(str(root), enc, cache_dir, progress=False, part=1, num_parts=2)
     meta = json.loads((tmp_path / "emb" / "meta.json").read_text())
-    assert meta["format"] == 2 and meta["shards"] == {s: len(c) for s, c in CAPTIONS.items()}
+    assert meta["format"] == 3 and meta["shards"] == {s: len(c) for s, c in CAPTIONS.items()}
     # a re-run skips finished shards (file untouched) ...
     f = tmp_path / "emb" / shard_file("shards/1.00/1.00-000000.tar")
     mtime = f.stat().st_mtime_ns
@@ -201,6 +260,76 @@ def test_cache_parts_resume_and_incomplete(tmp_path, gemma):
         stale.lookup("shards/1.00/1.00-000000.tar", [0])
     precompute_text_embeddings(str(root), other, cache_dir, progress=False, part=1, num_parts=2)
     assert TextEmbeddingCache(cache_dir, expect=other.fingerprint()).fingerprint["system_prompt"] == "other : "
+
+
+RECAPTIONS = {("shards/1.00/1.00-000000.tar", 1): ["blue square on white", "a square"],
+              ("shards/2.00/2.00-000000.tar", 0): ["an empty frame"]}
+
+
+def write_caption_table(root: Path) -> dict[tuple[str, int], list[str]]:
+    """captions.parquet as the score stage writes it: CAPTIONS as caption 0, RECAPTIONS after it."""
+    rows, sets = [], {}
+    for shard, caps in CAPTIONS.items():
+        for i, cap in enumerate(caps):
+            sets[shard, i] = [cap] + RECAPTIONS.get((shard, i), [])
+            for c, text in enumerate(sets[shard, i]):
+                rows.append(CaptionRow(key=f"{shard}-{i}", shard=shard, sample_index=i, caption_index=c,
+                                       source="caption" if c == 0 else f"vlm{c}", caption=text, clip_score=0.2,
+                                       score=0.2))
+    write_table(join(str(root), CAPTIONS_FILE), rows_to_table(rows, CaptionRow), CAPTIONS_SCHEMA, {})
+    return sets
+
+
+def test_cache_holds_every_caption_and_reads_format_2(tmp_path, gemma):
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    path, _, _ = gemma
+    root = write_captions(tmp_path / "data")
+    enc = TextEncoder.from_pretrained(path, system_prompt=SYSTEM, max_length=8)
+    single = precompute_text_embeddings(str(root), enc, str(tmp_path / "single"), progress=False)
+    sets = write_caption_table(root)
+    url = precompute_text_embeddings(str(root), enc, progress=False)
+    cache = TextEmbeddingCache(url, expect=enc.fingerprint())
+    assert cache.meta["captions"] == {"shards/1.00/1.00-000000.tar": 5, "shards/2.00/2.00-000000.tar": 3}
+    want = [(s, i, c) for (s, i), caps in sets.items() for c in range(len(caps))]
+    emb, mask = cache.lookup([w[0] for w in want], [w[1] for w in want], [w[2] for w in want])
+    ref, ref_mask = enc.encode([sets[s, i][c] for s, i, c in want])
+    assert torch.equal(mask, ref_mask) and torch.allclose(emb, ref, atol=2e-2)
+    default, _ = cache.lookup("shards/1.00/1.00-000000.tar", [1])  # caption 0 by default
+    assert torch.allclose(default[0], enc.encode([CAPTIONS["shards/1.00/1.00-000000.tar"][1]])[0][0], atol=2e-2)
+    with pytest.raises(IndexError, match="caption_index 3 outside the 3 captions of sample 1"):
+        cache.lookup("shards/1.00/1.00-000000.tar", [1], [3])
+    # a changed recaption re-encodes its shard only
+    files = {s: tmp_path / "data" / "text_emb" / shard_file(s) for s in CAPTIONS}
+    stamps = {s: f.stat().st_mtime_ns for s, f in files.items()}
+    precompute_text_embeddings(str(root), enc, progress=False)
+    assert {s: f.stat().st_mtime_ns for s, f in files.items()} == stamps
+    RECAPTIONS[("shards/2.00/2.00-000000.tar", 0)] = ["an empty white frame"]
+    try:
+        write_caption_table(root)
+        precompute_text_embeddings(str(root), enc, progress=False)
+    finally:
+        RECAPTIONS[("shards/2.00/2.00-000000.tar", 0)] = ["an empty frame"]
+    assert files["shards/1.00/1.00-000000.tar"].stat().st_mtime_ns == stamps["shards/1.00/1.00-000000.tar"]
+    assert files["shards/2.00/2.00-000000.tar"].stat().st_mtime_ns != stamps["shards/2.00/2.00-000000.tar"]
+    # a format 2 cache (one caption per sample, no caption_counts) still loads, caption 0 only
+    meta = json.loads((tmp_path / "single" / "meta.json").read_text())
+    (tmp_path / "single" / "meta.json").write_text(json.dumps({**meta, "format": 2}))
+    for s in CAPTIONS:
+        f = tmp_path / "single" / shard_file(s)
+        header = read_shard_header(TextEmbeddingCache(single).fs, str(f))
+        old = {"lengths": json.dumps(header.lengths), "num_samples": str(header.num_samples),
+               "fingerprint": json.dumps(header.fingerprint)}
+        f.write_bytes(st_save(st_load(f.read_bytes()), metadata=old))
+    old_cache = TextEmbeddingCache(single, expect=enc.fingerprint())
+    got, _ = old_cache.lookup("shards/1.00/1.00-000000.tar", [0, 1, 2])
+    assert torch.allclose(got, cache.lookup("shards/1.00/1.00-000000.tar", [0, 1, 2])[0])
+    with pytest.raises(IndexError, match="caption_index 1 outside the 1 captions"):
+        old_cache.lookup("shards/1.00/1.00-000000.tar", [1], [1])
+    (tmp_path / "single" / "meta.json").write_text(json.dumps({**meta, "format": 9}))
+    with pytest.raises(ValueError, match="cache format 9, this code reads formats 2, 3"):
+        TextEmbeddingCache(single)
 
 
 def test_cache_on_s3(tmp_path, gemma, monkeypatch):

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from diffusion_fixtures import minilm_dir, save_tiny_dinov2
-from pixeldit.train.checkpoint import consolidate_model, read_meta
+from pixeldit.release.zero import consolidate_model
+from pixeldit.run_folder import read_meta
 from pixeldit.train.config import RunConfig, StageConfig
 from pixeldit.train.trainer import run_training
 from train_helpers import write_tiny_dataset

@@ -79,7 +79,8 @@ def make_ema(step_dir: Path, size: str, seed: int, decay: float) -> dict:
 
 
 def run_phase(phase: str, step_dir: Path, out: Path) -> dict:
-    from pixeldit.train.export import export_release, to_universal
+    from pixeldit.release.export import export_release
+    from pixeldit.release.zero import to_universal
 
     t0 = time.perf_counter()
     if phase == "universal":

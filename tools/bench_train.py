@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from pixeldit.models.flops import forward_flops
+from pixeldit.models.flops import train_flops
 from pixeldit.train.config import RunConfig, StageConfig
 from pixeldit.train.curriculum import Curriculum
 from pixeldit.train.engine import build_engine
@@ -98,7 +98,7 @@ def run_case(case: Case, zero: str, precision: str, steps: int, warmup: int, ran
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     peak = device_peak_tflops()
-    flops = 3 * forward_flops(args, case.res, case.res) * case.batch
+    flops = train_flops(args, case.res, case.res) * case.batch
     row = {"case": str(case), "zero": zero, "precision": precision, "world": world,
            "step_s": step_s, "samples_per_s_per_rank": case.batch / step_s, "peak_mem_gib": peak_memory_gib(baseline),
            "tflops_per_rank": flops / step_s / 1e12, "mfu": flops / step_s / (peak * 1e12) if peak else None,

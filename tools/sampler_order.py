@@ -1,6 +1,7 @@
 """Measure each sampler's order of convergence on a flow whose exact velocity is known in closed form.
 
-    python -m tools.sampler_order [--steps 8 16 32 64 128 256] [--points 512] [--shift 1 3] [--ablations]
+    python -m tools.sampler_order [--calls 8 16 32 64 128 256] [--points 512] [--shift 1 3] [--ablations]
+                                  [--cfg-scale S]
 
 Data: a 2-D Gaussian mixture (3 components, std 0.5, unequal weights). Under the linear path
 x_t = (1 - t) x0 + t eps (``pixeldit.diffusion.flow``), component k of x_t is N((1 - t) mu_k, V_k(t) I)
@@ -8,7 +9,12 @@ with V_k = (1 - t)^2 s_k^2 + t^2, and the exact velocity E[eps - x0 | x_t] is th
 of the per-component fields ((t - (1 - t) s_k^2) / V_k) (x - (1 - t) mu_k) - mu_k. For each starting noise
 the reference endpoint (t = 0) is a fine classical RK4 solve (2048 uniform steps; its own error is
 < 1e-10, far below the samplers' errors); a sampler's error is the mean distance of its endpoint to the
-reference, and its order the least-squares slope of log error against log steps.
+reference, and its order the least-squares slope of log error against log model calls. Samplers are
+compared at equal model calls: each gets the most steps whose calls fit the budget
+(``pixeldit.diffusion.samplers.model_calls``; Heun's last step to t = 0 costs one call, so at an even
+budget N it runs N / 2 steps = N - 1 calls). ``--cfg-scale S`` measures the guided field
+v_uncond + S (v_cond - v_uncond), the condition being the first mixture component (its own Gaussian
+flow), against its own RK4 reference (4096 steps): the stiff regime of strong classifier-free guidance.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pixeldit.diffusion.flow import time_grid
-from pixeldit.diffusion.samplers import MODEL_CALLS_PER_STEP, SAMPLER_ORDER, SAMPLERS
+from pixeldit.diffusion.samplers import SAMPLER_ORDER, SAMPLERS, model_calls
 
 F64 = torch.float64
 
@@ -126,57 +132,88 @@ def data_form_2m(model_fn, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Te
 ABLATIONS = {"dpmpp_2m_lambda": dpmpp_2m_lambda, "data_form_2m": data_form_2m}
 
 
-def fit_order(steps_list: list[int], errors: list[float]) -> float:
-    """Least-squares slope of -log(error) against log(steps)."""
-    ls = torch.tensor([math.log(s) for s in steps_list], dtype=F64)
+def fit_order(calls_list: list[int], errors: list[float]) -> float:
+    """Least-squares slope of -log(error) against log(model calls)."""
+    ls = torch.tensor([math.log(s) for s in calls_list], dtype=F64)
     le = torch.tensor([math.log(e) for e in errors], dtype=F64)
     return -float(((ls - ls.mean()) * (le - le.mean())).sum() / (ls - ls.mean()).square().sum())
 
 
-def measure(steps_list: list[int], n_points: int = 512, shift: float = 1.0, seed: int = 0,
-            reference_steps: int = 2048, target: GaussianMixture | None = None,
-            ablations: bool = False) -> dict[str, dict]:
-    """Endpoint errors per sampler and step count on the ``shift``-ed grid, and the fitted order.
+def steps_within(name: str, budget: int) -> int:
+    """The most steps of sampler ``name`` whose model calls (grid to t = 0) fit ``budget``; ablations: 1 call/step."""
+    if name not in SAMPLERS:
+        return budget
+    steps = budget
+    while steps > 1 and model_calls(name, steps) > budget:
+        steps -= 1
+    return steps
 
-    Returns {sampler: {"errors": [...], "order": slope, "expected": int, "calls": per step}}; with
-    ``ablations`` also the rejected FlowDPM-Solver designs (``ABLATIONS``).
+
+def guided_velocity(target: GaussianMixture, scale: float):
+    """Classifier-free guidance on the mixture: v_u + scale (v_c - v_u), the condition = component 0."""
+    cond = GaussianMixture(means=target.means[:1], stds=target.stds[:1], weights=torch.ones(1, dtype=F64))
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v_u = target.velocity(x, t)
+        return v_u + scale * (cond.velocity(x, t) - v_u)
+
+    return velocity
+
+
+def measure(calls_list: list[int], n_points: int = 512, shift: float = 1.0, seed: int = 0,
+            reference_steps: int = 2048, target: GaussianMixture | None = None,
+            ablations: bool = False, cfg_scale: float = 1.0) -> dict[str, dict]:
+    """Endpoint errors per sampler and model-call budget on the ``shift``-ed grid, and the fitted order.
+
+    Returns {sampler: {"errors": [...], "calls": [...] (actual), "order": slope, "expected": int}}; with
+    ``ablations`` also the rejected FlowDPM-Solver designs (``ABLATIONS``); ``cfg_scale`` != 1 measures the
+    guided field (``guided_velocity``).
     """
     target = target or GaussianMixture()
+    velocity = target.velocity if cfg_scale == 1.0 else guided_velocity(target, cfg_scale)
     g = torch.Generator().manual_seed(seed)
     x1 = torch.randn(n_points, 2, generator=g, dtype=F64)  # starting noise at t = 1
     out: dict[str, dict] = {}
     with single_thread():
-        ref = rk4_solve(target.velocity, x1, reference_steps)
+        ref = rk4_solve(velocity, x1, reference_steps)
         for name, sampler in {**SAMPLERS, **(ABLATIONS if ablations else {})}.items():
-            errors = []
-            for steps in steps_list:
-                x0 = sampler(target.velocity, x1, time_grid(steps, shift))
+            errors, calls = [], []
+            for budget in calls_list:
+                steps = steps_within(name, budget)
+                x0 = sampler(velocity, x1, time_grid(steps, shift))
                 errors.append(float((x0 - ref).norm(dim=-1).mean()))
-            out[name] = {"errors": errors, "order": fit_order(steps_list, errors),
-                         "expected": SAMPLER_ORDER.get(name, 2), "calls": MODEL_CALLS_PER_STEP.get(name, 1)}
+                calls.append(model_calls(name, steps) if name in SAMPLERS else steps)
+            out[name] = {"errors": errors, "calls": calls, "order": fit_order(calls, errors),
+                         "expected": SAMPLER_ORDER.get(name, 2)}
     return out
 
 
-def format_table(steps_list: list[int], res: dict[str, dict]) -> str:
-    lines = ["| sampler | model calls/step | " + " | ".join(f"err @{s}" for s in steps_list)
-             + " | measured order | expected |", "|---" * (len(steps_list) + 4) + "|"]
+def format_table(calls_list: list[int], res: dict[str, dict]) -> str:
+    lines = ["| sampler | " + " | ".join(f"err @{c} calls" for c in calls_list) + " | measured order | expected |",
+             "|---" * (len(calls_list) + 3) + "|"]
     for name, r in res.items():
-        errs = " | ".join(f"{e:.2e}" for e in r["errors"])
-        lines.append(f"| {name} | {r['calls']} | {errs} | {r['order']:.2f} | {r['expected']} |")
+        errs = " | ".join(f"{e:.2e}" + ("" if c == b else f" ({c})") for e, c, b in zip(r["errors"], r["calls"],
+                                                                                     calls_list))
+        lines.append(f"| {name} | {errs} | {r['order']:.2f} | {r['expected']} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
+    ap.add_argument("--calls", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256], help="model-call budgets")
     ap.add_argument("--points", type=int, default=512, help="starting noise samples")
     ap.add_argument("--shift", type=float, nargs="+", default=[1.0, 3.0], help="time-grid shifts to measure")
     ap.add_argument("--ablations", action="store_true",
                     help="also measure the rejected FlowDPM-Solver designs (ABLATIONS)")
+    ap.add_argument("--cfg-scale", type=float, default=1.0, help="measure the guided field at this scale")
     a = ap.parse_args(argv)
     for shift in a.shift:
-        print(f"\nshift {shift:g} ({a.points} points; error = mean |x_sampler(0) - x_ref(0)|):\n")
-        print(format_table(a.steps, measure(a.steps, a.points, shift=shift, ablations=a.ablations)))
+        guided = f", CFG scale {a.cfg_scale:g}" if a.cfg_scale != 1.0 else ""
+        print(f"\nshift {shift:g}{guided} ({a.points} points; error = mean |x_sampler(0) - x_ref(0)|; "
+              f"(n): actual model calls where fewer than the budget):\n")
+        print(format_table(a.calls, measure(a.calls, a.points, shift=shift, ablations=a.ablations,
+                                            cfg_scale=a.cfg_scale,
+                                            reference_steps=2048 if a.cfg_scale == 1.0 else 4096)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Nothing here is trained and nothing is downloaded: every network loads from a lo
 """
 from .teacher import DinoV2Teacher
 from .text_cache import TextEmbeddingCache, precompute_text_embeddings
-from .text_encoder import DEFAULT_SYSTEM_PROMPT, TextEncoder
+from .text_encoder import (DEFAULT_SYSTEM_PROMPT, OFFICIAL_SYSTEM_PROMPT, SYSTEM_PROMPTS, TextEncoder,
+                           resolve_system_prompt)
 
 __all__ = ["DinoV2Teacher", "TextEmbeddingCache", "precompute_text_embeddings", "DEFAULT_SYSTEM_PROMPT",
-           "TextEncoder"]
+           "OFFICIAL_SYSTEM_PROMPT", "SYSTEM_PROMPTS", "TextEncoder", "resolve_system_prompt"]

@@ -8,6 +8,7 @@ This is the library function behind the sampling CLI and the training previews.
 from __future__ import annotations
 
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,6 +92,11 @@ def generate(
     fn = cfg_model_fn(model, cond, null_cond, scale=cfg_scale, interval=cfg_interval)
     x = sample(fn, noise.to(device), time_grid(steps, shift), progress=progress)  # (B, 3, H, W)
     return x.float().clamp(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8: the one rounding of samples, grids, previews and evals."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 Both use RMSNorm, AdaLN-Zero modulation from the global condition broadcast to every token,
 self-attention with 2D RoPE and RMSNorm on queries/keys, and a SwiGLU MLP of hidden int(2*4D/3).
+``official=True`` (``ModelArgs.layer_style``): learnable RMSNorm weights and a bias-free SwiGLU.
 """
 from __future__ import annotations
 
@@ -31,14 +32,15 @@ class PatchBlock(nn.Module):
     the text stream of the last MM-DiT block, whose outputs nothing reads.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: bool = True, pre_only: bool = False):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: bool = True, pre_only: bool = False,
+                 official: bool = False):
         super().__init__()
-        self.norm1 = RMSNorm(dim, affine=False)
+        self.norm1 = RMSNorm(dim, affine=official)
         self.attn = Attention(dim, num_heads, qk_norm, kv_only=pre_only)
         self.adaln = AdaLNZero(dim, n=2 if pre_only else 6)
         if not pre_only:
-            self.norm2 = RMSNorm(dim, affine=False)
-            self.mlp = SwiGLU(dim, mlp_hidden)
+            self.norm2 = RMSNorm(dim, affine=official)
+            self.mlp = SwiGLU(dim, mlp_hidden, bias=not official)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: (B, L, D) patch tokens; c: (B, D) SiLU'd condition; rope tables for L tokens."""
@@ -51,15 +53,17 @@ class PatchBlock(nn.Module):
 class MMDiTBlock(nn.Module):
     """MM-DiT block: image and text streams with separate QKV, MLP and AdaLN; one joint attention.
 
-    Both streams are modulated by the timestep only. RoPE rotates the image tokens; text tokens carry
-    no position code. ``text_mask`` (B, T) marks real text tokens; padded keys are masked out.
+    Both streams are modulated by the timestep only. 2D RoPE rotates the image tokens; text tokens carry
+    1D RoPE when ``text_rope`` is given (official layers), else no position code. ``text_mask`` (B, T)
+    marks real text tokens; padded keys are masked out (None: every text token is attended).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: bool = True, last: bool = False):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: bool = True, last: bool = False,
+                 official: bool = False):
         super().__init__()
         self.last = last
-        self.img = PatchBlock(dim, num_heads, mlp_hidden, qk_norm)
-        self.txt = PatchBlock(dim, num_heads, mlp_hidden, qk_norm, pre_only=last)
+        self.img = PatchBlock(dim, num_heads, mlp_hidden, qk_norm, official=official)
+        self.txt = PatchBlock(dim, num_heads, mlp_hidden, qk_norm, pre_only=last, official=official)
 
     def forward(
         self,
@@ -68,6 +72,7 @@ class MMDiTBlock(nn.Module):
         c: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         text_mask: torch.Tensor | None,
+        text_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, L, D) image tokens; txt: (B, T, D) text tokens; c: (B, D); text_mask: (B, T) bool."""
         L = x.shape[1]
@@ -75,6 +80,9 @@ class MMDiTBlock(nn.Module):
         qi, ki, vi = self.img.attn.qkv_heads(modulate(self.img.norm1(x), mi[0], mi[1]))  # (B, h, L, hd)
         qt, kt, vt = self.txt.attn.qkv_heads(modulate(self.txt.norm1(txt), mt[0], mt[1]))  # (B, h, T, hd)
         qi, ki = apply_rope(qi, *rope), apply_rope(ki, *rope)
+        if text_rope is not None:
+            kt = apply_rope(kt, *text_rope)  # (B, h, T, hd)
+            qt = None if qt is None else apply_rope(qt, *text_rope)  # (B, h, T, hd); None in the last block
         k, v = torch.cat([ki, kt], 2), torch.cat([vi, vt], 2)  # (B, h, L+T, hd)
         q = qi if self.last else torch.cat([qi, qt], 2)  # (B, h, L[+T], hd): last block: image queries only
         mask = None

@@ -26,18 +26,21 @@ def unpatchify_pixels(x: torch.Tensor, B: int, H: int, W: int, p: int) -> torch.
 
 
 class PixelEmbed(nn.Module):
-    """One token per pixel: linear RGB -> D_pix plus a fixed 2D sin-cos code of the pixel position."""
+    """One token per pixel: linear RGB -> D_pix plus a fixed 2D sin-cos code of the pixel position
+    (row half first; column half first in the official layers)."""
 
-    def __init__(self, in_channels: int, pixel_dim: int, patch_size: int):
+    def __init__(self, in_channels: int, pixel_dim: int, patch_size: int, column_first: bool = False):
         super().__init__()
         self.p = patch_size
         self.pixel_dim = pixel_dim
+        self.column_first = column_first
         self.proj = nn.Linear(in_channels, pixel_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B * L, p*p, D_pix)."""
         B, _, H, W = x.shape
-        pos = sincos_2d(self.pixel_dim, H, W, device=x.device).view(1, H, W, self.pixel_dim)  # (1, H, W, Dp)
+        pos = sincos_2d(self.pixel_dim, H, W, device=x.device, column_first=self.column_first)  # (H*W, Dp)
+        pos = pos.view(1, H, W, self.pixel_dim)  # (1, H, W, Dp)
         tok = self.proj(x.permute(0, 2, 3, 1)) + pos.to(x.dtype)  # (B, H, W, Dp)
         return patchify_pixels(tok.permute(0, 3, 1, 2), self.p)  # (B*L, p*p, Dp)
 
@@ -83,19 +86,32 @@ class TokenCompaction(nn.Module):
 
 
 class PiTBlock(nn.Module):
-    """Pixel Transformer block: per-pixel AdaLN around compacted global attention and a pixel MLP."""
+    """Pixel Transformer block: per-pixel AdaLN around compacted global attention and a pixel MLP.
+
+    Pre-modulation (default, AdaLN-Zero): shift/scale the normalised inputs of attention and MLP and gate
+    their outputs, 6 chunks per pixel. ``post_modulation``: attention and MLP see the plain normalised
+    tokens and their outputs are scaled and shifted, 4 chunks per pixel in the order scale1, shift1,
+    scale2, shift2, no gates (the official fix for loss spikes). ``official``: learnable RMSNorm weights
+    and the exact (erf) GELU.
+    """
 
     def __init__(self, cond_dim: int, pixel_dim: int, patch_size: int, attn_dim: int, num_heads: int,
-                 mlp_ratio: float = 4.0, qk_norm: bool = True):
+                 mlp_ratio: float = 4.0, qk_norm: bool = True, post_modulation: bool = False, official: bool = False):
         super().__init__()
-        self.norm1 = RMSNorm(pixel_dim, affine=False)
+        self.post_modulation = post_modulation
+        self.norm1 = RMSNorm(pixel_dim, affine=official)
         self.compaction = TokenCompaction(pixel_dim, patch_size, attn_dim, num_heads, qk_norm)
-        self.norm2 = RMSNorm(pixel_dim, affine=False)
-        self.mlp = GeluMLP(pixel_dim, int(pixel_dim * mlp_ratio))
-        self.adaln = PixelwiseAdaLN(cond_dim, pixel_dim, patch_size)
+        self.norm2 = RMSNorm(pixel_dim, affine=official)
+        self.mlp = GeluMLP(pixel_dim, int(pixel_dim * mlp_ratio), exact_gelu=official)
+        self.adaln = PixelwiseAdaLN(cond_dim, pixel_dim, patch_size, n=4 if post_modulation else 6)
 
     def forward(self, x: torch.Tensor, s_cond: torch.Tensor, B: int, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: (B * L, p*p, D_pix) pixel tokens; s_cond: (B * L, D) per-patch condition."""
+        if self.post_modulation:
+            sc1, sh1, sc2, sh2 = self.adaln(s_cond)  # 4 x (B*L, p*p, Dp)
+            x = x + modulate(self.compaction(self.norm1(x), B, rope), sh1, sc1)  # (B*L, p*p, Dp)
+            x = x + modulate(self.mlp(self.norm2(x)), sh2, sc2)  # (B*L, p*p, Dp)
+            return x
         sh1, sc1, g1, sh2, sc2, g2 = self.adaln(s_cond)  # 6 x (B*L, p*p, Dp)
         x = x + g1 * self.compaction(modulate(self.norm1(x), sh1, sc1), B, rope)  # (B*L, p*p, Dp)
         x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))  # (B*L, p*p, Dp)

@@ -22,6 +22,15 @@ from typing import Any, Literal
 
 Conditioning = Literal["class", "text"]
 CONDITIONINGS: tuple[str, ...] = ("class", "text")
+RopePositions = Literal["normalized", "integer"]
+ROPE_POSITIONS: tuple[str, ...] = ("normalized", "integer")
+LayerStyle = Literal["pixeldit", "official"]
+LAYER_STYLES: tuple[str, ...] = ("pixeldit", "official")
+TextPadding = Literal["masked", "unmasked"]
+TEXT_PADDINGS: tuple[str, ...] = ("masked", "unmasked")
+# Fields added after the first release format, with the value that reproduces models saved before them:
+# a ``model_args`` dict without the key was written by code that had only this behaviour.
+LEGACY_DEFAULTS: dict[str, Any] = {"rope_positions": "integer"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,24 @@ class ModelArgs:
     ``conditioning="class"``: patch pathway of plain DiT blocks, global condition SiLU(t_emb + y_emb).
     ``conditioning="text"``: patch pathway of MM-DiT blocks (image + text streams, joint attention),
     both streams modulated by the timestep only.
+
+    ``rope_positions``: where 2D RoPE places the patch grid. ``"normalized"`` (the official model and the
+    default): ``linspace(0, 16, n)`` along each axis, so every resolution spans the same position range and
+    the 1024 stage reuses the positions learned at 512. ``"integer"``: positions 0..n-1 (models trained
+    before this field existed; ``from_dict`` fills it in for them).
+
+    ``post_modulation``: PiT blocks scale and shift the attention and MLP *outputs* per pixel (4 chunks:
+    scale1, shift1, scale2, shift2; no gates) instead of AdaLN-Zero's 6-way pre-modulation with gates
+    (the official fix for the loss spikes of NVlabs/PixelDiT issue 6, their PR 8).
+
+    ``layer_style="official"``: the layer details of the NVlabs reference, so its checkpoints load exactly
+    (``pixeldit.release.official``): learnable RMSNorm weights in every block, bias-free SwiGLU, erf GELU
+    in the pixel MLP, timestep features of period 10 on 1000 t (text) or on 1 - t (class: the reference
+    runs time from noise at 0 to data at 1), the pixel sin-cos code column-first, and for text models a
+    Linear-then-RMSNorm text projection plus a learned position embedding and 1D RoPE on text tokens.
+
+    ``text_padding="unmasked"``: attention ignores ``context_mask`` and sees every text state, padding
+    included, as the official text-to-image pipeline runs (its encoder states are not zeroed either).
     """
 
     name: str
@@ -50,10 +77,19 @@ class ModelArgs:
     text_len: int = 300  # text-to-image only: tokens kept per caption
     repa_block: int = 8  # patch block (1-based) whose output REPA aligns to DINOv2
     qk_norm: bool = True
+    rope_positions: RopePositions = "normalized"
+    post_modulation: bool = False
+    layer_style: LayerStyle = "pixeldit"
+    text_padding: TextPadding = "masked"
 
     def __post_init__(self) -> None:
-        if self.conditioning not in CONDITIONINGS:
-            raise ValueError(f"conditioning={self.conditioning!r}; valid values: {', '.join(CONDITIONINGS)}")
+        for name, valid in (("conditioning", CONDITIONINGS), ("rope_positions", ROPE_POSITIONS),
+                            ("layer_style", LAYER_STYLES), ("text_padding", TEXT_PADDINGS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name}={getattr(self, name)!r}; valid values: {', '.join(valid)}")
+        for name in ("post_modulation", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}; valid values: true, false")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"{self.name}: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.attn_dim % self.attn_heads:
@@ -82,11 +118,12 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
+        """Read saved arguments; keys missing from older files take ``LEGACY_DEFAULTS`` (their behaviour then)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ModelArgs keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return cls(**{**LEGACY_DEFAULTS, **d})
 
 
 MODEL_SIZES: dict[str, ModelArgs] = {

@@ -1,7 +1,7 @@
 """Write a release folder atomically: config.json, model.safetensors (or shards + index), README.md.
 
-The folder is built beside its destination (``{out}.tmp``) and renamed into place at the end, so a crash
-never leaves a half-written release under the final name.
+The folder is built beside its destination (``pixeldit.storage.tmp_path``) and renamed into place at the end
+(``replace_dir``), so a crash never leaves a half-written release under the final name.
 """
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import CONFIG_FILE, ReleaseConfig
+from pixeldit.errors import ConfigError
+from pixeldit.storage import replace_dir, tmp_path
+
+from .config import CONFIG_FILE, ReleaseConfig
+from .reader import TEXT_ENCODER_FLAG
 from .safe_load import SHARD_INDEX, SINGLE_FILE
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as the Hugging Face default
+MODEL_CARD = "README.md"
 
 
 def shard_state(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -39,7 +44,8 @@ def model_card(cfg: ReleaseConfig, name: str) -> str:
     a = cfg.args()
     s = cfg.sampler
     if a.conditioning == "text":
-        cond = f"text prompts (text encoder: {cfg.text_encoder or 'set --text-encoder'})"
+        cond = (f"text prompts (text encoder: {cfg.text_encoder or 'not recorded'}; give a local copy with "
+                f"{TEXT_ENCODER_FLAG} PATH)")
         example = '--prompt "a red circle on a white background" --num-per-prompt 4'
     else:
         cond = f"{a.num_classes} class ids (null class {a.num_classes} for guidance)"
@@ -79,29 +85,35 @@ images = generate(model, cond, null_cond, noise=noise, **config.sampler.generate
 def save_release(state: dict[str, torch.Tensor], cfg: ReleaseConfig, out_dir: str | os.PathLike,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write ``state`` (``PixelDiT.state_dict()`` keys, already in ``cfg.dtype``) and ``cfg``; returns the folder."""
+    if os.path.isabs(cfg.text_encoder):
+        raise ConfigError(f"text_encoder={cfg.text_encoder!r}: a release records the text encoder by name, not by "
+                          f"a local path (pixeldit.release.config.text_encoder_name)")
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tmp_path(out))
     tmp.mkdir(parents=True)
+    try:
+        _write_files(tmp, state, cfg, out.name, max_shard_bytes)
+        replace_dir(tmp, out)  # the previous release stays complete until the new one is in place
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_files(folder: Path, state: dict[str, torch.Tensor], cfg: ReleaseConfig, name: str,
+                 max_shard_bytes: int) -> None:
     shards = shard_state(state, max_shard_bytes)
     meta = {"format": "pt", "pixeldit_format_version": str(cfg.format_version)}
     if len(shards) == 1:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / SINGLE_FILE), metadata=meta)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / SINGLE_FILE), metadata=meta)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp / name), metadata=meta)
-            weight_map.update({k: name for k in shard})
+            shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in shard.items()}, str(folder / shard_name), metadata=meta)
+            weight_map.update({k: shard_name for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=2))
-    (tmp / CONFIG_FILE).write_text(cfg.to_json())
-    (tmp / "README.md").write_text(model_card(cfg, out.name))
-    old = out.with_name(out.name + ".old")
-    if out.exists():  # keep the previous release until the new one is in place
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+        (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2))
+    (folder / CONFIG_FILE).write_text(cfg.to_json())
+    (folder / MODEL_CARD).write_text(model_card(cfg, name))

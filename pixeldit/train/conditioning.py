@@ -104,9 +104,9 @@ def resolved_system_prompt(cfg: RunConfig, args: ModelArgs) -> str:
     """The system prompt a text model is trained with ("" for class models), for checkpoint metadata."""
     if args.conditioning == "class":
         return ""
-    from pixeldit.conditioning import DEFAULT_SYSTEM_PROMPT
+    from pixeldit.conditioning import resolve_system_prompt
 
-    return DEFAULT_SYSTEM_PROMPT if cfg.conditioning.system_prompt is None else cfg.conditioning.system_prompt
+    return resolve_system_prompt(cfg.conditioning.system_prompt)
 
 
 def load_text_encoder(cfg: RunConfig, args: ModelArgs, device: torch.device):
@@ -118,7 +118,8 @@ def load_text_encoder(cfg: RunConfig, args: ModelArgs, device: torch.device):
 
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" and device.type == "cuda" else torch.float32
     encoder = TextEncoder.from_pretrained(c.text_encoder, system_prompt=c.system_prompt, max_length=args.text_len,
-                                          dtype=dtype, device=device)
+                                          dtype=dtype, device=device,
+                                          keep_padding_states=args.text_padding == "unmasked")
     if encoder.dim != args.text_dim:
         raise ValueError(f"conditioning.text_encoder {c.text_encoder} has width {encoder.dim} but the model "
                          f"expects text_dim={args.text_dim}; set model.overrides.text_dim={encoder.dim}")
@@ -133,6 +134,9 @@ def build_conditioner(cfg: RunConfig, args: ModelArgs, device: torch.device, sta
         return ClassConditioner(args.num_classes, device)
     c = cfg.conditioning
     caches = []
+    if c.text_mode == "cached" and args.text_padding == "unmasked":
+        raise ValueError("model text_padding=unmasked sees the encoder's padding states, which the embedding cache "
+                         "does not store; set conditioning.text_mode=online")
     if c.text_mode == "cached":
         from data_pipeline.dataset_format import text_embedding_dir
         from pixeldit.conditioning import TextEmbeddingCache

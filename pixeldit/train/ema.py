@@ -6,41 +6,18 @@ flattened parameter padded to a multiple of the world size, rank r holding eleme
 [r * n, (r + 1) * n)): the EMA is kept over that local partition (``layout="zero3"``), so an update
 needs no gather, and every rank saves its own file.
 
-``consolidate_ema(checkpoint_dir)`` rebuilds the full state dict (keys of the model's ``state_dict``) from
-any checkpoint, whatever the stage and world size; ``partition_state(full, world_size, rank)`` is the
-inverse, used when a run resumes on another world size or ZeRO stage.
-
-Files in a checkpoint folder: ``ema_rank{r:05d}.pt`` holding
-``{"layout", "decay", "world_size", "rank", "shapes": {name: shape}, "shadow": {name: tensor}}``.
+The EMA file format and its readers (``consolidate_ema``, ``partition_state``: the full state dict of any
+checkpoint whatever its stage and world size, and back) live in ``pixeldit.run_folder``; a run resumed on
+another world size or ZeRO stage re-partitions through them.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
-EMA_FILE = "ema_rank{rank:05d}.pt"
-
-
-def _partition_bounds(numel: int, world_size: int, rank: int) -> tuple[int, int, int]:
-    """(start, partition size, valid elements) of rank's ZeRO-3 partition of a flattened tensor."""
-    size = -(-numel // world_size)
-    start = size * rank
-    return start, size, max(0, min(numel - start, size))
-
-
-def partition_state(full: dict[str, torch.Tensor], world_size: int, rank: int) -> dict[str, torch.Tensor]:
-    """The ZeRO-3 local partitions (1-D, padded with zeros) of a full state dict."""
-    out = {}
-    for name, t in full.items():
-        flat = t.detach().reshape(-1).float()
-        start, size, valid = _partition_bounds(flat.numel(), world_size, rank)
-        part = torch.zeros(size, dtype=torch.float32)
-        part[:valid] = flat[start:start + valid]
-        out[name] = part
-    return out
+from pixeldit.run_folder import consolidate_ema, partition_bounds, partition_state, read_ema_file, save_ema_file
 
 
 class EMA:
@@ -59,7 +36,7 @@ class EMA:
                 src = self._source(p)
                 self.shapes[name] = list(p.ds_shape if zero3 else p.shape)
                 numel = int(torch.Size(self.shapes[name]).numel())
-                self._valid[name] = _partition_bounds(numel, world_size, rank)[2] if zero3 else numel
+                self._valid[name] = partition_bounds(numel, world_size, rank)[2] if zero3 else numel
                 shadow = torch.zeros_like(src, dtype=torch.float32)
                 shadow[: self._valid[name]] = src[: self._valid[name]].float()
                 self.shadow[name] = shadow
@@ -98,43 +75,14 @@ class EMA:
         """ZeRO-3: every rank writes its partition; full layout: rank 0 writes the (replicated) copy."""
         if self.layout == "full" and self.rank != 0:
             return
-        path = Path(folder) / EMA_FILE.format(rank=self.rank)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        save_ema_file(folder, self.state_dict())
 
     def load(self, folder: str | os.PathLike) -> None:
         """Load from a checkpoint folder: own partition if layout and world size match, else re-partition."""
-        folder = Path(folder)
-        own = folder / EMA_FILE.format(rank=self.rank)
-        if self.layout == "zero3" and own.exists():
-            sd = torch.load(own, map_location="cpu", weights_only=True)
-            if sd["layout"] == "zero3" and sd["world_size"] == self.world_size:
-                for name in self.shadow:
-                    self.shadow[name].copy_(sd["shadow"][name])
-                return
+        sd = read_ema_file(folder, self.rank) if self.layout == "zero3" else None
+        if sd is not None and sd["layout"] == "zero3" and sd["world_size"] == self.world_size:
+            for name in self.shadow:
+                self.shadow[name].copy_(sd["shadow"][name])
+            return
         self.load_full(consolidate_ema(folder))
 
-
-def consolidate_ema(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Full fp32 EMA state dict (model parameter names -> tensors) of a checkpoint folder."""
-    folder = Path(checkpoint_dir)
-    first = folder / EMA_FILE.format(rank=0)
-    if not first.exists():
-        raise FileNotFoundError(f"{first} not found: {folder} is not a checkpoint folder with an EMA")
-    sd0 = torch.load(first, map_location="cpu", weights_only=True)
-    if sd0["layout"] == "full":
-        return {n: t.clone() for n, t in sd0["shadow"].items()}
-    world = sd0["world_size"]
-    parts = [sd0]
-    for r in range(1, world):
-        path = folder / EMA_FILE.format(rank=r)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} missing: the ZeRO-3 EMA of {folder} was saved by {world} ranks")
-        parts.append(torch.load(path, map_location="cpu", weights_only=True))
-    full = {}
-    for name, shape in sd0["shapes"].items():
-        numel = int(torch.Size(shape).numel())
-        flat = torch.cat([p["shadow"][name] for p in parts])[:numel]
-        full[name] = flat.reshape(shape).clone()
-    return full

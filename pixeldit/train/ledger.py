@@ -26,21 +26,19 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from data_pipeline.dataset_format import ShardProblem
+from pixeldit import run_folder
 from pixeldit.errors import CheckpointError, CliParser, DataError, cli_main
 from pixeldit.storage import REDACTED, atomic_local_file, configure_s3
 
-from .checkpoint import CheckpointManager, read_meta
 from .config import RunConfig, from_dict, validate
 from .curriculum import Curriculum
 from .loader import build_plan
 from .sources import open_sources
 
-CONFIG_FILE = "config.yaml"
-
 
 def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
     """The config a run saved (redacted credentials dropped: they come from the environment)."""
-    path = Path(run_dir) / CONFIG_FILE
+    path = Path(run_dir) / run_folder.RUN_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a run folder (the trainer saves its config there)")
     tree = yaml.safe_load(path.read_text()) or {}
@@ -62,10 +60,13 @@ def ledger(run_dir: str | os.PathLike, step: int) -> Iterator[tuple[int, str, st
     and the step are checked before the first draw is produced)."""
     cfg = load_run_config(run_dir)
     configure_s3(cfg.data.s3)
-    latest = CheckpointManager(run_dir, cfg.checkpoint.keep).latest()
+    # a damaged `latest` falls back to the newest intact step folder, as the trainer's resume does
+    latest, note = run_folder.find_latest(run_folder.checkpoints_dir(run_dir), cfg.checkpoint.fallback)
+    if note:
+        print(f"pixeldit-ledger: note: {note}", file=sys.stderr, flush=True)
     if latest is None:
         raise CheckpointError(f"{run_dir}: no checkpoint yet, so no record of where the loaders started")
-    segments = read_meta(latest).get("data_segments")
+    segments = run_folder.read_meta(latest).get("data_segments")
     if not segments:
         raise CheckpointError(f"{latest}/meta.json has no data_segments: the run was trained before the ledger "
                               f"existed; its samples cannot be listed from the plan")

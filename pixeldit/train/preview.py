@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from pixeldit.diffusion import generate, image_grid
 from pixeldit.models import build_model
+from pixeldit.run_folder import preview_path
 
 from .config import RunConfig, StageConfig
 from .ema import EMA
@@ -53,9 +54,9 @@ def write_preview(cfg: RunConfig, bundle, ema: EMA, conditioner, stage: StageCon
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16"):
             images = generate(model, cond, null_cond, noise=noise, steps=cfg.logging.image_sample_steps,
                               sampler=cfg.logging.image_sampler, cfg_scale=cfg.logging.image_cfg_scale,
-                              shift=stage.shift)  # (N, 3, H, W) in [-1, 1]
+                              shift=cfg.stage_objective(stage).shift)  # (N, 3, H, W) in [-1, 1]
         grid = image_grid(images.float().cpu(), nrow=max(1, int(math.ceil(math.sqrt(n)))))
-        path = Path(cfg.run_dir) / "samples" / f"step_{step:08d}.png"
+        path = preview_path(cfg.run_dir, step)
         metrics.log_images(step, grid, path)
         del model
     if dist.is_initialized():

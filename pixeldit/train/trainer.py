@@ -4,11 +4,14 @@
     result = run_training(cfg)          # under torchrun / SLURM (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)
 
 Outline:
- 1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1); apply the S3
-    timeouts and retries of ``data.s3``;
- 2. rank 0 saves the config into the run folder (credentials redacted); find ``checkpoints/latest``
-    (auto-resume); rank 0 checks every shard of every remaining stage against its manifest and all ranks
-    stop with one error naming the damaged ones (before any engine is built);
+ 0. ``preflight``: the config and every file it names are checked before anything starts;
+ 1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1); rank 0 takes the
+    run-folder lock (``run_lock``: one trainer per run folder) and every rank learns the outcome, so all
+    ranks stop together when another trainer holds it;
+ 2. apply the S3 timeouts and retries of ``data.s3``; rank 0 saves the config into the run folder (credentials
+    redacted); find the resume point (``checkpoints/latest``, checked; a damaged one falls back to the newest
+    intact step folder, said in one line); rank 0 checks every shard of every remaining stage against its
+    manifest and all ranks stop with one error naming the damaged ones (before any engine is built);
  3. for each curriculum stage from the one the checkpoint is in: build the engine (engine.py), the EMA,
     the loader; load the checkpoint (the same path serves a resume and a stage boundary, so both are exact;
     the loader's state is world-size independent); print the stage's buckets and the data-rate line;
@@ -16,12 +19,17 @@ Outline:
     condition, compute the loss with a generator seeded by (seed, rank, step, micro) and agree (all-reduce)
     on whether it is finite; backward; optimizer step; EMA update; log; checkpoint every N steps and at
     the end of the stage;
- 5. a non-finite loss skips the step (no backward, no update, counted); ``max_consecutive_nonfinite`` in a
-    row raises ``NonFiniteLossError``, leaving the last good checkpoint as ``latest``.
+ 5. skipped steps (the contract, ``skip_reason``): a step counts as applied only when the optimizer applied
+    it. A non-finite loss (no backward, or accumulated gradients dropped), a non-finite gradient norm, or an
+    update DeepSpeed did not apply (its overflow check) is a skipped step: counted in ``nonfinite_total``,
+    logged with ``skipped: true`` and its ``skip_reason``, no EMA update, no periodic checkpoint while the
+    streak lasts; ``max_consecutive_nonfinite`` skipped steps in a row log the last one and raise
+    ``NonFiniteLossError`` naming that logged step, leaving the last good checkpoint as ``latest``.
 """
 from __future__ import annotations
 
 import gc
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -32,24 +40,54 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointManager, read_meta
-from .conditioning import build_conditioner, build_teacher, load_text_encoder, resolved_system_prompt
-from pixeldit.errors import USER_ERRORS, DataError
+from pixeldit.errors import USER_ERRORS, CheckpointError, DataError
+from pixeldit.models import ModelArgs
+from pixeldit.run_folder import RUN_CONFIG, read_meta
 from pixeldit.storage import configure_s3, is_local
 
+from .checkpoint import CheckpointManager, untie_optimizer_steps
+from .conditioning import build_conditioner, build_teacher, load_text_encoder, resolved_system_prompt
 from .config import RunConfig, save_config
 from .curriculum import Curriculum
 from .ema import EMA
 from .engine import EngineBundle, build_engine
-from .export import untie_optimizer_steps
 from .loader import TrainLoader, build_loader, build_node_cache, data_rate_line
 from .metrics import FlopCounter, MetricsLogger, StepTimer, device_peak_tflops
+from .preflight import preflight
 from .preview import write_preview
+from .run_lock import RunFolderLocked, RunLock
 from .sources import check_stage_data, damaged_shards_error
+
+# why a step was skipped (losses.jsonl "skip_reason"); see skip_reason
+SKIP_NONFINITE_LOSS = "nonfinite_loss"  # a micro-batch loss was NaN/inf on some rank: no update
+SKIP_NONFINITE_GRAD = "nonfinite_grad"  # the global gradient norm was NaN/inf: DeepSpeed skipped the update
+SKIP_NOT_APPLIED = "not_applied"  # DeepSpeed reported the update as not applied (its overflow check)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row; the run stops and keeps its last good checkpoint."""
+    """Too many skipped steps (non-finite loss or gradient) in a row; the run stops and keeps its last good
+    checkpoint."""
+
+
+def skip_reason(loss_finite: bool, applied: bool, grad_norm: float | None) -> str | None:
+    """Why a step counts as skipped, or None when the optimizer applied it (the skip contract).
+
+    ``loss_finite``: every micro-batch loss of the step was finite on every rank (else there was no optimizer
+    step, or one that dropped the gradients); ``applied``: ``engine.was_step_applied()`` after ``engine.step()``;
+    ``grad_norm``: ``engine.get_global_grad_norm()`` (None when DeepSpeed does not compute it).
+    A skipped step leaves the weights and the EMA unchanged and joins the non-finite streak. An update that
+    WAS applied with a non-finite gradient norm would have written NaN/inf into the weights: that is a
+    configuration error (DeepSpeed's overflow check is off), raised as RuntimeError.
+    """
+    if not loss_finite:
+        return SKIP_NONFINITE_LOSS
+    norm_finite = grad_norm is None or math.isfinite(grad_norm)
+    if applied and not norm_finite:
+        raise RuntimeError(f"DeepSpeed applied an update with gradient norm {grad_norm}: the weights are no longer "
+                           f"finite; remove 'check_grad_overflow: false' from the ZeRO JSON")
+    if not norm_finite:
+        return SKIP_NONFINITE_GRAD
+    return None if applied else SKIP_NOT_APPLIED
 
 
 @dataclass
@@ -103,7 +141,7 @@ def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.de
 def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[str, Any]:
     stage = cfg.stages[stage_index]
     return {"stage_index": stage_index, "stage_name": stage.name, "model_args": cfg.model.args().to_dict(),
-            "resolution": stage.resolution, "shift": stage.shift, "buckets": stage.buckets,
+            "resolution": stage.resolution, "shift": cfg.stage_objective(stage).shift, "buckets": stage.buckets,
             "bucket_align": stage.bucket_align, "text_encoder": cfg.conditioning.text_encoder,
             "system_prompt": resolved_system_prompt(cfg, cfg.model.args()), "zero": cfg.deepspeed.zero,
             "precision": cfg.deepspeed.precision, "world_size": world_size,
@@ -111,36 +149,83 @@ def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[
 
 
 def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
-    # 1-2. process group, run folder, resume point
+    # 0. nothing started yet: a bad config or a missing file leaves no process group, run folder or wandb run
+    preflight(cfg)
+    # 1. process group, run-folder lock
     info = init_distributed()
+    lock = None
+    try:
+        lock, lock_note = _take_run_lock(Path(cfg.run_dir), info.rank)
+        return _run(cfg, info, lock, lock_note, stop_requested)
+    finally:
+        if lock is not None:
+            lock.release()
+        if info.owns_group:  # also on errors, so the process exits cleanly
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
+
+
+def _take_run_lock(run_dir: Path, rank: int) -> tuple[RunLock | None, str | None]:
+    """Rank 0 takes the run-folder lock; every rank gets the outcome and raises the same error, so no rank
+    starts work on a folder another trainer holds. Returns (the lock on rank 0 else None, a takeover note)."""
+    lock, outcome, failure = None, [None], None
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir)
+            outcome = [("ok", lock.acquire())]
+        except Exception as err:  # noqa: BLE001 (sent to every rank first: all stop together)
+            failure = err
+            outcome = [("locked" if isinstance(err, RunFolderLocked) else "error", str(err))]
+    dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    kind, text = outcome[0]
+    if kind == "locked":
+        raise RunFolderLocked(text)
+    if kind == "error":
+        raise RuntimeError(f"rank 0 could not take the run-folder lock: {text}")
+    return lock, text
+
+
+def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | None,
+         stop_requested: Callable[[], bool] | None) -> TrainResult:
+    # 2. run folder, resume point
     rank, world = info.rank, info.world_size
     configure_s3(cfg.data.s3)
     run_dir = Path(cfg.run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / RUN_CONFIG)
     dist.barrier()
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, rank, world)
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, rank, world, cfg.checkpoint.verify,
+                             cfg.checkpoint.fallback, lock)
     curriculum = Curriculum(cfg.stages)
-    latest, universal = ckpt.latest(), False
+    latest, resume_note = ckpt.resume_point()
+    universal = False
     if latest is None and cfg.checkpoint.resume_from:  # e.g. a universal checkpoint for a new world size
         latest, universal = Path(cfg.checkpoint.resume_from), cfg.checkpoint.load_universal
-    step = read_meta(latest)["step"] if latest is not None else 0
+    meta = read_meta(latest) if latest is not None else {}
+    step = meta["step"] if latest is not None else 0
     # where each stage's loader started (the ledger replays the plan from these; pixeldit.train.ledger)
-    segments = list(read_meta(latest).get("data_segments", [])) if latest is not None else []
-    try:
-        problems = _check_data(cfg, curriculum.stage_of(min(step, curriculum.total_steps - 1)), rank)
-    except BaseException:
-        if info.owns_group:
-            dist.destroy_process_group()
-        raise
+    segments = list(meta.get("data_segments", []))
+    problems = _check_data(cfg, curriculum.stage_of(min(step, curriculum.total_steps - 1)), rank)
     remote = any(not is_local(src.path) for s in cfg.stages for src in s.data_sources())
     node_cache = build_node_cache(cfg) if remote else None
     args = cfg.model.args()
+    if "model_args" in meta:  # e.g. a run from before rope_positions existed keeps its integer positions
+        saved, wanted = ModelArgs.from_dict(meta["model_args"]).to_dict(), args.to_dict()
+        changed = {k: (v, wanted[k]) for k, v in saved.items() if wanted[k] != v}
+        if changed:
+            raise ValueError(f"{latest}: the checkpoint's model differs from the run config (key: (checkpoint, "
+                             f"config)) {changed}; set model.overrides to the checkpoint's values")
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     teacher = build_teacher(cfg, device)
     encoder = load_text_encoder(cfg, args, device)
     metrics = MetricsLogger(cfg, rank, world, step)
+    for note in (lock_note, resume_note):
+        if note:
+            metrics.write(f"note: {note}")
     flops = FlopCounter(args)
     losses: list[float] = []
     nonfinite = {"consecutive": 0, "total": 0}
@@ -150,7 +235,7 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
         while step < curriculum.total_steps and status == "finished":
             stage_index = curriculum.stage_of(step)
             span, stage = curriculum.span(stage_index), cfg.stages[stage_index]
-            objective = curriculum.objective(stage_index, cfg.objective)
+            objective = cfg.stage_objective(stage)
             conditioner = build_conditioner(cfg, args, device, stage_index, encoder, node_cache)
             bundle = build_engine(cfg, stage_index, world, teacher.dim if teacher is not None else None, universal)
             ema = EMA(bundle.model, cfg.ema_decay, bundle.zero3, world, rank)
@@ -196,16 +281,10 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
                 lr = bundle.schedule.apply(bundle.engine.optimizer, step - span.start)
                 with StepTimer() as timer:
                     out = _train_step(cfg, bundle, loader, conditioner, teacher, objective, rank, step, device)
-                # 5. non-finite handling
+                # 5. skipped steps: counted, no EMA update (skip_reason)
                 if out["skipped"]:
                     nonfinite["consecutive"] += 1
                     nonfinite["total"] += 1
-                    if nonfinite["consecutive"] >= cfg.max_consecutive_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{nonfinite['consecutive']} non-finite losses in a row (last at step {step}, stage "
-                            f"{stage.name}); stopping. The last good checkpoint is "
-                            f"{ckpt.latest() or 'none (no checkpoint yet)'}; lower stages[{stage_index}].lr "
-                            f"or check the data, then resume")
                 else:
                     nonfinite["consecutive"] = 0
                     ema.update()
@@ -216,11 +295,17 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
                 metrics.log_step({
                     "step": step, "stage": stage_index, "loss": out["loss"], "flow": out["flow"],
                     "repa": out["repa"], "lr": lr, "grad_norm": out["grad_norm"], "skipped": out["skipped"],
-                    "nonfinite_total": nonfinite["total"], "bucket": out["buckets"][0],
-                    "bad_samples": len(loader.bad_samples),
+                    "skip_reason": out["skip_reason"], "nonfinite_total": nonfinite["total"],
+                    "bucket": out["buckets"][0], "bad_samples": len(loader.bad_samples),
                     "samples_per_s": images / timer.seconds, "samples_per_s_per_rank": images / timer.seconds / world,
                     "mfu": metrics.mfu(model_flops, timer.seconds), "step_time_s": timer.seconds,
                 })
+                if nonfinite["consecutive"] >= cfg.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{nonfinite['consecutive']} skipped steps in a row (non-finite loss or gradient; the last "
+                        f"is step {step}, {out['skip_reason']}, stage {stage.name}); stopping. The last good "
+                        f"checkpoint is {_latest_or_none(ckpt)}; lower stages[{stage_index}].lr or check the "
+                        f"data, then resume")
                 if cfg.logging.image_every and step % cfg.logging.image_every == 0:
                     write_preview(cfg, bundle, ema, conditioner, stage, step, metrics, device)
                 periodic = step % cfg.checkpoint.every == 0 and nonfinite["consecutive"] == 0  # none mid-streak
@@ -234,10 +319,6 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
         dist.barrier()
     finally:
         metrics.close()
-        if info.owns_group:  # also on errors, so the process exits cleanly
-            import deepspeed.comm
-
-            deepspeed.comm.destroy_process_group()
     final = ckpt.latest()
     return TrainResult(status, step, curriculum.stage_of(max(step - 1, 0)), str(final) if final else None, losses)
 
@@ -276,6 +357,13 @@ def _check_data(cfg: RunConfig, first_stage: int, rank: int) -> dict[int, dict]:
     return problems
 
 
+def _latest_or_none(ckpt: CheckpointManager) -> str:
+    try:
+        return str(ckpt.latest() or "none (no checkpoint yet)")
+    except CheckpointError as err:
+        return f"unreadable ({err})"
+
+
 def _all_agree(flag: bool, device: torch.device) -> bool:
     """True on every rank if any rank's flag is true."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -285,7 +373,8 @@ def _all_agree(flag: bool, device: torch.device) -> bool:
 
 def _train_step(cfg: RunConfig, bundle: EngineBundle, loader: TrainLoader, conditioner, teacher, objective,
                 rank: int, step: int, device: torch.device) -> dict[str, Any]:
-    """One optimizer step over grad_accum micro-batches; returns rank-averaged losses and what was run.
+    """One optimizer step over grad_accum micro-batches; returns rank-averaged losses, whether the update was
+    skipped and why (``skip_reason``), and what was run.
 
     Every rank draws the same bucket at every micro-batch (rank-aligned plan). The loss of each micro-batch
     is checked for finiteness on all ranks together BEFORE its backward. A non-finite one skips the step:
@@ -323,16 +412,17 @@ def _train_step(cfg: RunConfig, bundle: EngineBundle, loader: TrainLoader, condi
         sums += stats
     if skipped:
         sums.fill_(float("nan"))
-        grad_norm = None
+        grad_norm, reason = None, skip_reason(False, False, None)
     else:
         engine.step()
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else None
+        reason = skip_reason(True, engine.was_step_applied(), grad_norm)
         dist.all_reduce(sums)
         sums /= dist.get_world_size() * accum
     loss, flow, repa = (float(v) for v in sums.cpu())
-    return {"loss": loss, "flow": flow, "repa": repa, "grad_norm": grad_norm, "skipped": skipped,
-            "sizes": sizes, "buckets": buckets}
+    return {"loss": loss, "flow": flow, "repa": repa, "grad_norm": grad_norm, "skipped": reason is not None,
+            "skip_reason": reason, "sizes": sizes, "buckets": buckets}
 
 
 def _discard_accumulated(engine, bad_loss: torch.Tensor, step: int) -> None:

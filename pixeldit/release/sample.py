@@ -10,6 +10,10 @@ folder. Sampler, steps, CFG scale/interval and time shift default to the release
 checkpoint: the paper's defaults with the stage's shift). Writes one PNG per image, ``grid.png`` (one row
 per prompt / class id) and ``prompts.json`` ([{file, prompt | class_id, seed}]). Seed-reproducible: image i
 starts from noise drawn on the CPU with seed + i, whatever the batch size or device.
+
+Text-to-image models: the text encoder is the one named in the model's config (a local folder or a Hugging
+Face cache entry; for a training checkpoint, the folder the run used), or ``--text-encoder PATH``.
+A user error is one line and exit code 2; --traceback (or PIXELDIT_TRACEBACK=1) shows the traceback.
 """
 from __future__ import annotations
 
@@ -17,54 +21,58 @@ import argparse
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pixeldit.conditioning import TextEncoder
-from pixeldit.diffusion import SAMPLERS, generate, image_grid
+from pixeldit import run_folder
+from pixeldit.diffusion import generate, image_grid, to_uint8
+from pixeldit.errors import CheckpointError, CliParser, ConfigError, cli_main
 from pixeldit.models import PixelDiT
-from pixeldit.release import CONFIG_FILE, ReleaseConfig, from_pretrained
+
+from .config import CONFIG_FILE, DTYPES, ReleaseConfig, add_sampler_flags, sampler_flags
+from .export import load_training_model
+from .reader import from_pretrained, load_text_encoder
+
+PROG = "pixeldit-sample"
 
 
-def load_any(path: str, device: str = "cpu") -> tuple[PixelDiT, ReleaseConfig]:
-    """A release folder, or a training run/step folder (consolidated EMA weights)."""
-    if (Path(path) / CONFIG_FILE).exists():
-        return from_pretrained(path, device=device)
-    from pixeldit.train.export import load_training_model  # deepspeed is only needed for training checkpoints
+def load_any(path: str, device: str = "cpu") -> tuple[PixelDiT, ReleaseConfig, str]:
+    """(model, config, text encoder folder) of a release folder, or of a training run / step folder (its
+    consolidated EMA weights; the text encoder folder the run used, where it exists here; else '')."""
+    folder = Path(path)
+    if (folder / CONFIG_FILE).exists():
+        return (*from_pretrained(path, device=device), "")
+    markers = (run_folder.META, run_folder.LATEST, f"{run_folder.CHECKPOINTS}/{run_folder.LATEST}")
+    if not any((folder / m).exists() for m in markers):
+        raise CheckpointError(f"--model {path}: not a release folder ({CONFIG_FILE}), a training run folder "
+                              f"({run_folder.CHECKPOINTS}/{run_folder.LATEST}) or a checkpoint step folder "
+                              f"({run_folder.META}); pass one of those")
+    step_dir = run_folder.resolve_checkpoint(folder)
+    model, cfg = load_training_model(step_dir, "ema", device)
+    trained_with = run_folder.read_meta(step_dir).get("text_encoder", "")
+    return model, cfg, trained_with if trained_with and os.path.isdir(trained_with) else ""
 
-    return load_training_model(path, "ema", device)
 
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (same rounding as the trainer's preview grids)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def build_conditions(model: PixelDiT, cfg: ReleaseConfig, a: argparse.Namespace, device: str):
+def build_conditions(model: PixelDiT, cfg: ReleaseConfig, a: argparse.Namespace, device: str,
+                     text_encoder_path: str = ""):
     """(cond, null_cond, labels): the model's condition kwargs for every image to generate, and their labels."""
     args = model.args
     if args.conditioning == "class":
         if not a.class_id or a.prompt:
-            raise SystemExit(f"{args.name} is a class-conditional model: pass --class-id (not --prompt)")
+            raise ConfigError(f"{args.name} is a class-conditional model: pass --class-id (not --prompt)")
         bad = [c for c in a.class_id if not 0 <= c < args.num_classes]
         if bad:
-            raise SystemExit(f"class ids {bad} outside 0..{args.num_classes - 1}")
+            raise ConfigError(f"--class-id {bad}: outside the model's classes 0..{args.num_classes - 1}")
         ids = [c for c in a.class_id for _ in range(a.num_per_prompt)]
         y = torch.tensor(ids, device=device)
         return {"y": y}, model.null_condition(len(ids), device), [{"class_id": c} for c in ids]
     if not a.prompt or a.class_id:
-        raise SystemExit(f"{args.name} is a text-to-image model: pass --prompt or --prompts-file (not --class-id)")
-    enc_path = a.text_encoder or cfg.text_encoder
-    if not enc_path:
-        raise SystemExit("no text encoder: the model's config names none; pass --text-encoder PATH")
-    encoder = TextEncoder.from_pretrained(enc_path, system_prompt=cfg.system_prompt, max_length=args.text_len,
-                                          device=device)
-    if encoder.dim != args.text_dim:
-        raise SystemExit(f"text encoder {enc_path} has width {encoder.dim}, the model expects {args.text_dim}")
+        raise ConfigError(f"{args.name} is a text-to-image model: pass --prompt or --prompts-file (not --class-id)")
+    encoder = load_text_encoder(cfg, a.text_encoder or text_encoder_path or None, device)
     prompts = [p for p in a.prompt for _ in range(a.num_per_prompt)]
     emb, mask = encoder.encode(prompts)  # (N, T, C), (N, T)
     null_emb, null_mask = encoder.encode_null(len(prompts))
@@ -73,8 +81,7 @@ def build_conditions(model: PixelDiT, cfg: ReleaseConfig, a: argparse.Namespace,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pixeldit-sample", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="release folder, or training run / step folder")
     ap.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
     ap.add_argument("--prompts-file", help="text file, one prompt per line")
@@ -84,38 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--height", type=int, default=None, help="default: the training resolution")
     ap.add_argument("--width", type=int, default=None, help="default: --height")
-    ap.add_argument("--sampler", choices=list(SAMPLERS), default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--cfg-scale", type=float, default=None, help="1 disables guidance")
-    ap.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
-                    help="apply CFG for t in [T_LO, T_HI] (t = 1 is noise)")
-    ap.add_argument("--shift", type=float, default=None, help="time-grid shift")
-    ap.add_argument("--text-encoder", default="", help="override the text encoder path of the model config")
+    add_sampler_flags(ap)
+    ap.add_argument("--text-encoder", default="", metavar="PATH",
+                    help="local folder of the text encoder (default: the one named in the model's config)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (GPU)")
+    ap.add_argument("--precision", choices=list(DTYPES), default="fp32", help="bf16: autocast (GPU)")
     return ap
 
 
 @torch.no_grad()
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str]) -> None:
+    """The command itself; raises on user errors (``main`` turns them into one line and exit code 2)."""
     a = build_parser().parse_args(argv)
     if a.prompts_file:
         a.prompt += [ln.strip() for ln in Path(a.prompts_file).read_text().splitlines() if ln.strip()]
     if a.num_per_prompt < 1 or a.batch_size < 1:
-        raise SystemExit("--num-per-prompt and --batch-size must be >= 1")
-    model, cfg = load_any(a.model, a.device)
-    d = cfg.sampler
-    kw = {"sampler": a.sampler or d.sampler, "steps": a.steps or d.steps,
-          "cfg_scale": d.cfg_scale if a.cfg_scale is None else a.cfg_scale,
-          "cfg_interval": tuple(a.cfg_interval) if a.cfg_interval else tuple(d.cfg_interval),
-          "shift": d.shift if a.shift is None else a.shift}
+        raise ConfigError("--num-per-prompt and --batch-size must be >= 1")
+    model, cfg, text_encoder_path = load_any(a.model, a.device)
+    kw = cfg.sampler.override(**sampler_flags(a)).generate_kwargs()
     h = a.height or cfg.resolution
     w = a.width or h
     p = model.args.patch_size
     if h % p or w % p:
-        raise SystemExit(f"height and width must be multiples of the patch size {p}, got {h}x{w}")
-    cond, null_cond, labels = build_conditions(model, cfg, a, a.device)
+        raise ConfigError(f"--height/--width must be multiples of the patch size {p}, got {h}x{w}")
+    cond, null_cond, labels = build_conditions(model, cfg, a, a.device, text_encoder_path)
     n = len(labels)
     noise = torch.stack([torch.randn(3, h, w, generator=torch.Generator().manual_seed(a.seed + i)) for i in range(n)])
     autocast = (torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16) if a.precision == "bf16"
@@ -143,5 +143,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{list(kw['cfg_interval'])}, shift {kw['shift']}) -> {out_dir}; grid: {out_dir / 'grid.png'}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(PROG, run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Key map between training checkpoints and release weights, next to the model it describes.
+"""Key map between training checkpoints and release weights (with its round-trip test in tests/test_release_format.py).
 
 Training wraps the model and the REPA projector in one module (``pixeldit.train.engine.TrainModule``:
 ``model.*`` and ``projector.*``), so DeepSpeed's consolidated weights carry those prefixes; the EMA is kept
@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import torch
 
-RELEASE_FORMAT_VERSION = 1
+from pixeldit.errors import CheckpointError
+
+# 1: first format. 2: model_args gained rope_positions, post_modulation, layer_style and text_padding (a format 1
+# release loads with integer RoPE positions: sizes.LEGACY_DEFAULTS); older code refuses format 2 by name.
+RELEASE_FORMAT_VERSION = 2
 TRAINING_PREFIX = "model."  # TrainModule.model
 TRAINING_ONLY_PREFIXES = ("projector.",)  # TrainModule.projector: trained alongside, not part of a release
-RENAMES: dict[str, str] = {}  # old release key -> current key (none yet: format version 1)
+RENAMES: dict[str, str] = {}  # old release key -> current key (none yet: no parameter was renamed)
 
 
 def training_to_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,12 +47,12 @@ def release_to_training(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def check_release_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], where: str) -> None:
-    """Raise a ValueError naming ``where`` unless ``state`` has exactly the ``expected`` keys and shapes."""
+    """Raise a CheckpointError naming ``where`` unless ``state`` has exactly the ``expected`` keys and shapes."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
     if missing or unexpected or wrong:
         details = [f"{name}: {keys[:5]}{' ...' if len(keys) > 5 else ''}" for name, keys in
                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise ValueError(f"{where}: weights do not match the model architecture ({'; '.join(details)}); "
-                         f"check the model size/overrides in the checkpoint's meta.json")
+        raise CheckpointError(f"{where}: weights do not match the model architecture ({'; '.join(details)}); "
+                              f"check the model size/overrides in the checkpoint's meta.json")

@@ -242,7 +242,7 @@ def test_ledger_lists_exactly_the_recorded_keys(reference):
     from pixeldit.train.ledger import ledger
 
     by_step: dict[int, list[str]] = {}
-    for step, root, key in ledger(reference, sum(STAGE_STEPS)):
+    for step, root, key, _ in ledger(reference, sum(STAGE_STEPS)):
         by_step.setdefault(step, []).append(key)
     assert sorted(by_step) == list(range(1, sum(STAGE_STEPS) + 1))
     assert [sorted(v) for _, v in sorted(by_step.items())] == recorded_steps(reference / "recorded_keys")

@@ -57,6 +57,7 @@ class BatchSpec:
     epoch: int = 0
     batch: int = 0
     micro: int = 0
+    captions: tuple[int, ...] = ()  # caption_index of each row's draw (empty: 0 for all)
 
 
 @dataclass
@@ -149,6 +150,12 @@ class EpochPlan:
         per_rank = self.global_batch // world_size
         return self.rows[b, rank * per_rank:(rank + 1) * per_rank]
 
+    def positions(self, b: int, start: int = 0, count: int | None = None) -> np.ndarray:
+        """Places in the epoch's global order of entries ``start:start + count`` of global batch ``b``
+        (b x G + offset): what a per-draw choice (the caption) is keyed by, the same for any world size."""
+        count = self.global_batch - start if count is None else count
+        return b * self.global_batch + start + np.arange(count, dtype=np.int64)
+
 
 class StagePlan:
     """The plan of one stage (see the module docstring). ``sizes``: training bucket -> (height, width);
@@ -194,6 +201,11 @@ class StagePlan:
             self._source_rows.append(rows[np.argsort(self._key[rows], kind="stable")])
         self.mix = mix_counts([len(r) for r in self._source_rows], list(table.weights)) if n_sel else []
         self._cache: OrderedDict[int, EpochPlan] = OrderedDict()
+
+    @property
+    def draw_seed(self) -> int:
+        """Seed of per-draw choices (``data_pipeline.captions.draw_caption``): the run seed and the stage."""
+        return self.seed * 2**32 + self.salt
 
     # ---- per epoch -----------------------------------------------------------------------------------------
 

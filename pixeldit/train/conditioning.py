@@ -6,8 +6,9 @@
    every batch: ``{"context": (B, T, C), "context_mask": (B, T) bool}``; null = the empty-prompt embedding;
  - text-to-image, ``text_mode=cached``: embeddings precomputed per shard (``TextEmbeddingCache``, one per
    dataset root of the stage, checked against the encoder fingerprint) looked up by (source, shard,
-   sample_index); null = the cache's null embedding. A cache on S3 is read through the node cache, and
-   ``TextConditioner.prefetch_files`` lets the loader fetch each shard's embeddings with the shard.
+   sample_index, caption_index: the caption the loader drew); null = the cache's null embedding. A cache on
+   S3 is read through the node cache, and ``TextConditioner.prefetch_files`` lets the loader fetch each
+   shard's embeddings with the shard.
    The encoder is loaded only if ``conditioning.text_encoder`` is set (for the preview prompts); without
    it, previews use the captions of the first batch.
 ``build_teacher`` loads the frozen DINOv2 teacher when any stage uses REPA (else None).
@@ -67,12 +68,14 @@ class TextConditioner:
 
     def _lookup(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         sources = batch.get("source") or [0] * len(batch["shard"])
+        captions = batch.get("caption_index")  # the caption drawn for each sample (None: caption 0)
         if len(set(sources)) == 1:
-            return self.caches[sources[0]].lookup(batch["shard"], batch["sample_index"])
+            return self.caches[sources[0]].lookup(batch["shard"], batch["sample_index"], captions)
         emb = mask = None
         for s in sorted(set(sources)):
             idx = [i for i, x in enumerate(sources) if x == s]
-            e, m = self.caches[s].lookup([batch["shard"][i] for i in idx], batch["sample_index"][idx])
+            e, m = self.caches[s].lookup([batch["shard"][i] for i in idx], batch["sample_index"][idx],
+                                         None if captions is None else captions[idx])
             if emb is None:
                 emb = e.new_zeros((len(sources),) + e.shape[1:])  # (B, T, C)
                 mask = m.new_zeros((len(sources),) + m.shape[1:])  # (B, T)

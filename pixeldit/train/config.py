@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data_pipeline.captions import DEFAULT_CAPTION_TEMPERATURE
 from pixeldit.diffusion.objective import ObjectiveConfig
 from pixeldit.diffusion.samplers import SamplerName
 from pixeldit.errors import ConfigError
@@ -136,6 +137,9 @@ class DataSection:
     skip_damaged_shards: bool = False  # shards missing or of the wrong size: fail (default) or leave them out
     worker_timeout_s: float = 600.0  # a DataLoader worker silent this long is an error (0: wait forever)
     target_mfu: float = 0.4  # the MFU the stage-start data-rate line sizes the data rate for
+    # roots with several captions per sample (captions.parquet): each draw picks caption i with probability
+    # softmax(score / T)_i (data_pipeline.captions); small T: nearly always the best-scored caption
+    caption_temperature: float = DEFAULT_CAPTION_TEMPERATURE
 
 
 @dataclass
@@ -451,6 +455,7 @@ def validate(cfg: RunConfig) -> None:
         ("data.max_bad_samples", d.max_bad_samples, d.max_bad_samples >= 0, ">= 0"),
         ("data.worker_timeout_s", d.worker_timeout_s, d.worker_timeout_s >= 0, ">= 0 (0 = wait forever)"),
         ("data.target_mfu", d.target_mfu, 0.0 < d.target_mfu <= 1.0, "in (0, 1]"),
+        ("data.caption_temperature", d.caption_temperature, d.caption_temperature > 0, "> 0"),
         ("optim.grad_clip", cfg.optim.grad_clip, cfg.optim.grad_clip >= 0, ">= 0 (0 = off)"),
     ):
         if not ok:

@@ -1,6 +1,6 @@
 """``pixeldit-ledger``: which samples a run trained on, up to any step, computed from the plan.
 
-    pixeldit-ledger runs/t2i --step 120000 > trained.tsv        # step, root, key of every draw, in order
+    pixeldit-ledger runs/t2i --step 120000 > trained.tsv        # step, root, key, caption of every draw
     pixeldit-ledger runs/t2i --step 120000 --unique --out keys.tsv
 
 For opt-out and takedown requests (was this image trained on, and until when?) and for attributing a loss
@@ -9,7 +9,9 @@ pure function of the dataset, the run config and the seed, and every checkpoint'
 stage's loader started (``data_segments``: stage, optimizer step, epoch / global batch, global batch size,
 the roots' fingerprints, damaged shards left out). The ledger rebuilds those plans and walks them: optimizer
 step s of a stage consumes one global batch, so it lists exactly the draws of steps 1..N (a step skipped for
-a non-finite loss drew its batch too; an undecodable sample replaced in its micro-batch is listed as drawn).
+a non-finite loss drew its batch too; an undecodable sample replaced in its micro-batch is listed as drawn),
+each with the caption_index it was trained with (0: the samples.parquet caption; roots with captions.parquet
+draw one per use, ``SourceSet.draw_captions``). ``--unique`` lists each (root, key) once, at its first step.
 
 Inputs: ``{run_dir}/config.yaml`` and the newest checkpoint's meta.json (credentials from the environment,
 as for training). A dataset root that changed since it was trained on (its committed shards differ from the
@@ -55,9 +57,9 @@ def _without_redacted(tree: Any) -> Any:
     return tree
 
 
-def ledger(run_dir: str | os.PathLike, step: int) -> Iterator[tuple[int, str, str]]:
-    """(optimizer step, root, sample key) of every sample drawn by steps 1..``step``, in order (the run folder
-    and the step are checked before the first draw is produced)."""
+def ledger(run_dir: str | os.PathLike, step: int) -> Iterator[tuple[int, str, str, int]]:
+    """(optimizer step, root, sample key, caption_index) of every sample drawn by steps 1..``step``, in order
+    (the run folder and the step are checked before the first draw is produced)."""
     cfg = load_run_config(run_dir)
     configure_s3(cfg.data.s3)
     # a damaged `latest` falls back to the newest intact step folder, as the trainer's resume does
@@ -77,7 +79,7 @@ def ledger(run_dir: str | os.PathLike, step: int) -> Iterator[tuple[int, str, st
 
 
 def _draws(cfg: RunConfig, curriculum: Curriculum, segments: list[dict[str, Any]], latest: Path,
-           step: int) -> Iterator[tuple[int, str, str]]:
+           step: int) -> Iterator[tuple[int, str, str, int]]:
     for stage_index in range(curriculum.stage_of(max(step - 1, 0)) + 1):
         span = curriculum.span(stage_index)
         own = sorted((s for s in segments if s["stage"] == stage_index), key=lambda s: s["step"])
@@ -93,7 +95,8 @@ def _draws(cfg: RunConfig, curriculum: Curriculum, segments: list[dict[str, Any]
                 yield from _segment_draws(cfg, stage_index, seg, end)
 
 
-def _segment_draws(cfg: RunConfig, stage_index: int, seg: dict[str, Any], end: int) -> Iterator[tuple[int, str, str]]:
+def _segment_draws(cfg: RunConfig, stage_index: int, seg: dict[str, Any],
+                   end: int) -> Iterator[tuple[int, str, str, int]]:
     left_out = {root: [ShardProblem(s, "left out during training") for s in shards]
                 for root, shards in seg.get("left_out", {}).items()}
     problems = {src.path: left_out.get(src.path, []) for src in cfg.stages[stage_index].data_sources()}
@@ -109,12 +112,16 @@ def _segment_draws(cfg: RunConfig, stage_index: int, seg: dict[str, Any], end: i
                             f"({then['samples']} samples, shards digest {then['digest']}; now {now['samples']}, "
                             f"{now['digest']}): the plan of another table lists other samples")
     plan = build_plan(cfg, stage_index, sources, selection, int(seg["global_batch"]))
+    temperature = float(seg.get("caption_temperature", cfg.data.caption_temperature))
     epoch, batch = int(seg["epoch"]), int(seg["batch"])
     for step in range(int(seg["step"]) + 1, end + 1):
         ep = plan.epoch(epoch)
-        for row in ep.rows[batch]:
+        rows = ep.rows[batch]
+        captions = sources.draw_captions(rows, ep.positions(batch), seed=plan.draw_seed, epoch=epoch,
+                                         temperature=temperature)
+        for row, caption in zip(rows, captions):
             s, r = sources.locate(int(row))
-            yield step, sources.roots[s], sources.indexes[s].keys[r].as_py()
+            yield step, sources.roots[s], sources.indexes[s].keys[r].as_py(), int(caption)
         batch += 1
         if batch == len(ep):
             epoch, batch = epoch + 1, 0
@@ -132,13 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 def write_ledger(out, run_dir: str, step: int, unique: bool) -> None:
     seen: set[tuple[str, str]] = set()
     draws = ledger(run_dir, step)
-    out.write("step\troot\tkey\n")
-    for s, root, key in draws:
-        if unique:
-            if (root, key) in seen:
-                continue
+    out.write("step\troot\tkey\n" if unique else "step\troot\tkey\tcaption_index\n")
+    for s, root, key, caption in draws:
+        if not unique:
+            out.write(f"{s}\t{root}\t{key}\t{caption}\n")
+        elif (root, key) not in seen:
             seen.add((root, key))
-        out.write(f"{s}\t{root}\t{key}\n")
+            out.write(f"{s}\t{root}\t{key}\n")
 
 
 def _main(argv: Sequence[str]) -> int:

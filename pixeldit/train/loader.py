@@ -16,9 +16,11 @@ Stages of the stream (what it holds at each point):
     local root's own file; with ``data.cache_max_gb=0`` one ranged GET per image), PIL decode to RGB, resize
     to cover the bucket, center crop. An undecodable sample is replaced by another sample of its micro-batch
     and counted; more than ``data.max_bad_samples`` per rank stop the run with the samples named;
- 5. batch dict: ``x0`` (B, 3, H, W) float32 in [-1, 1], ``caption`` list[str], ``label`` (B,) int64 (-1 when
-    none), ``source`` list[int] (index of the root), ``shard`` list[str] + ``sample_index`` (B,) int64 (to look
-    up cached text embeddings), ``key`` list[str], ``bucket`` str, ``bad`` list[str] (samples replaced).
+ 5. batch dict: ``x0`` (B, 3, H, W) float32 in [-1, 1], ``caption`` list[str] (the caption drawn for this use:
+    ``SourceSet.draw_captions``), ``caption_index`` (B,) int64 (which of the sample's captions), ``label`` (B,)
+    int64 (-1 when none), ``source`` list[int] (index of the root), ``shard`` list[str] + ``sample_index`` (B,)
+    int64 (to look up cached text embeddings), ``key`` list[str], ``bucket`` str, ``bad`` list[str] (samples
+    replaced).
 S3 reads use the timeouts and retries of ``pixeldit.storage.S3Settings`` (``data.s3``). The loader draws
 nothing from the global RNGs (the DataLoader gets its own generator), so saved RNG states survive a resume.
 ``PIXELDIT_RECORD_KEYS=DIR`` (a test hook) appends every micro-batch's keys to ``DIR/rank{r}.jsonl``.
@@ -43,6 +45,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.buckets import bucket_table
+from data_pipeline.captions import DEFAULT_CAPTION_TEMPERATURE
 from data_pipeline.dataset_format import SAMPLES, ShardProblem
 from pixeldit.errors import DataError, StorageError, UserError
 from pixeldit.node_cache import NodeCache, RemoteFile
@@ -171,6 +174,7 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def _batch(self, spec: BatchSpec) -> dict[str, Any]:
         src, rows = self.sources, list(spec.rows)
+        caps = list(spec.captions) or [0] * len(rows)
         images: list[torch.Tensor | None] = []
         bad = []
         for row in rows:
@@ -187,13 +191,14 @@ class BatchDataset(torch.utils.data.Dataset):
                 raise DataError(f"every sample of a micro-batch is undecodable: {'; '.join(bad)}")
             for i, im in enumerate(images):
                 if im is None:  # the donor's image, caption, label: a consistent sample
-                    rows[i] = rows[good[0]]
+                    rows[i], caps[i] = rows[good[0]], caps[good[0]]
                     images[i] = images[good[0]]
         r = np.asarray(rows, dtype=np.int64)
         shards = src.shard[r]
         return {
             "x0": to_unit_range(torch.stack(images)),  # (B, 3, H, W) float32
-            "caption": [src.caption(x) for x in rows],
+            "caption": [src.caption(x, c) for x, c in zip(rows, caps)],
+            "caption_index": torch.tensor(caps, dtype=torch.int64),  # (B,)
             "label": torch.from_numpy(src.label[r]),  # (B,)
             "source": src.shard_source[shards].tolist(),
             "shard": [src.shard_rel[g] for g in shards],
@@ -275,7 +280,7 @@ class TrainLoader:
                  grad_accum: int, seed: int, num_workers: int = 0, prefetch_factor: int = 2,
                  worker_timeout_s: float = 0.0, max_bad_samples: int = 0, prefetch_batches: int = 8,
                  fetch_threads: int = 4, extra_files: Callable[[int, str], list[RemoteFile]] | None = None,
-                 stage_index: int = 0):
+                 stage_index: int = 0, caption_temperature: float = DEFAULT_CAPTION_TEMPERATURE):
         if plan.G != world_size * micro_batch * grad_accum:
             raise ValueError(f"plan global batch {plan.G} != {world_size} ranks x {micro_batch} x {grad_accum}")
         self.dataset, self.plan = dataset, plan
@@ -283,7 +288,7 @@ class TrainLoader:
         self.seed, self.num_workers, self.prefetch_factor = seed, num_workers, prefetch_factor
         self.worker_timeout_s, self.max_bad_samples = worker_timeout_s, max_bad_samples
         self.prefetch_batches, self.fetch_threads, self.extra_files = prefetch_batches, fetch_threads, extra_files
-        self.stage_index = stage_index
+        self.stage_index, self.caption_temperature = stage_index, caption_temperature
         self.notes: list[str] = []  # what the stage start prints about the data (damaged shards left out)
         self.epoch = self.batch = self.micro = 0
         self.bad_samples: list[str] = []
@@ -305,9 +310,13 @@ class TrainLoader:
     def spec(self, epoch: int, b: int, m: int) -> BatchSpec:
         ep = self.epoch_plan(epoch)
         rows = ep.rank_rows(b, self.rank, self.world_size)[m * self.micro_batch:(m + 1) * self.micro_batch]
+        start = self.rank * (self.plan.G // self.world_size) + m * self.micro_batch
+        captions = self.dataset.sources.draw_captions(rows, ep.positions(b, start, len(rows)),
+                                                      seed=self.plan.draw_seed, epoch=epoch,
+                                                      temperature=self.caption_temperature)
         bucket = ep.bucket(b)
         h, w = self.plan.sizes[bucket]
-        return BatchSpec(tuple(int(r) for r in rows), bucket, h, w, epoch, b, m)
+        return BatchSpec(tuple(int(r) for r in rows), bucket, h, w, epoch, b, m, tuple(int(c) for c in captions))
 
     def _positions(self, epoch: int, b: int) -> Iterator[tuple[int, int]]:
         """(epoch, global batch) from the given one on, forever."""
@@ -396,7 +405,8 @@ class TrainLoader:
     def _write_record(self, out: dict[str, Any]) -> None:
         os.makedirs(self._record, exist_ok=True)
         line = {"stage": self.stage_index, "epoch": self.epoch, "batch": self.batch, "micro": self.micro,
-                "rank": self.rank, "source": out["source"], "key": out["key"]}
+                "rank": self.rank, "source": out["source"], "key": out["key"],
+                "caption_index": out["caption_index"].tolist()}
         with open(os.path.join(self._record, f"rank{self.rank:05d}.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -404,10 +414,11 @@ class TrainLoader:
 
     def segment(self, step: int) -> dict[str, Any]:
         """What the ledger needs to replay this loader from optimizer step ``step`` on (checkpoint metadata):
-        stage, start state, global batch, the roots' fingerprints, shards left out as damaged."""
+        stage, start state, global batch, the roots' fingerprints, shards left out as damaged, the caption
+        temperature."""
         src = self.dataset.sources
         return {"stage": self.stage_index, "step": step, **self.state_dict(), "sources": src.fingerprints(),
-                "left_out": src.left_out}
+                "left_out": src.left_out, "caption_temperature": self.caption_temperature}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch, "micro": self.micro, "global_batch": self.plan.G,
@@ -521,7 +532,8 @@ def build_loader(cfg: RunConfig, stage_index: int, rank: int, world_size: int, n
                          num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
                          worker_timeout_s=cfg.data.worker_timeout_s, max_bad_samples=cfg.data.max_bad_samples,
                          prefetch_batches=cfg.data.prefetch_batches, fetch_threads=cfg.data.fetch_threads,
-                         extra_files=extra_files, stage_index=stage_index)
+                         extra_files=extra_files, stage_index=stage_index,
+                         caption_temperature=cfg.data.caption_temperature)
     loader.notes = notes
     return loader
 

@@ -5,7 +5,14 @@
 ids; per-row arrays the plan and the readers use). Before the first step every shard is checked against
 manifest.parquet (``check_stage_data``: present, same size, one listing per root): all damaged shards are
 named in one error, or, with ``data.skip_damaged_shards``, their samples are left out of the selection and
-counted. ``SourceSet.fingerprints`` let the ledger refuse a root that changed since it was trained on.
+counted. The curate stage's outputs are plan inputs too (``selection_masks``, ``caption_sets``):
+ - near-duplicates that ``data_pipeline.dedupe`` dropped (the root's dedupe.parquet) are left out of the
+   selection, so no epoch ever plans them;
+ - a root with several captions per sample (captions.parquet of the score stage, ``data_pipeline.captions``)
+   gets one caption per draw, caption i with probability softmax(score / T)_i (``data.caption_temperature``),
+   a pure function of (seed, stage, epoch, global position in the epoch, key): ``SourceSet.draw_captions``.
+``SourceSet.fingerprints`` (shards, selection, captions) let the ledger refuse a root that changed since it
+was trained on.
 """
 from __future__ import annotations
 
@@ -15,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.dataset_format import (MANIFEST, SAMPLES, SampleIndex, ShardProblem, check_shards, read_manifest,
-                                          read_sample_index, require_committed)
+from data_pipeline.captions import CaptionSets, draw_caption, read_caption_sets
+from data_pipeline.dataset_format import (CAPTIONS, MANIFEST, SAMPLES, SampleIndex, ShardProblem, check_shards,
+                                          read_manifest, read_sample_index, require_committed)
+from data_pipeline.dedupe import keep_mask
 from pixeldit.errors import DataError
 from pixeldit.node_cache import RemoteFile
-from pixeldit.storage import is_local, join
+from pixeldit.storage import exists, is_local, join
 
 from .bucket_sampler import PlanTable
 from .config import RunConfig
@@ -35,6 +44,8 @@ class SourceSet:
     indexes: list[SampleIndex]
     storage_options: dict[str, Any]
     left_out: dict[str, list[str]] = field(default_factory=dict)  # root -> damaged shards left out
+    caption_sets: list[CaptionSets | None] = field(default_factory=list)  # per root; None: one caption each
+    selection: np.ndarray | None = None  # (N,) bool: rows the plan may draw (open_sources sets it)
 
     def __post_init__(self) -> None:
         ix = self.indexes
@@ -54,6 +65,7 @@ class SourceSet:
         self.shard_bytes = np.concatenate([i.shard_bytes for i in ix])
         self.shard_source = np.concatenate([np.full(len(i.shards), s, dtype=np.int64) for s, i in enumerate(ix)])
         self.remote = [not is_local(r) for r in self.roots]
+        self.caption_sets = list(self.caption_sets) or [None] * len(ix)
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -66,9 +78,28 @@ class SourceSet:
         s, r = self.locate(row)
         return self.indexes[s].keys[r].as_py()
 
-    def caption(self, row: int) -> str:
+    def caption(self, row: int, caption_index: int = 0) -> str:
+        """Caption ``caption_index`` of a row (0: the samples.parquet caption)."""
         s, r = self.locate(row)
-        return self.indexes[s].captions[r].as_py()
+        sets = self.caption_sets[s]
+        if sets is None:
+            if caption_index != 0:
+                raise IndexError(f"{self.roots[s]} has one caption per sample, not caption_index {caption_index}")
+            return self.indexes[s].captions[r].as_py()
+        return sets.caption(r, caption_index)
+
+    def draw_captions(self, rows, positions, *, seed: int, epoch: int, temperature: float) -> np.ndarray:
+        """(len(rows),) int64: the caption_index each draw uses (``data_pipeline.captions.draw_caption`` of the
+        row's scores; 0 for roots without captions.parquet). ``positions``: each draw's place in the epoch's
+        global order (global batch x G + offset), so the choice is the same for any world size and resume."""
+        out = np.zeros(len(rows), dtype=np.int64)
+        for j, (row, pos) in enumerate(zip(rows, positions)):
+            s, r = self.locate(int(row))
+            sets = self.caption_sets[s]
+            if sets is not None and sets.offsets[r + 1] - sets.offsets[r] > 1:
+                out[j] = draw_caption(sets.scores_of(r), temperature, seed=seed, epoch=epoch, position=int(pos),
+                                      key=self.indexes[s].keys[r].as_py())
+        return out
 
     def shard_url(self, shard: int) -> str:
         return join(self.roots[int(self.shard_source[shard])], self.shard_rel[shard])
@@ -80,12 +111,40 @@ class SourceSet:
         return PlanTable(self.source, self.shard, self.sample_index, self.ratio, self.ratio_keys, list(self.weights))
 
     def fingerprints(self) -> list[dict[str, Any]]:
-        """Per root: rows and a digest of its committed shards (the ledger checks the root is unchanged)."""
+        """Per root: rows, a digest of its committed shards, of the rows the plan may draw (dedupe, filters,
+        shards left out) and of its caption sets (None without captions.parquet): the ledger checks the plan's
+        inputs are unchanged."""
         out = []
-        for root, ix in zip(self.roots, self.indexes):
-            text = "\n".join(f"{s}\t{b}" for s, b in zip(ix.shards, ix.shard_bytes.tolist()))
-            out.append({"root": root, "samples": len(ix), "digest": hashlib.sha256(text.encode()).hexdigest()[:16]})
+        selection = np.ones(len(self), dtype=bool) if self.selection is None else self.selection
+        for s, (root, ix) in enumerate(zip(self.roots, self.indexes)):
+            text = "\n".join(f"{name}\t{b}" for name, b in zip(ix.shards, ix.shard_bytes.tolist()))
+            own = selection[self.row_offset[s]:self.row_offset[s + 1]]
+            sets = self.caption_sets[s]
+            captions = None if sets is None else _digest(sets.offsets.tobytes() + sets.scores.tobytes())
+            out.append({"root": root, "samples": len(ix), "digest": _digest(text.encode()),
+                        "selected": int(own.sum()), "selection": _digest(np.packbits(own).tobytes()),
+                        "captions": captions})
         return out
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def selection_masks(cfg: RunConfig, stage_index: int, root: str, index: SampleIndex) -> list[tuple[str, np.ndarray]]:
+    """The plan inputs that leave rows of one root of a stage out: [(what, keep mask over the rows of
+    ``index``)]. Today: the near-duplicates ``data_pipeline.dedupe`` dropped (dedupe.parquet; none when the
+    root was not deduplicated). A stage-time row filter (``data_pipeline.filters``) joins here as one more
+    (what, mask) pair over the same rows."""
+    masks = [("near-duplicates (dedupe)", keep_mask(root, index.keys, cfg.data.storage_options))]
+    return [(what, mask) for what, mask in masks if not mask.all()]
+
+
+def caption_sets(cfg: RunConfig, root: str, index: SampleIndex) -> CaptionSets | None:
+    """The caption sets of a root aligned with ``index`` (None without captions.parquet: one caption each)."""
+    if not exists(join(root, CAPTIONS), cfg.data.storage_options):
+        return None
+    return read_caption_sets(root, index.keys, cfg.data.storage_options)
 
 
 def check_stage_data(cfg: RunConfig, stage_index: int, skip: set[str] = frozenset()) -> dict[str, list[ShardProblem]]:
@@ -128,8 +187,9 @@ def open_sources(cfg: RunConfig, stage_index: int, num_classes: int | None = Non
     if error and not cfg.data.skip_damaged_shards:
         raise DataError(error)
     srcs = stage.data_sources()
-    sources = SourceSet([s.path for s in srcs], [s.weight for s in srcs],
-                        [read_sample_index(s.path, options) for s in srcs], options)
+    indexes = [read_sample_index(s.path, options) for s in srcs]
+    sources = SourceSet([s.path for s in srcs], [s.weight for s in srcs], indexes, options,
+                        caption_sets=[caption_sets(cfg, s.path, ix) for s, ix in zip(srcs, indexes)])
     if num_classes is not None:
         bad = (sources.label < 0) | (sources.label >= num_classes)
         if bad.any():
@@ -140,6 +200,16 @@ def open_sources(cfg: RunConfig, stage_index: int, num_classes: int | None = Non
                              f"needs a class id for every sample")
     selection = np.ones(len(sources), dtype=bool)
     notes = []
+    for s, (src, ix) in enumerate(zip(srcs, indexes)):
+        for what, keep in selection_masks(cfg, stage_index, src.path, ix):
+            selection[sources.row_offset[s]:sources.row_offset[s + 1]] &= keep
+            notes.append(f"{src.path}: leaving out {int((~keep).sum())} of {len(ix)} samples: {what}")
+    for src, sets in zip(srcs, sources.caption_sets):
+        if sets is not None:
+            counts = np.diff(sets.offsets)
+            notes.append(f"{src.path}: {len(sets.scores)} captions for {len(counts)} samples (up to "
+                         f"{int(counts.max(initial=1))} each), one drawn per use with softmax(score / "
+                         f"{cfg.data.caption_temperature:g})")
     if error:
         damaged = {(root, p.shard) for root, ps in problems.items() for p in ps}
         bad_shard = np.array([(sources.roots[int(sources.shard_source[g])], rel) in damaged
@@ -150,4 +220,5 @@ def open_sources(cfg: RunConfig, stage_index: int, num_classes: int | None = Non
             sources.left_out.setdefault(root, []).append(p)
         notes.append(f"data.skip_damaged_shards: leaving out {int(bad_shard.sum())} damaged shards, "
                      f"{int(lost.sum())} of {len(sources)} samples ({_damaged_list(problems)})")
+    sources.selection = selection
     return sources, selection, notes

@@ -166,3 +166,21 @@ def test_cached_text_condition_uses_the_drawn_caption_of_each_root():
              "caption_index": torch.tensor([2, 0, 1]), "caption": ["x", "y", "z"]}
     states = cond(batch)[0]["context"][:, 0]  # (B, 3)
     assert states.tolist() == [[1.0, 4.0, 2.0], [0.0, 5.0, 0.0], [1.0, 6.0, 1.0]]
+
+
+def test_an_embedding_cache_without_every_caption_is_refused_before_training(curated):
+    from pixeldit.errors import ConfigError
+    from pixeldit.train.conditioning import TextConditioner
+
+    sources = build_loader(_cfg(curated), 0, rank=0, world_size=1).dataset.sources
+    index, sets = sources.indexes[0], sources.caption_sets[0]
+    per_shard = np.bincount(index.shard_id, weights=np.diff(sets.offsets)).astype(int)
+    complete, old = _Cache(0), _Cache(0)
+    complete.meta = {"captions": dict(zip(index.shards, per_shard.tolist()))}  # format 3 after the score stage
+    old.meta, old.url = {}, "s3://bkt/data/text_emb"  # format 2: one caption per sample
+    old.num_samples = {s: int(n) for s, n in zip(index.shards, np.bincount(index.shard_id))}
+    TextConditioner(torch.device("cpu"), caches=[complete]).check_captions(sources)
+    # rows 0-3 of shard 1.00-000000: 1 + 3 + 3 + 1 captions
+    with pytest.raises(ConfigError, match=r"text_emb holds 4 captions of shard shards/1.00/1.00-000000.tar where "
+                                          r".* draws among 8 \(7 such shards\)"):
+        TextConditioner(torch.device("cpu"), caches=[old]).check_captions(sources)

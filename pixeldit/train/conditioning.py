@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
+from pixeldit.errors import ConfigError
 from pixeldit.models import ModelArgs
 
 from .config import RunConfig
@@ -65,6 +67,25 @@ class TextConditioner:
         """Files of the node cache to fetch together with a data shard (its caption embeddings)."""
         f = self.caches[source].remote_file(shard) if self.caches else None
         return [f] if f is not None else []
+
+    def check_captions(self, sources) -> None:
+        """Every root whose samples have several captions (``pixeldit.train.sources.SourceSet.caption_sets``)
+        needs an embedding cache holding all of them: per shard, as many captions in the cache's meta.json as in
+        captions.parquet. Raises ``ConfigError`` naming the cache and a shard; nothing to check when online."""
+        if not self.caches:
+            return
+        for s, sets in enumerate(sources.caption_sets):
+            if sets is None:
+                continue
+            index, cache = sources.indexes[s], self.caches[s]
+            want = np.bincount(index.shard_id, weights=np.diff(sets.offsets), minlength=len(index.shards))
+            held = cache.meta.get("captions") or cache.num_samples  # format 2: one caption per sample
+            wrong = [(shard, held.get(shard), int(n)) for shard, n in zip(index.shards, want) if held.get(shard) != n]
+            if wrong:
+                shard, have, need = wrong[0]
+                raise ConfigError(f"caption-embedding cache {cache.url} holds {have} captions of shard {shard} where "
+                                  f"{sources.roots[s]} draws among {need} ({len(wrong)} such shards): rebuild the "
+                                  f"cache after the score stage (precompute_text_embeddings) or use text_mode=online")
 
     def _lookup(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         sources = batch.get("source") or [0] * len(batch["shard"])

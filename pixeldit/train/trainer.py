@@ -46,7 +46,8 @@ from pixeldit.run_folder import RUN_CONFIG, read_meta
 from pixeldit.storage import configure_s3, is_local
 
 from .checkpoint import CheckpointManager, untie_optimizer_steps
-from .conditioning import build_conditioner, build_teacher, load_text_encoder, resolved_system_prompt
+from .conditioning import (TextConditioner, build_conditioner, build_teacher, load_text_encoder,
+                           resolved_system_prompt)
 from .config import RunConfig, save_config
 from .curriculum import Curriculum
 from .ema import EMA
@@ -243,6 +244,8 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                                   args.num_classes if args.conditioning == "class" else None,
                                   problems=problems[stage_index], cache=node_cache,
                                   extra_files=getattr(conditioner, "prefetch_files", None))
+            if isinstance(conditioner, TextConditioner):  # a cache must hold every caption the plan draws
+                conditioner.check_captions(loader.dataset.sources)
             notes, continued = list(loader.notes), False
             if latest is not None:
                 client = ckpt.load(bundle.engine, latest, ema=ema)

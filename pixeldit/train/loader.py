@@ -559,5 +559,6 @@ def data_rate_line(cfg: RunConfig, stage_index: int, loader: TrainLoader, flops,
     verdict = "enough" if estimate >= need else (f"SHORT by {need / max(estimate, 1e-9):.1f}x: more data.num_workers, "
                                                  f"CPU per rank, or a closer data copy")
     return (f"data rate: the run needs {need:.0f} img/s ({need * mean_bytes / 1e6:.1f} MB/s at "
-            f"{mean_bytes / 1e3:.0f} kB per image) for {100 * d.target_mfu:.0f}% MFU on {world_size} ranks of {peak_tflops:g} TFLOP/s "
-            f"({per_image / 1e12:.3g} TFLOP per image per step at {stage.resolution}px); {got}: {verdict}")
+            f"{mean_bytes / 1e3:.0f} kB per image) for {100 * d.target_mfu:.0f}% MFU on {world_size} ranks of "
+            f"{peak_tflops:g} TFLOP/s ({per_image / 1e12:.3g} TFLOP per image per step at {stage.resolution}px); "
+            f"{got}: {verdict}")

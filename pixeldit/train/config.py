@@ -101,6 +101,10 @@ class StageConfig:
     def clip(self, optim: "OptimConfig") -> float:
         return optim.grad_clip if self.grad_clip is None else self.grad_clip
 
+    def data_sources(self) -> list[DataSource]:
+        """The stage's dataset roots with their weights (``data_path`` is one root of weight 1)."""
+        return list(self.sources) if self.sources else [DataSource(self.data_path, 1.0)]
+
 
 @dataclass
 class CameSection:
@@ -109,10 +113,6 @@ class CameSection:
     betas: tuple[float, float, float] = (0.9, 0.999, 0.9999)  # first moment, squared gradient, instability
     eps: tuple[float, float] = (1e-30, 1e-16)  # added to the squared gradient / to the instability
     clip_threshold: float = 1.0  # the normalised update is scaled down to this RMS
-
-    def data_sources(self) -> list[DataSource]:
-        """The stage's dataset roots with their weights (``data_path`` is one root of weight 1)."""
-        return list(self.sources) if self.sources else [DataSource(self.data_path, 1.0)]
 
 
 @dataclass

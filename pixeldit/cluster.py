@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pixeldit.storage import write_text_atomic
+from pixeldit.storage import credential_env_names, write_text_atomic
 
 Cluster = Literal["local", "slurm"]
 CLUSTERS: tuple[str, ...] = get_args(Cluster)
@@ -72,6 +72,11 @@ class LaunchConfig:
         for name in ("gpus_per_node", "tasks_per_node", "time_min", "max_requeues", "signal_delay_s", "mem_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"launch config: {name} must be >= 0, got {getattr(self, name)}")
+        secret_env = credential_env_names(self.env)
+        if secret_env:
+            raise ValueError(f"launch config: env sets {secret_env}, which look like credentials; launch.json and the "
+                             f"job pickle are saved with the run, so export them in the submitting shell instead "
+                             f"(the job inherits the environment)")
         if not 0 <= self.master_port < 65536:
             raise ValueError(f"launch config: master_port must be in 0..65535 (0: from the job id), "
                              f"got {self.master_port}")

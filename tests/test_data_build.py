@@ -24,7 +24,7 @@ from data_pipeline.synthetic import make_synthetic_dataset
 from pixeldit.cluster import LaunchConfig
 from pixeldit.errors import DataError
 from pixeldit.train.config import RunConfig, StageConfig
-from pixeldit.train.loader import build_loader
+from pixeldit.train.sources import open_sources
 
 pytestmark = pytest.mark.slow
 META = ("aesthetic", "punsafe", "LICENSE:license")
@@ -140,10 +140,12 @@ def test_metadata_filters_select_exactly_the_expected_rows_at_shard_and_stage_ti
     assert {k for k, m in zip(keys, mask) if m} == want and len(mask) == len(keys)
     assert {k for k, m in zip(keys, stage_mask(data["ref"], "license in ('cc0', 'nc') or license is null")) if m} \
         == {r["key"] for r in reference if r["license"] in ("cc0", "nc", None)}
-    # the training loader plans exactly those rows (stages.N.filter), the same shards
+    # the training loader's plan selects exactly those rows (stages.N.filter): the same shards
     stage = StageConfig(name="s1024", data_path=data["ref"], filter=FILTER, resolution=512, bucket_align=32)
-    loader = build_loader(RunConfig(stages=[stage]), 0, rank=0, world_size=1)
-    assert {keys[r] for rows in loader.groups.values() for r in rows} == want
+    sources, selection, notes = open_sources(RunConfig(stages=[stage]), 0)
+    assert {sources.key(int(r)) for r in np.flatnonzero(selection)} == want
+    assert any(f"leaving out {len(keys) - len(want)} of {len(keys)} samples: stages.0 (s1024).filter" in n
+               for n in notes), notes
     with pytest.raises(DataError, match=r"reference/samples.parquet changed while .* \(\d+ rows in the index"):
         stage_mask(data["ref"], FILTER, keys=pa.array(keys[1:] + keys[:1]))  # rows no longer line up
     # shard time: only those rows are sharded (3 tasks), the others counted as "filtered"

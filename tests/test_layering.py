@@ -1,7 +1,8 @@
 """The shape of the codebase: dependencies flow one way, no import cycles, one owner per on-disk name.
 
 Import direction as README "Architecture" draws it (``LAYERS``, lowest first): a module imports its own layer
-and the layers below it, never one above; nothing installed imports tools/. pixeldit/models imports torch and the standard
+and the layers below it, never one above; nothing installed imports tools/. Inside the bottom layer:
+pixeldit.errors <- pixeldit.storage <- pixeldit.node_cache. pixeldit/models imports torch and the standard
 library only (no deepspeed, no torch.distributed); data_pipeline never imports the model;
 pixeldit/run_folder.py (the run-folder format) imports torch, the standard library, pixeldit.storage and
 pixeldit.errors only; pixeldit.release never imports pixeldit.train, pixeldit.train reads release folders in one
@@ -48,7 +49,7 @@ def imports_in(path: Path) -> set[str]:
 
 # README "Architecture": a module imports its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("pixeldit.storage", "pixeldit.errors", "pixeldit.cluster"),  # cluster: launch config, flags, job states
+    ("pixeldit.storage", "pixeldit.errors", "pixeldit.node_cache", "pixeldit.cluster"),  # cluster: launch config
     ("data_pipeline",),
     ("pixeldit.models",),
     ("pixeldit.diffusion",),
@@ -140,18 +141,19 @@ def test_train_reads_release_folders_in_one_module_through_the_format_modules():
     assert bad == []
 
 
-@pytest.mark.parametrize("module", ["pixeldit/storage.py", "pixeldit/errors.py"])
-def test_foundations_import_no_project_module(module):
+@pytest.mark.parametrize("module,allowed", [("pixeldit/errors.py", ()), ("pixeldit/storage.py", ("pixeldit.errors",)),
+                                            ("pixeldit/node_cache.py", ("pixeldit.errors", "pixeldit.storage")),
+                                            ("pixeldit/cluster.py", ("pixeldit.errors", "pixeldit.storage"))])
+def test_foundations_import_only_lower_foundations(module, allowed):
+    """errors <- storage (its S3 errors are UserErrors) <- node_cache, cluster; nothing else of the project."""
     names = imports_in(ROOT / module)
-    assert sorted(n for n in names if n.split(".")[0] in PACKAGES) == []
+    project = {n for n in names if n.split(".")[0] in PACKAGES}
+    assert sorted(n for n in project if not any(n == a or n.startswith(a + ".") for a in allowed)) == []
 
 
-def test_cluster_module_imports_only_the_other_foundations():
+def test_cluster_module_needs_only_submitit():
     """pixeldit.cluster (launch config, launch flags, executors, job states) is shared by the training launcher
-    and the data pipeline: it must not pull in the trainer, the model or the data code."""
-    names = imports_in(ROOT / "pixeldit" / "cluster.py")
-    assert sorted(n for n in names if n.split(".")[0] in PACKAGES and not n.startswith(
-        ("pixeldit.storage", "pixeldit.errors"))) == []
+    and the data pipeline: besides the foundations (above) it imports submitit and the standard library only."""
     assert outside("pixeldit/cluster.py", {"pixeldit", "submitit"}) == []
 
 

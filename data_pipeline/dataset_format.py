@@ -25,8 +25,15 @@ shards the manifest does not list belong to a crashed run (``committed_samples``
 parquet key-value metadata holds the format version (``FORMAT_VERSION``) and the pipeline's incremental
 state (``STATE_KEY``: consumed ingest shards, cumulative counters).
 
+Held-out split: samples.parquet's ``split`` column says which samples are held out of training
+(``SPLIT_HELDOUT``; the trainer's loader never plans them, its validation loss reads only them) and which are
+training samples (``SPLIT_TRAIN``). The shard stage carves it (``data_pipeline.holdout``: a hash of the key, so
+a sample's split never changes and does not depend on the order of the input); a row's split is set once, when
+the row is committed. ``read_sample_index`` gives it as the boolean ``heldout``.
+
 Versions: a manifest written before the version was recorded reads as version 1; a version newer than
-``FORMAT_VERSION`` is refused with the root named. Adding a column means adding one field to ``SampleRow``
+``FORMAT_VERSION`` is refused with the root named. Version 2 added the ``split`` column: a version-1 root (or a
+row whose split is null) reads as training data, none held out. Adding a column means adding one field to ``SampleRow``
 or ``ShardRow`` below (the parquet schemas are derived from them) and filling it in the writer.
 """
 from __future__ import annotations
@@ -54,7 +61,10 @@ CAPTIONS = "captions.parquet"
 DEDUPE = "dedupe.parquet"
 SCORE_PARTS_DIR = "score_parts"
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples.parquet has the split column
+SPLIT_TRAIN = "train"
+SPLIT_HELDOUT = "heldout"
+SPLITS = (SPLIT_TRAIN, SPLIT_HELDOUT)
 FORMAT_VERSION_KEY = b"pixeldit.format_version"
 STATE_KEY = b"pixeldit.state"
 STATE_VERSION = 1
@@ -62,8 +72,8 @@ SCORES_META_KEY = b"pixeldit.scores"  # scores.parquet / part metadata: JSON (ve
 SCORES_VERSION = 1
 
 
-def _column(arrow_type: pa.DataType) -> Any:
-    return field(metadata={"arrow": arrow_type})
+def _column(arrow_type: pa.DataType, **default: Any) -> Any:
+    return field(metadata={"arrow": arrow_type}, **default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +109,7 @@ class SampleRow:
     label: int = _column(pa.int64())  # NO_LABEL when there is no class label
     url: str = _column(pa.string())
     sha256: str | None = _column(pa.string())  # of the downloaded bytes (dedupe across runs)
+    split: str | None = _column(pa.string(), default=None)  # SPLITS; None until the shard stage carves it (train)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,11 +262,20 @@ def read_samples(root: str, storage_options: dict[str, Any] | None = None) -> pa
     return _read_table(join(root, SAMPLES), storage_options)
 
 
+def with_split_column(samples: pa.Table) -> pa.Table:
+    """A samples table with the split column (a version-1 table gets it all null: training data)."""
+    if SAMPLE_COLUMNS.split in samples.column_names:
+        return samples
+    return samples.append_column(SAMPLES_SCHEMA.field(SAMPLE_COLUMNS.split),
+                                 pa.nulls(samples.num_rows, SAMPLES_SCHEMA.field(SAMPLE_COLUMNS.split).type))
+
+
 def committed_samples(root: str, manifest: pa.Table) -> pa.Table | None:
     """samples.parquet rows of the shards ``manifest`` lists (rows a crashed run wrote afterwards are dropped)."""
     samples = read_samples(root)
     if samples is None:
         return None
+    samples = with_split_column(samples)
     committed = pa.array([r.shard for r in table_rows(manifest, ShardRow)], pa.string())
     return samples.filter(pc.is_in(samples[SAMPLE_COLUMNS.shard], committed))
 
@@ -347,6 +367,7 @@ class SampleIndex:
     label: np.ndarray  # (N,) int64, NO_LABEL when none
     captions: pa.Array
     keys: pa.Array
+    heldout: np.ndarray  # (N,) bool: the held-out split (never trained on)
 
     def __len__(self) -> int:
         return len(self.shard_id)
@@ -357,9 +378,14 @@ def read_sample_index(root: str, storage_options: dict[str, Any] | None = None) 
     require_committed(root, storage_options)
     c = SAMPLE_COLUMNS
     columns = [c.key, c.shard, c.ratio_key, c.sample_index, c.image_offset, c.image_size, c.caption, c.label]
-    table = _read_table(join(root, SAMPLES), storage_options, columns=columns)
-    if table is None:
-        raise FileNotFoundError(f"{join(root, SAMPLES)} not found although the manifest is: rebuild the root")
+    url = join(root, SAMPLES)
+    if not exists(url, storage_options):
+        raise FileNotFoundError(f"{url} not found although the manifest is: rebuild the root")
+    fs, path = fs_and_path(url, storage_options)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        has_split = c.split in parquet.schema_arrow.names  # absent before format version 2
+        table = parquet.read(columns=columns + ([c.split] if has_split else []))
     table = table.combine_chunks()
     if table.num_rows == 0:
         raise ValueError(f"{join(root, SAMPLES)} has no rows")
@@ -378,8 +404,20 @@ def read_sample_index(root: str, storage_options: dict[str, Any] | None = None) 
         ratio_id=ratio_codes.indices.to_numpy().astype(np.int64),
         label=table[c.label].fill_null(NO_LABEL).to_numpy().astype(np.int64),
         captions=captions.chunk(0) if captions.num_chunks else pa.array([], pa.string()),
-        keys=table[c.key].chunk(0),
+        keys=table[c.key].chunk(0), heldout=heldout_mask(table),
     )  # fmt: skip
+
+
+def heldout_mask(samples: pa.Table) -> np.ndarray:
+    """(N,) bool: the rows of a samples table in the held-out split (none without a split column)."""
+    if SAMPLE_COLUMNS.split not in samples.column_names:
+        return np.zeros(samples.num_rows, dtype=bool)
+    column = samples[SAMPLE_COLUMNS.split]
+    bad = pc.invert(pc.or_(pc.is_in(column, pa.array(SPLITS)), pc.is_null(column)))
+    if pc.any(bad).as_py():
+        first = column.filter(bad)[0].as_py()
+        raise ValueError(f"{SAMPLES}: split value {first!r}; valid values: {', '.join(SPLITS)} (or null: train)")
+    return pc.fill_null(pc.equal(column, SPLIT_HELDOUT), False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def curation_metadata(schema: pa.Schema, url: str) -> dict[str, Any]:

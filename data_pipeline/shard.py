@@ -30,6 +30,7 @@ from pixeldit.storage import exists, fs_and_path, join, local_copy, normalise_ro
 
 from .buckets import bucket_table, nearest_ratio_key
 from .dataset_format import SAMPLE_COLUMNS, committed_samples, read_manifest, read_state, read_stats
+from .holdout import check_holdout
 from .ingest import finished_shards, prepared_list_url, read_prepare_stats, read_shard_stats, started_shards
 from .normalize import VERIFY_LEVELS, Limits, Verified, VerifyLevel, orientation_from_exif_json, verify_batch
 from .reasons import Skip, classify_decode_error, classify_download_error
@@ -56,6 +57,8 @@ class ShardConfig:
     base_res: int = 512  # bucket table for the manifest's informational bucket_height/width
     align: int = 32
     progress: bool = True
+    holdout_fraction: float = 0.005  # of the keys held out of training (data_pipeline.holdout); 0: none
+    holdout_min_per_bucket: int = 0  # top a bucket's held-out split up to this many (at most half of it)
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_LEVELS:
@@ -63,6 +66,7 @@ class ShardConfig:
         if self.samples_per_shard < 1 or self.workers < 1 or self.max_shard_bytes < 1:
             raise ValueError("ShardConfig: samples_per_shard, workers and max_shard_bytes must be >= 1")
         bucket_table(self.base_res, self.align)  # validates base_res / align
+        check_holdout(self.holdout_fraction, self.holdout_min_per_bucket)
 
     @property
     def limits(self) -> Limits:
@@ -339,7 +343,8 @@ def build_shards(ingested: str | list[str], out: str, config: ShardConfig | None
         st = read_shard_stats(root, name)
         ingest_totals.update({k: int(st.get(k, 0)) for k in ("successes", "failed_to_download", "failed_to_resize")})
     counts = RunCounts(run.skipped, run.fixes, run.rows_by_root, ingest_totals, consumed, prepare, sources)
-    stats = finish_run(out, manifest, previous, sink, state, counts, {"base_res": cfg.base_res, "align": cfg.align})
+    stats = finish_run(out, manifest, previous, sink, state, counts, {"base_res": cfg.base_res, "align": cfg.align},
+                       (cfg.holdout_fraction, cfg.holdout_min_per_bucket))
     seconds = time.time() - start
     rows = sum(run.rows_by_root.values())
     return ShardSummary(

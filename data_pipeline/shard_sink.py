@@ -25,8 +25,10 @@ from .dataset_format import (
     rows_to_table,
     shard_name,
     table_rows,
+    with_split_column,
     write_index,
 )
+from .holdout import assign_splits, split_counts
 from .records import Sample
 from .tarshard import ShardWriter
 
@@ -157,14 +159,16 @@ class RunCounts:
 
 def finish_run(
     root: str, old_manifest: pa.Table | None, old_samples: pa.Table | None, sink: BucketSink, state: dict[str, Any],
-    counts: RunCounts, table_info: dict[str, int],
+    counts: RunCounts, table_info: dict[str, int], holdout: tuple[float, int] = (0.0, 0),
 ) -> dict[str, Any]:  # fmt: skip
-    """Merge this run with the committed one and commit samples, stats and manifest (last); returns stats."""
+    """Merge this run with the committed one and commit samples, stats and manifest (last); returns stats.
+    ``holdout``: (fraction, min per bucket) carving the new rows' split (``data_pipeline.holdout``)."""
     shards = table_rows(old_manifest, ShardRow) if old_manifest is not None else []
     shards = sorted(shards + sink.manifest_rows, key=lambda r: r.shard)
     samples = rows_to_table(sink.sample_rows, SampleRow)
     if old_samples is not None:
-        samples = pa.concat_tables([old_samples.cast(samples.schema), samples])
+        samples = pa.concat_tables([with_split_column(old_samples).cast(samples.schema), samples])
+    samples = assign_splits(samples, *holdout)
     old = state.get("counts", {})
     skipped = collections.Counter(old.get("skipped", {})) + counts.skipped
     fixes = collections.Counter(old.get("normalised", {})) + counts.fixes
@@ -203,6 +207,7 @@ def finish_run(
         "bytes": sum(r.bytes for r in shards),
         "ingest": dict(ingest),
         "table": table_info,
+        "splits": split_counts(samples),
     }
     write_index(root, samples, stats, rows_to_table(shards, ShardRow), new_state)
     return stats

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from pixeldit.errors import CliParser, cli_main
+from pixeldit.errors import CliParser, UserError, cli_main
 
 from .config import CLUSTERS, LaunchConfig
 from .manage import cancel, format_status, status, tail
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other sbatch option, e.g. --sbatch exclusive --sbatch mail-type=END")
     s.add_argument("--env", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for every task")
+    s.add_argument("--eval", default=None, metavar="EVAL.yaml",
+                   help="eval jobs every K checkpoints: every, launch (the eval job's resources), protocol, "
+                        "resources (launchers.eval_jobs); one run only")
     s.add_argument("--force", action="store_true", help="submit even if a job of the run is still active")
     s.add_argument("--wait", action="store_true", help="block until the job(s) end and print rank 0's result")
     s.add_argument("overrides", nargs="*", help="run config overrides a.b=c (CLI > file > defaults)")
@@ -101,6 +104,13 @@ def launch_config(a: argparse.Namespace) -> LaunchConfig:
 def _submit(a: argparse.Namespace) -> int:
     launch = launch_config(a)
     configs = a.config or [None]
+    evals = None
+    if a.eval is not None:
+        from .eval_jobs import EvalJobConfig
+
+        if a.array or len(configs) > 1:
+            raise UserError("--eval works with one run (not --array or several --config)")
+        evals = EvalJobConfig.load(a.eval)
     if a.array:
         base_run_dir, _ = prepare_run(configs[0], list(a.overrides), launch)
         per_task = [list(a.overrides) + o for o in sweep_overrides(base_run_dir, a.array)]
@@ -108,7 +118,7 @@ def _submit(a: argparse.Namespace) -> int:
     elif len(configs) > 1:
         subs = submit_array(configs, launch, [list(a.overrides) for _ in configs], force=a.force)
     else:
-        subs = [submit(configs[0], launch, a.overrides, force=a.force)]
+        subs = [submit(configs[0], launch, a.overrides, force=a.force, evals=evals)]
     for s in subs:
         print(f"submitted job {s.jobs[0].job_id} ({launch.cluster}) for run {s.run_dir}; logs in {s.folder}")
     if not a.wait:

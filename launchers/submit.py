@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pixeldit.errors import UserError
+from pixeldit.storage import write_json_atomic
 
 from .config import LaunchConfig, executor_parameters
 from .job import TrainJob
@@ -109,14 +110,18 @@ def save_run_files(cfg: Any, launch: LaunchConfig, folder: Path, name: str = "ru
 
 
 def submit(config_path: str | None, launch: LaunchConfig, overrides: list[str] | None = None,
-           force: bool = False) -> Submission:
-    """Submit one run: all of its curriculum stages in one job, requeued after a saved stop (USR2)."""
+           force: bool = False, evals: Any = None) -> Submission:
+    """Submit one run: all of its curriculum stages in one job, requeued after a saved stop (USR2).
+    ``evals``: a ``launchers.eval_jobs.EvalJobConfig``: an eval job of its own every K checkpoints."""
     run_dir, cfg = prepare_run(config_path, list(overrides or []), launch)
     if not force:
         check_not_busy(run_dir)
     folder = new_submission_folder(run_dir)
     saved = save_run_files(cfg, launch, folder)
-    job = make_executor(launch, folder).submit(TrainJob(str(saved), launch))
+    if evals is not None:
+        write_json_atomic(run_dir / "launcher" / "eval.json", evals.to_dict())
+    job = make_executor(launch, folder).submit(TrainJob(str(saved), launch,
+                                                        evals.to_dict() if evals is not None else None))
     record_jobs(run_dir, [job.job_id], launch.cluster, folder)
     return Submission(run_dir, folder, [job])
 

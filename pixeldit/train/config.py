@@ -135,6 +135,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Validation loss on the dataset's held-out split (``pixeldit.train.validation``)."""
+
+    every: int = 1000  # every N optimizer steps (0: off); into metrics.jsonl, losses' wandb run
+    max_per_bucket: int = 64  # held-out samples per bucket (the same ones every time; 0: all of them)
+    batch_size: int = 0  # samples per forward (0: the stage's micro_batch); changes the cost, not the value
+
+
+@dataclass
 class LoggingConfig:
     wandb: WandbMode = "offline"
     project: str = "pixeldit"
@@ -167,6 +176,7 @@ class RunConfig:
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     ema_decay: float = 0.9999
     max_consecutive_nonfinite: int = 20  # non-finite losses in a row before the run stops
 
@@ -398,6 +408,10 @@ def validate(cfg: RunConfig) -> None:
         ("logging.image_every", cfg.logging.image_every, cfg.logging.image_every >= 0, ">= 0 (0 = off)"),
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
         ("optim.grad_clip", cfg.optim.grad_clip, cfg.optim.grad_clip >= 0, ">= 0 (0 = off)"),
+        ("validation.every", cfg.validation.every, cfg.validation.every >= 0, ">= 0 (0 = off)"),
+        ("validation.max_per_bucket", cfg.validation.max_per_bucket, cfg.validation.max_per_bucket >= 0,
+         ">= 0 (0 = all)"),
+        ("validation.batch_size", cfg.validation.batch_size, cfg.validation.batch_size >= 0, ">= 0 (0 = micro_batch)"),
     ):
         if not ok:
             raise ConfigError(f"{key}={value} must be {rule}")

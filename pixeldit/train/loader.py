@@ -3,7 +3,8 @@
 Stages of the stream (what it holds at each point):
  1. ``read_sample_index`` (``data_pipeline.dataset_format``, which owns the dataset layout): the root's
     samples table -> one row per sample: shard, ratio key, byte offset/size of the image member inside its
-    tar, caption, label. No tar is scanned.
+    tar, caption, label. No tar is scanned. Rows of the held-out split are left out here (the validation loss,
+    ``validation.py``, reads only them).
  2. ``EpochPlan`` (bucket_sampler.py): per epoch, seeded by (seed, stage, epoch), the list of this rank's
     micro-batches, each from one bucket, the same bucket on every rank at every position.
  3. ``PlanSampler`` -> torch DataLoader (``batch_size=None``, ``num_workers`` workers, each worker builds
@@ -178,7 +179,7 @@ def build_loader(cfg: RunConfig, stage_index: int, rank: int, world_size: int,
             raise ValueError(f"{join(stage.data_path, SAMPLES)}: sample {index.keys[row].as_py()} has label "
                              f"{index.label[row]} outside 0..{num_classes - 1} ({int(bad.sum())} such rows); "
                              f"a class-conditional model needs a class id for every sample")
-    rows = np.arange(len(index), dtype=np.int64)
+    rows = np.flatnonzero(~index.heldout).astype(np.int64)  # the held-out split is never trained on
     if stage.buckets == "fixed":
         groups = {FIXED_BUCKET: rows}
         sizes = {FIXED_BUCKET: (stage.resolution, stage.resolution)}
@@ -188,7 +189,7 @@ def build_loader(cfg: RunConfig, stage_index: int, rank: int, world_size: int,
         if unknown:
             raise ValueError(f"{stage.data_path}: ratio keys {unknown} are not in the bucket table "
                              f"(valid: {sorted(table)})")
-        groups = {k: rows[index.ratio_id == i] for i, k in enumerate(index.ratio_keys)}
+        groups = {k: rows[index.ratio_id[rows] == i] for i, k in enumerate(index.ratio_keys)}
         sizes = {k: table[k] for k in index.ratio_keys}
     return TrainLoader(BucketBatchDataset(index, cfg.data.storage_options), groups, sizes, seed=cfg.seed,
                        salt=stable_salt(f"{stage_index}:{stage.name}"), rank=rank, world_size=world_size,

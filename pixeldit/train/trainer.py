@@ -52,6 +52,7 @@ from .metrics import FlopCounter, MetricsLogger, StepTimer
 from .preflight import preflight
 from .preview import write_preview
 from .run_lock import RunFolderLocked, RunLock
+from .validation import build_validator, validation_record, wandb_values
 
 # why a step was skipped (losses.jsonl "skip_reason"); see skip_reason
 SKIP_NONFINITE_LOSS = "nonfinite_loss"  # a micro-batch loss was NaN/inf on some rank: no update
@@ -143,7 +144,11 @@ def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[
             "ema_decay": cfg.ema_decay}
 
 
-def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None,
+                 on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
+    """Train ``cfg`` (module docstring). ``stop_requested``: polled every step (all ranks agree), a true value
+    saves and stops; ``on_checkpoint(step, step_folder)``: called on rank 0 after every saved checkpoint (the
+    launcher submits eval jobs from it)."""
     # 0. nothing started yet: a bad config or a missing file leaves no process group, run folder or wandb run
     preflight(cfg)
     # 1. process group, run-folder lock
@@ -151,7 +156,7 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
     lock = None
     try:
         lock, lock_note = _take_run_lock(Path(cfg.run_dir), info.rank)
-        return _run(cfg, info, lock, lock_note, stop_requested)
+        return _run(cfg, info, lock, lock_note, stop_requested, on_checkpoint)
     finally:
         if lock is not None:
             lock.release()
@@ -184,7 +189,8 @@ def _take_run_lock(run_dir: Path, rank: int) -> tuple[RunLock | None, str | None
 
 
 def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | None,
-         stop_requested: Callable[[], bool] | None) -> TrainResult:
+         stop_requested: Callable[[], bool] | None,
+         on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
     # 2. run folder, resume point
     rank, world = info.rank, info.world_size
     run_dir = Path(cfg.run_dir)
@@ -239,13 +245,19 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 nonfinite = dict(client.get("nonfinite", nonfinite))
             metrics.write(f"stage {stage_index} ({stage.name}): steps {span.start}..{span.end - 1}, "
                           f"{len(loader)} micro-batches per epoch per rank, start at step {step}")
+            validator, val_note = build_validator(cfg, stage_index, rank, world, device)
+            if val_note:
+                metrics.write(f"note: {val_note}")
             saved_at = step if latest is not None and latest.parent == ckpt.root else -1
             universal = False  # later loads (stage boundaries) read this run's own checkpoints
 
             def save() -> Path:
                 client_state = {"stage_index": stage_index, "step": step, "loader": loader.state_dict(),
                                 "lr_schedule": bundle.schedule.state_dict(), "nonfinite": dict(nonfinite)}
-                return ckpt.save(bundle.engine, step, client_state, _checkpoint_meta(cfg, stage_index, world), ema)
+                path = ckpt.save(bundle.engine, step, client_state, _checkpoint_meta(cfg, stage_index, world), ema)
+                if on_checkpoint is not None and rank == 0:
+                    on_checkpoint(step, path)
+                return path
 
             # 4. steps of this stage
             while step < span.end:
@@ -282,6 +294,11 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                         f"is step {step}, {out['skip_reason']}, stage {stage.name}); stopping. The last good "
                         f"checkpoint is {_latest_or_none(ckpt)}; lower stages[{stage_index}].lr or check the "
                         f"data, then resume")
+                if validator is not None and validator.due(step):  # the held-out loss (validation.py)
+                    val = validator.run(bundle.model, conditioner, bundle.module.autocast_dtype)
+                    metrics.log_metrics(validation_record(step, stage_index, val), wandb_values(val),
+                                        f"step {step}: validation loss {val['val_loss']:.5f} "
+                                        f"({val['val_samples']} held-out samples x 8 timesteps)")
                 if cfg.logging.image_every and step % cfg.logging.image_every == 0:
                     write_preview(cfg, bundle, ema, conditioner, stage, step, metrics, device)
                 periodic = step % cfg.checkpoint.every == 0 and nonfinite["consecutive"] == 0  # none mid-streak
@@ -290,7 +307,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     saved_at = step
             loader.close()
             bundle.engine.destroy()
-            del bundle, ema, loader
+            del bundle, ema, loader, validator
             gc.collect()
         dist.barrier()
     finally:

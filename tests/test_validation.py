@@ -6,14 +6,15 @@
 - the training loader never plans a held-out row;
 - the validation loss (pixeldit.train.validation) is the same on 1 rank and on 2 gloo ranks;
 - in the trainer (single rank, in process): logged into metrics.jsonl every N steps, and the same after a
-  stop and resume as without.
+  stop and resume as without; ``pixeldit-release --best`` picks the step of the best recorded metric.
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,34 @@ def test_split_is_a_hash_of_the_key_topped_up_per_bucket_and_never_moved():
         assign_splits(_rows(2), 1.5)
 
 
+@pytest.mark.slow
+def test_pixeldit_data_shard_carves_the_split(tmp_path, capsys):
+    from data_pipeline.cli import main as data_main
+    from data_pipeline.ingest import IngestConfig, ingest
+    from data_pipeline.serve import serve_folder
+    from data_pipeline.synthetic import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(str(tmp_path / "synth"), num_images=10, seed=5)
+    with serve_folder(ds.images_dir) as base_url:
+        ingest(ds.write_url_list(base_url, str(tmp_path / "u.csv"), fmt="csv"), str(tmp_path / "ing"),
+               IngestConfig(label_col="label", threads=4, timeout=3, samples_per_shard=16))
+    out = tmp_path / "out"
+    assert data_main(["shard", str(tmp_path / "ing"), "--out", str(out), "--no-progress", "--holdout-fraction", "0.5",
+                      "--holdout-min-per-bucket", "1"]) == 0
+    samples = fmt.read_samples(str(out))
+    by_hash = key_uniform(samples["key"].to_pylist()) < 0.5
+    per_bucket: dict[str, list[bool]] = {}
+    for ratio, held in zip(samples["ratio_key"].to_pylist(), fmt.heldout_mask(samples)):
+        per_bucket.setdefault(ratio, []).append(bool(held))
+    assert np.all(fmt.heldout_mask(samples) >= by_hash)  # the hash rule, then the top-up
+    assert all(sum(h) >= min(1, len(h) // 2) for h in per_bucket.values())
+    stats = json.loads((out / fmt.STATS).read_text())["splits"]
+    assert stats == split_counts(samples) and stats["heldout"] >= 1 and sum(stats.values()) == 10
+    assert fmt.format_version(pq.read_schema(str(out / fmt.MANIFEST)), str(out)) == fmt.FORMAT_VERSION == 2
+    assert data_main(["shard", str(tmp_path / "ing"), "--out", str(out), "--holdout-fraction", "1.5"]) == 2
+    assert "holdout_fraction=1.5 must be in [0, 1)" in capsys.readouterr().err
+
+
 def _with_holdout(root: Path, per_bucket: int) -> Path:
     samples = fmt.read_samples(str(root))
     fmt.write_samples(str(root), assign_splits(samples, 0.0, per_bucket))
@@ -84,15 +113,15 @@ def test_samples_parquet_keeps_the_split_and_old_roots_read_as_training_data(dat
         fmt.read_sample_index(str(old))
 
 
-def _cfg(run_dir: Path, data: Path, steps: int = 4, buckets: str = "aspect") -> RunConfig:
+def _cfg(run_dir: Path, data: Path, steps: int = 4, buckets: str = "aspect", every: int = 2) -> RunConfig:
     stage = StageConfig(name="s", steps=steps, data_path=str(data), resolution=32, bucket_align=16, micro_batch=2,
                         lr=1e-3, buckets=buckets)
     cfg = RunConfig(run_dir=str(run_dir), seed=5, stages=[stage])
     cfg.deepspeed.precision = "fp32"
     cfg.data.num_workers = 0
     cfg.logging.wandb, cfg.logging.progress_bar = "disabled", False
-    cfg.checkpoint.every, cfg.checkpoint.keep = 2, 5
-    cfg.validation.every, cfg.validation.batch_size = 2, 2
+    cfg.checkpoint.every, cfg.checkpoint.keep = every, 5
+    cfg.validation.every, cfg.validation.batch_size = every, 16
     return cfg
 
 
@@ -104,6 +133,12 @@ def test_loader_never_plans_a_held_out_row(data, tmp_path):
         loader = build_loader(_cfg(tmp_path, data, buckets=buckets), 0, 0, 1)
         planned = {int(r) for rows in loader.groups.values() for r in rows}
         assert planned and not planned & held and len(planned) == 20 - 6
+    cfg = _cfg(tmp_path, data)
+    cfg.validation.max_per_bucket = 2
+    vset = build_validation_set(cfg, 0)
+    assert vset.num_samples == 4 and {r for s in vset.batches["1.00"] for r in s.rows} <= held
+    cfg.validation.every = 0
+    assert build_validation_set(cfg, 0) is None
 
 
 def test_noise_depends_on_the_seed_and_key_only():
@@ -123,7 +158,9 @@ def _class_conditioner(batch):
 
 
 def _value(data: Path, rank: int = 0, world: int = 1) -> dict:
-    vset = build_validation_set(_cfg(Path("unused"), data), 0)
+    cfg = _cfg(Path("unused"), data)
+    cfg.validation.batch_size = 8  # one sample per batch: 3 per bucket, so rank 1 of 2 runs a padding batch
+    vset = build_validation_set(cfg, 0)
     model = _model()
     return validation_loss(lambda x, t, c: model(x, t, **c), vset, _class_conditioner, 5, rank, world,
                            torch.device("cpu"))
@@ -163,40 +200,33 @@ def _val_records(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in read_metrics(run_dir) if r["kind"] == "val"}
 
 
-def test_trainer_logs_validation_and_resume_gives_the_same_values(single_rank, data, tmp_path):
+def test_trainer_logs_validation_resume_gives_the_same_values_and_release_best(single_rank, data, tmp_path,
+                                                                                capsys):
+    from pixeldit.release.cli import main as release_main
+    from pixeldit.run_folder import append_metrics
     from pixeldit.train.trainer import run_training
 
-    run_training(_cfg(tmp_path / "a", data))
-    straight = _val_records(tmp_path / "a")
-    assert sorted(straight) == [2, 4] and all(np.isfinite(v) for v in straight.values())
-    assert straight[2] != straight[4]  # the weights changed between the two
+    run = tmp_path / "a"
+    run_training(_cfg(run, data, steps=2, every=1))
+    straight = _val_records(run)
+    assert sorted(straight) == [1, 2] and all(np.isfinite(v) for v in straight.values())
+    assert straight[1] != straight[2]  # the weights changed between the two
     calls = []
 
-    def stop_before_step_3() -> bool:
+    def stop_before_step_2() -> bool:
         calls.append(1)
-        return len(calls) == 3
+        return len(calls) == 2
 
-    assert run_training(_cfg(tmp_path / "b", data), stop_requested=stop_before_step_3).status == "stopped"
-    assert run_training(_cfg(tmp_path / "b", data)).status == "finished"
-    resumed = _val_records(tmp_path / "b")
-    assert resumed == pytest.approx(straight, rel=1e-12, abs=0)
+    assert run_training(_cfg(tmp_path / "b", data, steps=2, every=1), stop_requested=stop_before_step_2).status \
+        == "stopped"
+    assert run_training(_cfg(tmp_path / "b", data, steps=2, every=1)).status == "finished"
+    assert _val_records(tmp_path / "b") == pytest.approx(straight, rel=1e-12, abs=0)
 
-
-def test_release_best_picks_the_recorded_best_checkpoint(single_rank, data, tmp_path, capsys):
-    """--best on a run with val_loss from the trainer and eval records as an eval job appends them."""
-    from pixeldit.release.cli import main as release_main
-    from pixeldit.run_folder import append_metrics, read_meta
-    from pixeldit.train.trainer import run_training
-
-    run = tmp_path / "run"
-    cfg = _cfg(run, data, steps=2)
-    cfg.validation.every, cfg.checkpoint.every = 1, 1
-    run_training(cfg)
-    val = _val_records(run)
+    # pixeldit-release --best: val_loss from the trainer, then eval records as eval jobs append them
     assert release_main([str(run), str(tmp_path / "r1"), "--best", "val_loss"]) == 0
-    best = min(val, key=val.get)
+    best = min(straight, key=straight.get)
     assert json.loads((tmp_path / "r1" / "config.json").read_text())["step"] == best
-    assert f"best val_loss: {val[best]:.6g} at step {best}" in capsys.readouterr().out
+    assert f"best val_loss: {straight[best]:.6g} at step {best}" in capsys.readouterr().out
     assert release_main([str(run), str(tmp_path / "r2"), "--best", "fid"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--best fid:" in err and "records val_loss at steps 1, 2" in err
@@ -205,8 +235,6 @@ def test_release_best_picks_the_recorded_best_checkpoint(single_rank, data, tmp_
     append_metrics(run, {"step": 2, "kind": "eval", "fid": 7.0, "clip_score": 0.3})
     assert release_main([str(run), str(tmp_path / "r3"), "--best", "clip_score"]) == 0  # higher is better
     assert json.loads((tmp_path / "r3" / "config.json").read_text())["step"] == 2
-    assert read_meta(run / "checkpoints" / "step_00000001")["step"] == 1
-    import shutil
     shutil.rmtree(run / "checkpoints" / "step_00000001")  # pruned: the best FID's folder is gone
     assert release_main([str(run), str(tmp_path / "r4"), "--best", "fid"]) == 0
     out = capsys.readouterr().out

@@ -140,7 +140,7 @@ class ValidationConfig:
 
     every: int = 1000  # every N optimizer steps (0: off); into metrics.jsonl, losses' wandb run
     max_per_bucket: int = 64  # held-out samples per bucket (the same ones every time; 0: all of them)
-    batch_size: int = 0  # samples per forward (0: the stage's micro_batch); changes the cost, not the value
+    batch_size: int = 0  # images per forward (0: 2 x the stage's micro_batch), 8 per sample; the cost, not the value
 
 
 @dataclass
@@ -411,7 +411,7 @@ def validate(cfg: RunConfig) -> None:
         ("validation.every", cfg.validation.every, cfg.validation.every >= 0, ">= 0 (0 = off)"),
         ("validation.max_per_bucket", cfg.validation.max_per_bucket, cfg.validation.max_per_bucket >= 0,
          ">= 0 (0 = all)"),
-        ("validation.batch_size", cfg.validation.batch_size, cfg.validation.batch_size >= 0, ">= 0 (0 = micro_batch)"),
+        ("validation.batch_size", cfg.validation.batch_size, cfg.validation.batch_size >= 0, ">= 0 (0 = 2 x micro_batch)"),
     ):
         if not ok:
             raise ConfigError(f"{key}={value} must be {rule}")

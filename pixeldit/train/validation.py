@@ -3,7 +3,8 @@
 The set: the rows of the stage's dataset in the held-out split (``data_pipeline.holdout``, carved at shard
 time; the training loader never plans them), grouped into the stage's buckets like the training loader does,
 at most ``validation.max_per_bucket`` per bucket (those with the smallest key hash: the same ones every time),
-cut into batches of ``validation.batch_size`` in that order. Batch j of a bucket goes to rank j mod world size;
+cut into batches in that order: ``validation.batch_size`` images per forward (default twice the stage's
+micro_batch; no gradients are kept), i.e. batch_size // 8 samples, each at its 8 timesteps in the same forward. Batch j of a bucket goes to rank j mod world size;
 a rank with one batch fewer runs a copy of the bucket's first batch with weight 0, so every rank runs the same
 number of forwards (ZeRO-3 gathers parameters collectively).
 
@@ -86,7 +87,7 @@ def build_validation_set(cfg: RunConfig, stage_index: int) -> ValidationSet | No
         if unknown:
             raise ValueError(f"{stage.data_path}: ratio keys {unknown} are not in the bucket table (valid: "
                              f"{sorted(table)})")
-    size = v.batch_size or stage.micro_batch
+    size = max(1, (v.batch_size or 2 * stage.micro_batch) // VAL_TIMESTEPS)  # samples per batch
     batches: dict[str, list[BatchSpec]] = {}
     for bucket in sorted(groups):
         rows = groups[bucket]
@@ -114,8 +115,9 @@ def validation_loss(model_fn: ModelFn, vset: ValidationSet, conditioner: Callabl
     """Collective (every rank calls it): {"val_loss", "val_samples", "val_loss_bucket": {bucket: loss},
     "val_loss_t": [loss at t_i]} (the module docstring)."""
     times = validation_times()
+    n_t = len(times)
     buckets = sorted(vset.batches)
-    sums = torch.zeros(len(buckets), len(times), dtype=torch.float64)
+    sums = torch.zeros(len(buckets), n_t, dtype=torch.float64)
     counts = torch.zeros(len(buckets), dtype=torch.float64)
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
@@ -126,16 +128,18 @@ def validation_loss(model_fn: ModelFn, vset: ValidationSet, conditioner: Callabl
             weight = 1.0 if index < len(specs) else 0.0  # a padding batch: computed, not counted
             batch = vset.dataset[specs[index if weight else 0]]
             x0 = batch["x0"].to(device)  # (B, 3, H, W)
+            B = x0.shape[0]
             cond, _ = conditioner(batch)
             noise = torch.stack([sample_noise(seed, k, tuple(x0.shape[1:])) for k in batch["key"]])  # (B, T, 3, H, W)
-            noise = noise.to(device)
-            for i, t in enumerate(times):
-                tt = torch.full((x0.shape[0],), t, device=device)  # (B,)
-                with ctx:
-                    v = model_fn(interpolate(x0, noise[:, i], tt), tt, cond)  # (B, 3, H, W)
-                err = (v.float() - velocity_target(x0, noise[:, i]).float()).square().mean(dim=(1, 2, 3))  # (B,)
-                sums[b, i] += weight * err.double().sum().cpu()
-            counts[b] += weight * x0.shape[0]
+            noise = noise.to(device).flatten(0, 1)  # (B * T, 3, H, W), sample-major
+            x0 = x0.repeat_interleave(n_t, dim=0)  # (B * T, 3, H, W)
+            t = torch.tensor(times, device=device).repeat(B)  # (B * T,)
+            cond = {k: v.repeat_interleave(n_t, dim=0) for k, v in cond.items()}  # every timestep of a sample
+            with ctx:
+                v = model_fn(interpolate(x0, noise, t), t, cond)  # (B * T, 3, H, W): one forward per batch
+            err = (v.float() - velocity_target(x0, noise).float()).square().mean(dim=(1, 2, 3))  # (B * T,)
+            sums[b] += weight * err.double().view(B, n_t).sum(dim=0).cpu()
+            counts[b] += weight * B
     reduced = _all_reduce(torch.cat([sums.flatten(), counts]).to(device)).cpu()
     sums, counts = reduced[:sums.numel()].view_as(sums), reduced[sums.numel():]
     total = counts.sum().item()

@@ -125,3 +125,15 @@ def executor_parameters(cfg: LaunchConfig) -> dict[str, Any]:
         if getattr(cfg, key):
             params[f"slurm_{key}"] = getattr(cfg, key)
     return params
+
+
+def make_executor(launch: LaunchConfig, folder: Path):
+    """submitit executor for the config; the cluster is always named (AutoExecutor picks SLURM if srun exists)."""
+    import submitit
+
+    if launch.cluster == "local":
+        executor = submitit.LocalExecutor(folder=str(folder))
+    else:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    executor.update_parameters(**executor_parameters(launch))
+    return executor

@@ -41,7 +41,7 @@ import yaml
 from pixeldit import run_folder
 from pixeldit.storage import write_json_atomic
 
-from .config import LaunchConfig
+from .config import LaunchConfig, make_executor
 
 JOB_FILE = "job.json"  # {run_dir}/evals/step_N/job.json: the submitted eval job
 PINNED = "checkpoint"  # {run_dir}/evals/step_N/checkpoint: the pinned weights
@@ -132,8 +132,6 @@ class EvalScheduler:
 def submit_eval(run_dir: Path, step: int, step_dir: Path, evals: EvalJobConfig):
     """Pin the step's weights and submit its eval job; returns the submitit job."""
     import submitit
-
-    from .submit import make_executor
 
     folder = run_folder.eval_dir(run_dir, step)
     pinned = run_folder.pin_weights(step_dir, folder / PINNED)

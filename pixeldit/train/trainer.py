@@ -14,8 +14,9 @@ Outline:
     the loader; load the checkpoint (the same path serves a resume and a stage boundary, so both are exact);
  4. every step: agree on the stop flag; set the LR; for each micro-batch draw the batch, build the
     condition, compute the loss with a generator seeded by (seed, rank, step, micro) and agree (all-reduce)
-    on whether it is finite; backward; optimizer step; EMA update; log; checkpoint every N steps and at
-    the end of the stage;
+    on whether it is finite; backward; optimizer step; EMA update; log; the validation loss on the held-out
+    split every ``validation.every`` steps (validation.py: into metrics.jsonl and wandb); checkpoint every N
+    steps and at the end of the stage (then ``on_checkpoint`` on rank 0: the launcher's eval jobs);
  5. skipped steps (the contract, ``skip_reason``): a step counts as applied only when the optimizer applied
     it. A non-finite loss (no backward, or accumulated gradients dropped), a non-finite gradient norm, or an
     update DeepSpeed did not apply (its overflow check) is a skipped step: counted in ``nonfinite_total``,

@@ -37,29 +37,31 @@ def check_holdout(fraction: float, min_per_bucket: int) -> None:
 
 
 def assign_splits(samples: pa.Table, fraction: float, min_per_bucket: int = 0) -> pa.Table:
-    """``samples`` with every null ``split`` decided (see the module docstring); set splits are kept."""
+    """``samples`` with every null ``split`` decided (see the module docstring); set splits are kept. Only the
+    new rows' keys are hashed; the rest is columnar (an incremental run over 10^8 committed rows stays cheap)."""
     check_holdout(fraction, min_per_bucket)
     c = SAMPLE_COLUMNS
     samples = with_split_column(samples)
-    split = samples[c.split].to_pylist()
-    new = np.array([s is None for s in split], dtype=bool)
+    split = samples[c.split]
+    new = pc.is_null(split).to_numpy(zero_copy_only=False).astype(bool)
     if not new.any():
         return samples
-    keys = samples[c.key].to_pylist()
-    u = np.full(len(split), np.inf)
-    u[new] = key_uniform([keys[i] for i in np.flatnonzero(new)])
-    held = np.array([s == SPLIT_HELDOUT for s in split], dtype=bool) | (new & (u < fraction))
+    new_rows = np.flatnonzero(new)
+    u = np.full(samples.num_rows, np.inf)
+    u[new_rows] = key_uniform(samples[c.key].take(pa.array(new_rows)).to_pylist())
+    held = pc.fill_null(pc.equal(split, SPLIT_HELDOUT), False).to_numpy(zero_copy_only=False).astype(bool)
+    held |= u < fraction
     if min_per_bucket:
-        buckets = np.asarray(samples[c.ratio_key].to_pylist(), dtype=object)
-        for bucket in sorted(set(buckets[new])):
-            rows = np.flatnonzero(buckets == bucket)
-            want = min(min_per_bucket, len(rows) // 2) - int(held[rows].sum())
-            candidates = rows[new[rows] & ~held[rows]]
-            order = np.lexsort((np.asarray([keys[i] for i in candidates], dtype=object).astype(str), u[candidates]))
-            held[candidates[order[:max(0, want)]]] = True
-    out = [s if not n else (SPLIT_HELDOUT if h else SPLIT_TRAIN) for s, n, h in zip(split, new, held)]
+        codes = pc.dictionary_encode(samples[c.ratio_key]).combine_chunks().indices.to_numpy().astype(np.int64)
+        size = np.bincount(codes)
+        want = np.minimum(min_per_bucket, size // 2) - np.bincount(codes, weights=held, minlength=len(size))
+        for code in np.flatnonzero(want > 0):
+            candidates = new_rows[(codes[new_rows] == code) & ~held[new_rows]]
+            held[candidates[np.argsort(u[candidates], kind="stable")[:int(want[code])]]] = True
+    decided = pa.array(np.where(held[new_rows], SPLIT_HELDOUT, SPLIT_TRAIN).tolist(), pa.string())
+    values = pc.replace_with_mask(split.combine_chunks().cast(pa.string()), pa.array(new), decided)
     index = samples.column_names.index(c.split)
-    return samples.set_column(index, samples.schema.field(c.split), pa.array(out, pa.string()))
+    return samples.set_column(index, samples.schema.field(c.split), values)
 
 
 def split_counts(samples: pa.Table) -> dict[str, int]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pixeldit.errors import UserError
+from pixeldit.errors import ConfigError, UserError
 from pixeldit.storage import write_json_atomic
 
 from .config import LaunchConfig, make_executor
@@ -101,6 +101,9 @@ def submit(config_path: str | None, launch: LaunchConfig, overrides: list[str] |
            force: bool = False, evals: Any = None) -> Submission:
     """Submit one run: all of its curriculum stages in one job, requeued after a saved stop (USR2).
     ``evals``: a ``launchers.eval_jobs.EvalJobConfig``: an eval job of its own every K checkpoints."""
+    if evals is not None and evals.launch.cluster != launch.cluster:
+        raise ConfigError(f"eval jobs on cluster={evals.launch.cluster!r} but training on {launch.cluster!r}: set "
+                          f"launch.cluster (and the eval job's resources) in the eval config")
     run_dir, cfg = prepare_run(config_path, list(overrides or []), launch)
     if not force:
         check_not_busy(run_dir)

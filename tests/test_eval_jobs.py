@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from eval_fixtures import save_tiny_inception
+from launchers.config import LaunchConfig
 from launchers.eval_jobs import PINNED, EvalJobConfig, due, eval_results
 from launchers.submit import job_result, submit
 from pixeldit import run_folder
@@ -34,6 +35,9 @@ def test_due_steps_and_config_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"every": 1, "protocol": {"prompts": "classes", "source": "0-1", "colour": 1}}))
     with pytest.raises(ValueError, match=r"unknown protocol keys \['colour'\]"):
         EvalJobConfig.load(bad)
+    local = EvalJobConfig(protocol={"prompts": "classes", "source": "0-1"})
+    with pytest.raises(ValueError, match="eval jobs on cluster='local' but training on 'slurm'"):
+        submit(None, LaunchConfig(cluster="slurm", time_min=5), [f"run_dir={tmp_path / 'run'}"], evals=local)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from eval_fixtures import save_tiny_inception
+from launchers.cli import main as submit_cli
 from launchers.config import LaunchConfig
 from launchers.eval_jobs import PINNED, EvalJobConfig, due, eval_results
 from launchers.submit import job_result, submit
@@ -25,7 +26,7 @@ from test_launchers import SLURM_REASON, TASK_ENV, launch, run_config, wait_for
 from train_helpers import write_tiny_dataset
 
 
-def test_due_steps_and_config_errors(tmp_path):
+def test_due_steps_and_config_errors(tmp_path, capsys):
     assert [s for s in range(1, 12) if due(s, 2, 2, 11)] == [4, 8, 11]
     bad = tmp_path / "eval.yaml"
     bad.write_text(yaml.safe_dump({"every": 1, "protocol": {"prompts": "classes", "source": "0-1",
@@ -35,6 +36,9 @@ def test_due_steps_and_config_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"every": 1, "protocol": {"prompts": "classes", "source": "0-1", "colour": 1}}))
     with pytest.raises(ValueError, match=r"unknown protocol keys \['colour'\]"):
         EvalJobConfig.load(bad)
+    assert submit_cli(["submit", "--eval", str(bad), f"run_dir={tmp_path / 'run'}"]) == 2  # the CLI: one line
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixeldit-submit: error: eval config") and "colour" in err and "\n" not in err
     local = EvalJobConfig(protocol={"prompts": "classes", "source": "0-1"})
     with pytest.raises(ValueError, match="eval jobs on cluster='local' but training on 'slurm'"):
         submit(None, LaunchConfig(cluster="slurm", time_min=5), [f"run_dir={tmp_path / 'run'}"], evals=local)

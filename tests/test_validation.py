@@ -131,7 +131,7 @@ def test_loader_never_plans_a_held_out_row(data, tmp_path):
     held = set(np.flatnonzero(fmt.read_sample_index(str(data)).heldout).tolist())
     for buckets in ("fixed", "aspect"):
         loader = build_loader(_cfg(tmp_path, data, buckets=buckets), 0, 0, 1)
-        planned = {int(r) for rows in loader.groups.values() for r in rows}
+        planned = {int(r) for r in loader.plan.selected_rows}
         assert planned and not planned & held and len(planned) == 20 - 6
     cfg = _cfg(tmp_path, data)
     cfg.validation.max_per_bucket = 2

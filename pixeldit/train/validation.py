@@ -29,13 +29,13 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.buckets import bucket_table
-from data_pipeline.dataset_format import read_sample_index
 from data_pipeline.holdout import key_uniform
 from pixeldit.diffusion.flow import interpolate, velocity_target
 
-from .bucket_sampler import BatchSpec
+from .bucket_sampler import FIXED_BUCKET, BatchSpec
 from .config import RunConfig
-from .loader import FIXED_BUCKET, BucketBatchDataset
+from .loader import BatchDataset
+from .sources import open_sources
 
 VAL_TIMESTEPS = 8
 # (x_t (B, 3, H, W), t (B,), cond kwargs) -> v (B, 3, H, W)
@@ -58,7 +58,7 @@ def sample_noise(seed: int, key: str, shape: tuple[int, ...], n: int = VAL_TIMES
 class ValidationSet:
     """The held-out batches of one stage, per bucket (the module docstring)."""
 
-    dataset: BucketBatchDataset
+    dataset: BatchDataset
     batches: dict[str, list[BatchSpec]]  # bucket -> its batches, in order, the same on every rank
 
     @property
@@ -72,8 +72,10 @@ def build_validation_set(cfg: RunConfig, stage_index: int) -> ValidationSet | No
     stage, v = cfg.stages[stage_index], cfg.validation
     if v.every == 0:
         return None
-    index = read_sample_index(stage.data_path, cfg.data.storage_options)
-    held = np.flatnonzero(index.heldout)
+    # every root of the stage, its filters and skipped damaged shards applied (the loader's own view); the shards
+    # were checked when the stage's loader was built
+    sources, _, _ = open_sources(cfg, stage_index, problems={})
+    held = sources.heldout_rows
     if len(held) == 0:
         return None
     if stage.buckets == "fixed":
@@ -81,7 +83,7 @@ def build_validation_set(cfg: RunConfig, stage_index: int) -> ValidationSet | No
         sizes = {FIXED_BUCKET: (stage.resolution, stage.resolution)}
     else:
         table = bucket_table(stage.resolution, stage.bucket_align)
-        groups = {k: held[index.ratio_id[held] == i] for i, k in enumerate(index.ratio_keys)}
+        groups = {k: held[sources.ratio[held] == i] for i, k in enumerate(sources.ratio_keys)}
         sizes = {k: table[k] for k in groups if k in table}
         unknown = sorted(k for k, rows in groups.items() if len(rows) and k not in table)
         if unknown:
@@ -93,13 +95,13 @@ def build_validation_set(cfg: RunConfig, stage_index: int) -> ValidationSet | No
         rows = groups[bucket]
         if len(rows) == 0:
             continue
-        keys = [index.keys[int(r)].as_py() for r in rows]
+        keys = [sources.key(int(r)) for r in rows]
         order = np.lexsort((np.asarray(keys, dtype=str), key_uniform(keys)))
         rows = rows[order][:v.max_per_bucket or None]
         h, w = sizes[bucket]
         batches[bucket] = [BatchSpec(tuple(int(r) for r in rows[i:i + size]), bucket, h, w)
                            for i in range(0, len(rows), size)]
-    return ValidationSet(BucketBatchDataset(index, cfg.data.storage_options), batches)
+    return ValidationSet(BatchDataset(sources, None), batches)
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,10 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-res", type=int, default=d.base_res, help="bucket table for the manifest's bucket sizes")
     g.add_argument("--align", type=int, default=d.align)
     g.add_argument("--no-progress", action="store_false", dest="progress", default=d.progress)
+    g.add_argument("--holdout-fraction", type=float, default=d.holdout_fraction,
+                   help="fraction of the keys held out of training (validation loss); 0: none")
+    g.add_argument("--holdout-min-per-bucket", type=int, default=d.holdout_min_per_bucket,
+                   help="top each bucket's held-out split up to this many samples (at most half of the bucket)")
 
 
 def _filter_arg(p: argparse.ArgumentParser, when: str) -> None:
@@ -133,7 +137,8 @@ def shard_config(a: argparse.Namespace, row_filter: str = "") -> ShardConfig:
         max_aspect_ratio=a.max_aspect_ratio, min_caption_chars=a.min_caption_chars,
         max_caption_chars=a.max_caption_chars, dedupe_url=a.dedupe_url, dedupe_hash=a.dedupe_hash,
         verify=a.verify, jpeg_quality=a.jpeg_quality, workers=a.workers, base_res=a.base_res, align=a.align,
-        filter=row_filter, progress=a.progress,
+        filter=row_filter, progress=a.progress, holdout_fraction=a.holdout_fraction,
+        holdout_min_per_bucket=a.holdout_min_per_bucket,
     )  # fmt: skip
 
 

@@ -55,6 +55,7 @@ from .dataset_format import (META_TYPES, SAMPLE_COLUMNS, ShardRow, committed_sam
                              parse_shard_name, read_manifest, read_samples, read_state, read_stats, shard_name,
                              table_rows, write_samples)
 from .filters import RowFilter, parse_filter
+from .holdout import check_holdout
 from .ingest import finished_shards, meta_schema, read_prepare_stats, read_shard_stats, started_shards
 from .normalize import VERIFY_LEVELS, Limits, Verified, VerifyLevel, orientation_from_exif_json, verify_batch
 from .reasons import Skip, classify_decode_error, classify_download_error
@@ -84,6 +85,8 @@ class ShardConfig:
     align: int = 32
     filter: str = ""  # keep only rows where this holds over their metadata columns (data_pipeline.filters)
     progress: bool = True
+    holdout_fraction: float = 0.005  # of the keys held out of training (data_pipeline.holdout); 0: none
+    holdout_min_per_bucket: int = 0  # top a bucket's held-out split up to this many (at most half of it)
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_LEVELS:
@@ -93,6 +96,7 @@ class ShardConfig:
         if self.min_side is not None and self.min_side < 0:
             raise ValueError(f"ShardConfig.min_side must be >= 0 (or None), got {self.min_side}")
         bucket_table(self.base_res, self.align)  # validates base_res / align
+        check_holdout(self.holdout_fraction, self.holdout_min_per_bucket)
         if self.filter:
             parse_filter(self.filter)
 
@@ -581,7 +585,8 @@ def commit_build(plan: Plan) -> tuple[dict[str, Any], int, int]:
     previous = committed_samples(out, manifest) if manifest is not None else None
     samples = concat_samples(([previous] if previous is not None else []) + tables)
     cfg = ShardConfig(**plan.data["config"])
-    stats = commit_root(out, manifest, samples, new_shards, state, counts, {"base_res": cfg.base_res, "align": cfg.align})
+    stats = commit_root(out, manifest, samples, new_shards, state, counts, {"base_res": cfg.base_res, "align": cfg.align},
+                        (cfg.holdout_fraction, cfg.holdout_min_per_bucket))
     plan.state = "committed"
     plan.save()
     for url in (join(build_dir(out), PARTS_DIR), commit_url):

@@ -27,6 +27,7 @@ from .dataset_format import (
     table_rows,
     write_index,
 )
+from .holdout import assign_splits, split_counts
 from .records import Sample
 from .tarshard import ShardWriter
 
@@ -170,12 +171,14 @@ class RunCounts:
 
 def commit_root(
     root: str, old_manifest: pa.Table | None, samples: pa.Table, new_shards: list[ShardRow], state: dict[str, Any],
-    counts: RunCounts, table_info: dict[str, int],
+    counts: RunCounts, table_info: dict[str, int], holdout: tuple[float, int] = (0.0, 0),
 ) -> dict[str, Any]:  # fmt: skip
     """Commit ``root``: ``samples`` (every committed row), the manifest (old shards + ``new_shards``), the counters
-    (old + ``counts``) and stats; samples, stats, manifest last (dataset_format.write_index). Returns stats."""
+    (old + ``counts``) and stats; samples, stats, manifest last (dataset_format.write_index). Returns stats.
+    ``holdout``: (fraction, min per bucket) carving the split of rows that have none yet (``data_pipeline.holdout``)."""
     shards = table_rows(old_manifest, ShardRow) if old_manifest is not None else []
     shards = sorted(shards + new_shards, key=lambda r: r.shard)
+    samples = assign_splits(samples, *holdout)
     old = state.get("counts", {})
     skipped = collections.Counter(old.get("skipped", {})) + counts.skipped
     fixes = collections.Counter(old.get("normalised", {})) + counts.fixes
@@ -214,6 +217,7 @@ def commit_root(
         "bytes": sum(r.bytes for r in shards),
         "ingest": dict(ingest),
         "table": table_info,
+        "splits": split_counts(samples),
     }
     write_index(root, samples, stats, rows_to_table(shards, ShardRow), new_state)
     return stats

@@ -20,7 +20,7 @@ import json
 import sys
 
 from pixeldit.cluster import LaunchConfig, add_launch_flags, launch_config_from_args, parse_key_value
-from pixeldit.errors import CliParser, cli_main
+from pixeldit.errors import CliParser, UserError, cli_main
 
 from .manage import cancel, format_status, status, tail
 from .submit import job_result, prepare_run, submit, submit_array, sweep_overrides
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--array", type=_axis, action="append", default=[], metavar="KEY=V1,V2",
                    help="job array over values of a run-config key, each in {run_dir}/KEY-V (repeat: product)")
     add_launch_flags(s)  # pixeldit.cluster: the one definition of the launch flags (pixeldit-data has them too)
+    s.add_argument("--eval", default=None, metavar="EVAL.yaml",
+                   help="eval jobs every K checkpoints: every, launch (the eval job's resources), protocol, "
+                        "resources (launchers.eval_jobs); one run only")
     s.add_argument("--force", action="store_true", help="submit even if a job of the run is still active")
     s.add_argument("--wait", action="store_true", help="block until the job(s) end and print rank 0's result")
     s.add_argument("overrides", nargs="*", help="run config overrides a.b=c (CLI > file > defaults)")
@@ -63,6 +66,13 @@ def launch_config(a: argparse.Namespace) -> LaunchConfig:
 def _submit(a: argparse.Namespace) -> int:
     launch = launch_config(a)
     configs = a.config or [None]
+    evals = None
+    if a.eval is not None:
+        from .eval_jobs import EvalJobConfig
+
+        if a.array or len(configs) > 1:
+            raise UserError("--eval works with one run (not --array or several --config)")
+        evals = EvalJobConfig.load(a.eval)
     if a.array:
         base_run_dir, _ = prepare_run(configs[0], list(a.overrides), launch)
         per_task = [list(a.overrides) + o for o in sweep_overrides(base_run_dir, a.array)]
@@ -70,7 +80,7 @@ def _submit(a: argparse.Namespace) -> int:
     elif len(configs) > 1:
         subs = submit_array(configs, launch, [list(a.overrides) for _ in configs], force=a.force)
     else:
-        subs = [submit(configs[0], launch, a.overrides, force=a.force)]
+        subs = [submit(configs[0], launch, a.overrides, force=a.force, evals=evals)]
     for s in subs:
         print(f"submitted job {s.jobs[0].job_id} ({launch.cluster}) for run {s.run_dir}; logs in {s.folder}")
     if not a.wait:

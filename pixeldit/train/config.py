@@ -188,6 +188,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Validation loss on the dataset's held-out split (``pixeldit.train.validation``)."""
+
+    every: int = 1000  # every N optimizer steps (0: off); into metrics.jsonl, losses' wandb run
+    max_per_bucket: int = 64  # held-out samples per bucket (the same ones every time; 0: all of them)
+    batch_size: int = 0  # images per forward (0: 2 x the stage's micro_batch), 8 per sample; the cost, not the value
+
+
+@dataclass
 class LoggingConfig:
     wandb: WandbMode = "offline"
     project: str = "pixeldit"
@@ -220,6 +229,7 @@ class RunConfig:
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     ema_decay: float = 0.9999
     max_consecutive_nonfinite: int = 20  # non-finite losses in a row before the run stops
 
@@ -485,6 +495,10 @@ def validate(cfg: RunConfig) -> None:
         ("data.target_mfu", d.target_mfu, 0.0 < d.target_mfu <= 1.0, "in (0, 1]"),
         ("data.caption_temperature", d.caption_temperature, d.caption_temperature > 0, "> 0"),
         ("optim.grad_clip", cfg.optim.grad_clip, cfg.optim.grad_clip >= 0, ">= 0 (0 = off)"),
+        ("validation.every", cfg.validation.every, cfg.validation.every >= 0, ">= 0 (0 = off)"),
+        ("validation.max_per_bucket", cfg.validation.max_per_bucket, cfg.validation.max_per_bucket >= 0,
+         ">= 0 (0 = all)"),
+        ("validation.batch_size", cfg.validation.batch_size, cfg.validation.batch_size >= 0, ">= 0 (0 = 2 x micro_batch)"),
         ("optim.came.betas", list(came.betas), all(0.0 <= b < 1.0 for b in came.betas), "each in [0, 1)"),
         ("optim.came.eps", list(came.eps), min(came.eps) > 0, "each > 0"),
         ("optim.came.clip_threshold", came.clip_threshold, came.clip_threshold > 0, "> 0"),

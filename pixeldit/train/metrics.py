@@ -25,7 +25,7 @@ import torch
 from pixeldit.models import ModelArgs
 from pixeldit.diffusion import to_uint8
 from pixeldit.models.flops import train_flops
-from pixeldit.run_folder import LOSSES
+from pixeldit.run_folder import LOSSES, append_metrics
 from pixeldit.storage import atomic_local_file
 
 from .config import RunConfig, to_saved_dict
@@ -124,6 +124,16 @@ class MetricsLogger:
             import wandb
 
             self.wandb_run.log({"samples/ema": wandb.Image(str(path))}, step=step)
+
+    def log_metrics(self, record: dict[str, Any], wandb_values: dict[str, float], line: str) -> None:
+        """An evaluation record (e.g. the validation loss) into ``{run_dir}/metrics.jsonl`` and wandb at its step,
+        and one line on the terminal."""
+        if self.rank != 0:
+            return
+        append_metrics(self.run_dir, json_record(record))
+        self.write(line)
+        if self.wandb_run is not None:
+            self.wandb_run.log(wandb_values, step=record["step"])
 
     def write(self, text: str) -> None:
         if self.rank == 0:

@@ -50,6 +50,7 @@ class SourceSet:
     left_out: dict[str, list[str]] = field(default_factory=dict)  # root -> damaged shards left out
     caption_sets: list[CaptionSets | None] = field(default_factory=list)  # per root; None: one caption each
     selection: np.ndarray | None = None  # (N,) bool: rows the plan may draw (open_sources sets it)
+    heldout_rows: np.ndarray | None = None  # rows of the held-out split (never drawn; the validation loss's)
 
     def __post_init__(self) -> None:
         ix = self.indexes
@@ -229,5 +230,8 @@ def open_sources(cfg: RunConfig, stage_index: int, num_classes: int | None = Non
             sources.left_out.setdefault(root, []).append(p)
         notes.append(f"data.skip_damaged_shards: leaving out {int(bad_shard.sum())} damaged shards, "
                      f"{int(lost.sum())} of {len(sources)} samples ({_damaged_list(problems)})")
+    heldout = np.concatenate([ix.heldout for ix in indexes])
+    sources.heldout_rows = np.flatnonzero(heldout & selection)  # the validation loss reads them (validation.py)
+    selection &= ~heldout  # the held-out split is never trained on
     sources.selection = selection
     return sources, selection, notes

@@ -19,8 +19,9 @@ Outline:
     the loader's state is world-size independent); print the stage's buckets and the data-rate line;
  4. every step: agree on the stop flag; set the LR; for each micro-batch draw the batch, build the
     condition, compute the loss with a generator seeded by (seed, rank, step, micro) and agree (all-reduce)
-    on whether it is finite; backward; optimizer step; EMA update; log; checkpoint every N steps and at
-    the end of the stage;
+    on whether it is finite; backward; optimizer step; EMA update; log; the validation loss on the held-out
+    split every ``validation.every`` steps (validation.py: into metrics.jsonl and wandb); checkpoint every N
+    steps and at the end of the stage (then ``on_checkpoint`` on rank 0: the launcher's eval jobs);
  5. skipped steps (the contract, ``skip_reason``): a step counts as applied only when the optimizer applied
     it. A non-finite loss (no backward, or accumulated gradients dropped), a non-finite gradient norm, or an
     update DeepSpeed did not apply (its overflow check) is a skipped step: counted in ``nonfinite_total``,
@@ -59,6 +60,7 @@ from .metrics import FlopCounter, MetricsLogger, StepTimer, device_peak_tflops
 from .preflight import preflight
 from .preview import write_preview
 from .run_lock import RunFolderLocked, RunLock
+from .validation import build_validator, validation_record, wandb_values
 from .sources import check_stage_data, damaged_shards_error
 from .warm_start import read_init_weights
 
@@ -152,7 +154,11 @@ def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[
             "ema_decay": cfg.ema_decay, "optimizer": cfg.optim.name, "init_from": cfg.checkpoint.init_from}
 
 
-def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None,
+                 on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
+    """Train ``cfg`` (module docstring). ``stop_requested``: polled every step (all ranks agree), a true value
+    saves and stops; ``on_checkpoint(step, step_folder)``: called on rank 0 after every saved checkpoint (the
+    launcher submits eval jobs from it)."""
     # 0. nothing started yet: a bad config or a missing file leaves no process group, run folder or wandb run
     preflight(cfg)
     # 1. process group, run-folder lock
@@ -160,7 +166,7 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
     lock = None
     try:
         lock, lock_note = _take_run_lock(Path(cfg.run_dir), info.rank)
-        return _run(cfg, info, lock, lock_note, stop_requested)
+        return _run(cfg, info, lock, lock_note, stop_requested, on_checkpoint)
     finally:
         if lock is not None:
             lock.release()
@@ -193,7 +199,8 @@ def _take_run_lock(run_dir: Path, rank: int) -> tuple[RunLock | None, str | None
 
 
 def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | None,
-         stop_requested: Callable[[], bool] | None) -> TrainResult:
+         stop_requested: Callable[[], bool] | None,
+         on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
     # 2. run folder, resume point
     rank, world = info.rank, info.world_size
     configure_s3(cfg.data.s3)
@@ -269,6 +276,9 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 segments.append(loader.segment(step))
             metrics.write(f"stage {stage_index} ({stage.name}): steps {span.start}..{span.end - 1}, "
                           f"{len(loader)} micro-batches per epoch per rank, start at step {step}")
+            validator, val_note = build_validator(cfg, stage_index, rank, world, device)
+            if val_note:
+                metrics.write(f"note: {val_note}")
             for line in [n for n in notes if n] + loader.plan.describe():
                 metrics.write(f"  {line}")
             if rank == 0:
@@ -280,6 +290,10 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
             def save() -> Path:
                 client_state = {"stage_index": stage_index, "step": step, "loader": loader.state_dict(),
                                 "lr_schedule": bundle.schedule.state_dict(), "nonfinite": dict(nonfinite)}
+                path = ckpt.save(bundle.engine, step, client_state, _checkpoint_meta(cfg, stage_index, world), ema)
+                if on_checkpoint is not None and rank == 0:
+                    on_checkpoint(step, path)
+                return path
                 meta = {**_checkpoint_meta(cfg, stage_index, world), "data_segments": segments}
                 return ckpt.save(bundle.engine, step, client_state, meta, ema)
 
@@ -318,6 +332,11 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                         f"is step {step}, {out['skip_reason']}, stage {stage.name}); stopping. The last good "
                         f"checkpoint is {_latest_or_none(ckpt)}; lower stages[{stage_index}].lr or check the "
                         f"data, then resume")
+                if validator is not None and validator.due(step):  # the held-out loss (validation.py)
+                    val = validator.run(bundle.model, conditioner, bundle.module.autocast_dtype)
+                    metrics.log_metrics(validation_record(step, stage_index, val), wandb_values(val),
+                                        f"step {step}: validation loss {val['val_loss']:.5f} "
+                                        f"({val['val_samples']} held-out samples x 8 timesteps)")
                 if cfg.logging.image_every and step % cfg.logging.image_every == 0:
                     write_preview(cfg, bundle, ema, conditioner, stage, step, metrics, device)
                 periodic = step % cfg.checkpoint.every == 0 and nonfinite["consecutive"] == 0  # none mid-streak
@@ -326,7 +345,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     saved_at = step
             loader.close()
             bundle.engine.destroy()
-            del bundle, ema, loader
+            del bundle, ema, loader, validator
             gc.collect()
         dist.barrier()
     finally:

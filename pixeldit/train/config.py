@@ -81,6 +81,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 = off)
+    fused: bool | None = None  # torch's fused AdamW kernel; None: fused on CUDA, the foreach kernels elsewhere
 
 
 @dataclass
@@ -98,6 +99,15 @@ class DeepSpeedSection:
     zero: ZeroConfig = "zero2"  # ds_configs/{zero}.json
     config_dir: str = ""  # folder of the ZeRO JSON files; empty: the repository's ds_configs/
     precision: Precision = "bf16"
+
+
+@dataclass
+class CompileSection:
+    """torch.compile of the model's blocks (``pixeldit.train.compile``; why per block there)."""
+
+    enabled: bool | None = None  # None: on with CUDA, off on CPU (compiling costs minutes there; see BENCHMARKS)
+    dynamic: bool | None = None  # symbolic H/W; None: in aspect-bucket stages (one graph serves every bucket)
+    recompile_budget: int = 2  # graph compiles per stage after its first step before a warning
 
 
 @dataclass
@@ -152,6 +162,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    compile: CompileSection = field(default_factory=CompileSection)
     data: DataSection = field(default_factory=DataSection)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -376,3 +387,5 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("data.num_workers must be >= 0")
     if cfg.optim.grad_clip < 0:
         raise ValueError("optim.grad_clip must be >= 0 (0 = off)")
+    if cfg.compile.recompile_budget < 0:
+        raise ValueError(f"compile.recompile_budget={cfg.compile.recompile_budget} must be >= 0")

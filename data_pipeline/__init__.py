@@ -1,6 +1,7 @@
 """data_pipeline: URL + caption lists -> aspect-ratio-bucketed webdataset shards (local or S3).
 
-Stages: ingest (img2dataset) -> build_shards (verify, normalise, bucket, shard) -> compute_stats.
+Stages: ingest (img2dataset) -> build_shards (verify, normalise, bucket, shard) -> compute_stats; then, on a
+committed root, score_dataset (CLIP / aesthetic / pHash / caption scores) -> dedupe_dataset (near-duplicates).
 Shared bucket tables: data_pipeline.buckets (light import: no pyarrow / PIL). Heavier names below are
 imported lazily so `import data_pipeline.buckets` stays cheap for the trainer.
 """
@@ -17,6 +18,10 @@ _LAZY = {
     "compute_stats": "stats", "format_report": "stats",
     "read_manifest": "dataset_format", "read_samples": "dataset_format", "read_stats": "dataset_format",
     "make_synthetic_dataset": "synthetic", "serve_folder": "serve",
+    "ScoreConfig": "score", "ScoreSummary": "score", "score_dataset": "score",
+    "DedupeConfig": "dedupe", "dedupe_dataset": "dedupe", "keep_mask": "dedupe",
+    "draw_caption": "captions", "read_caption_sets": "captions", "DEFAULT_CAPTION_TEMPERATURE": "captions",
+    "ClipEmbedder": "clip", "AestheticHead": "clip",
 }  # fmt: skip
 __all__ = sorted(_LAZY)
 

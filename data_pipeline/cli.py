@@ -6,6 +6,12 @@
     pixeldit-data stats s3://bucket/data --png buckets.png
     pixeldit-data synth synth/ --num-images 64 --out data/         # generate, serve on 127.0.0.1, run
     pixeldit-data serve synth/images                               # serve a folder until Ctrl-C
+    pixeldit-data score s3://bucket/data --clip weights/clip-vit-l14 --aesthetic weights/aesthetic.safetensors \
+        --captions recaptions.jsonl --device cuda --part 0 --num-parts 8  # CLIP / aesthetic / pHash / captions
+    pixeldit-data dedupe s3://bucket/data --phash-distance 4 --min-similarity 0.95 --device cuda
+
+Flag defaults are those of ``IngestConfig``, ``ShardConfig``, ``ScoreConfig`` and ``DedupeConfig``. A bad flag,
+path or setting is one line and exit code 2 (``--traceback`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -16,48 +22,58 @@ import sys
 import time
 from typing import Sequence
 
+from pixeldit.errors import CliParser, cli_main
 from pixeldit.storage import join
 
+from .dedupe import DedupeConfig, dedupe_dataset
 from .ingest import ENCODE_FORMATS, RESIZE_MODES, IngestConfig, IngestSummary, ingest
 from .inputs import INPUT_FORMATS
 from .normalize import VERIFY_LEVELS
+from .score import ScoreConfig, score_dataset
 from .shard import ShardConfig, ShardSummary, build_shards
 from .stats import compute_stats, format_report
 
 
+PROG = "pixeldit-data"
+
+
 def _ingest_args(p: argparse.ArgumentParser) -> None:
+    d = IngestConfig()
     g = p.add_argument_group("ingest (img2dataset)")
-    g.add_argument("--url-col", default="url")
-    g.add_argument("--caption-col", default="caption")
-    g.add_argument("--label-col", default=None, help="integer class id column (class-conditional data)")
-    g.add_argument("--extra-cols", default="", help="comma-separated columns kept in each sample's json")
-    g.add_argument("--input-format", default="auto", choices=INPUT_FORMATS)
-    g.add_argument("--resize", default="off", choices=RESIZE_MODES, help="off: keep downloaded bytes; max-side: shrink")
-    g.add_argument("--max-side", type=int, default=1024)
-    g.add_argument("--encode-format", default="jpg", choices=ENCODE_FORMATS, help="for --resize max-side")
-    g.add_argument("--processes", type=int, default=1)
-    g.add_argument("--threads", type=int, default=32)
-    g.add_argument("--samples-per-ingest-shard", type=int, default=10_000)
-    g.add_argument("--timeout", type=int, default=10)
-    g.add_argument("--retries", type=int, default=0)
+    g.add_argument("--url-col", default=d.url_col)
+    g.add_argument("--caption-col", default=d.caption_col)
+    g.add_argument("--label-col", default=d.label_col, help="integer class id column (class-conditional data)")
+    g.add_argument("--extra-cols", default=",".join(d.extra_cols),
+                   help="comma-separated columns kept in each sample's json")
+    g.add_argument("--input-format", default=d.input_format, choices=INPUT_FORMATS)
+    g.add_argument("--resize", default=d.resize, choices=RESIZE_MODES,
+                   help="off: keep downloaded bytes; max-side: shrink")
+    g.add_argument("--max-side", type=int, default=d.max_side)
+    g.add_argument("--encode-format", default=d.encode_format, choices=ENCODE_FORMATS, help="for --resize max-side")
+    g.add_argument("--processes", type=int, default=d.processes)
+    g.add_argument("--threads", type=int, default=d.threads)
+    g.add_argument("--samples-per-ingest-shard", type=int, default=d.samples_per_shard)
+    g.add_argument("--timeout", type=int, default=d.timeout)
+    g.add_argument("--retries", type=int, default=d.retries)
 
 
 def _shard_args(p: argparse.ArgumentParser) -> None:
+    d = ShardConfig()
     g = p.add_argument_group("bucketing + sharding")
-    g.add_argument("--samples-per-shard", type=int, default=1000)
-    g.add_argument("--max-shard-bytes", type=int, default=1 << 30)
-    g.add_argument("--min-side", type=int, default=0)
-    g.add_argument("--max-aspect-ratio", type=float, default=4.0, help="0 disables")
-    g.add_argument("--min-caption-chars", type=int, default=1, help="0 keeps samples without caption")
-    g.add_argument("--max-caption-chars", type=int, default=0, help="0 = no limit")
-    g.add_argument("--no-dedupe-url", action="store_true")
-    g.add_argument("--no-dedupe-hash", action="store_true")
-    g.add_argument("--verify", default="structure", choices=VERIFY_LEVELS, help="decode: full pixel decode per image")
-    g.add_argument("--jpeg-quality", type=int, default=95)
-    g.add_argument("--workers", type=int, default=1, help="processes for verify/normalise")
-    g.add_argument("--base-res", type=int, default=512, help="bucket table for the manifest's bucket sizes")
-    g.add_argument("--align", type=int, default=32)
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
+    g.add_argument("--max-shard-bytes", type=int, default=d.max_shard_bytes)
+    g.add_argument("--min-side", type=int, default=d.min_side)
+    g.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio, help="0 disables")
+    g.add_argument("--min-caption-chars", type=int, default=d.min_caption_chars, help="0 keeps samples without caption")
+    g.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars, help="0 = no limit")
+    g.add_argument("--no-dedupe-url", action="store_false", dest="dedupe_url", default=d.dedupe_url)
+    g.add_argument("--no-dedupe-hash", action="store_false", dest="dedupe_hash", default=d.dedupe_hash)
+    g.add_argument("--verify", default=d.verify, choices=VERIFY_LEVELS, help="decode: full pixel decode per image")
+    g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
+    g.add_argument("--workers", type=int, default=d.workers, help="processes for verify/normalise")
+    g.add_argument("--base-res", type=int, default=d.base_res, help="bucket table for the manifest's bucket sizes")
+    g.add_argument("--align", type=int, default=d.align)
+    g.add_argument("--no-progress", action="store_false", dest="progress", default=d.progress)
 
 
 def ingest_config(a: argparse.Namespace) -> IngestConfig:
@@ -73,9 +89,9 @@ def shard_config(a: argparse.Namespace) -> ShardConfig:
     return ShardConfig(
         samples_per_shard=a.samples_per_shard, max_shard_bytes=a.max_shard_bytes, min_side=a.min_side,
         max_aspect_ratio=a.max_aspect_ratio, min_caption_chars=a.min_caption_chars,
-        max_caption_chars=a.max_caption_chars, dedupe_url=not a.no_dedupe_url, dedupe_hash=not a.no_dedupe_hash,
+        max_caption_chars=a.max_caption_chars, dedupe_url=a.dedupe_url, dedupe_hash=a.dedupe_hash,
         verify=a.verify, jpeg_quality=a.jpeg_quality, workers=a.workers, base_res=a.base_res, align=a.align,
-        progress=not a.no_progress,
+        progress=a.progress,
     )  # fmt: skip
 
 
@@ -119,6 +135,29 @@ def _synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def _score(a: argparse.Namespace) -> int:
+    cfg = ScoreConfig(clip=a.clip, aesthetic=a.aesthetic, side_captions=tuple(a.captions), batch_size=a.batch_size,
+                      device=a.device, decode_threads=a.decode_threads, part=a.part, num_parts=a.num_parts,
+                      overwrite=a.overwrite, progress=a.progress)
+    s = score_dataset(a.root, cfg)
+    print(f"[score] {s.root} part {a.part}/{a.num_parts}: {s.shards_scored} shards scored, {s.shards_skipped} up to "
+          f"date; {s.samples_scored} images, {s.captions_scored} captions, {s.images_per_second:.1f} images/s; "
+          f"{len(s.undecodable)} undecodable{' (' + ', '.join(s.undecodable[:5]) + ')' if s.undecodable else ''}; "
+          f"{s.side_unknown_keys} side captions of unknown keys; "
+          f"{'committed' if s.committed else 'not committed (other parts still running)'}")
+    return 0
+
+
+def _dedupe(a: argparse.Namespace) -> int:
+    cfg = DedupeConfig(phash_distance=None if a.phash_distance < 0 else a.phash_distance,
+                       min_similarity=None if a.min_similarity > 1 else a.min_similarity, block=a.block,
+                       device=a.device)
+    s = dedupe_dataset(a.root, cfg)
+    print(f"[dedupe] {s.root}: {s.dropped} of {s.samples} samples dropped ({s.by_reason}); "
+          f"{s.candidate_pairs} pairs within the thresholds; {s.seconds:.1f}s")
+    return 0
+
+
 def _serve(a: argparse.Namespace) -> int:
     from .serve import serve_folder
 
@@ -132,9 +171,7 @@ def _serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pixeldit-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ingest", help="URL list -> img2dataset shards (incremental)")
     p.add_argument("url_list", help="parquet/csv/jsonl file or folder, local or s3://")
@@ -163,6 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None, help="write {dir}/urls.parquet for images served at this URL")
     p.add_argument("--out", default=None, help="also serve on 127.0.0.1, ingest and shard into this root")
     p.add_argument("--samples-per-shard", type=int, default=64)
+    sd = ScoreConfig(clip="")
+    p = sub.add_parser("score", help="CLIP score, aesthetic score, pHash and caption scores of a committed root")
+    p.add_argument("root")
+    p.add_argument("--clip", required=True, help="local transformers CLIPModel folder (weights + tokenizer)")
+    p.add_argument("--aesthetic", default=sd.aesthetic, help="aesthetic head: safetensors with layers.{i}.weight/bias")
+    p.add_argument("--captions", nargs="*", default=list(sd.side_captions),
+                   help="side caption files (JSONL/parquet: key, source, caption[, score])")
+    p.add_argument("--batch-size", type=int, default=sd.batch_size)
+    p.add_argument("--device", default=sd.device, help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--decode-threads", type=int, default=sd.decode_threads)
+    p.add_argument("--part", type=int, default=sd.part, help="this process's part of the shards (SLURM array id)")
+    p.add_argument("--num-parts", type=int, default=sd.num_parts)
+    p.add_argument("--overwrite", action="store_true", default=sd.overwrite, help="recompute up-to-date parts")
+    p.add_argument("--no-progress", action="store_false", dest="progress", default=sd.progress)
+    dd = DedupeConfig()
+    p = sub.add_parser("dedupe", help="near-duplicates by pHash and CLIP image embeddings -> the dedupe table")
+    p.add_argument("root")
+    p.add_argument("--phash-distance", type=int, default=dd.phash_distance, help="max Hamming bits of 64; -1 disables")
+    p.add_argument("--min-similarity", type=float, default=dd.min_similarity,
+                   help="min cosine of image embeddings; > 1 disables")
+    p.add_argument("--block", type=int, default=dd.block, help="rows per similarity block")
+    p.add_argument("--device", default=dd.device)
     p = sub.add_parser("serve", help="serve a folder on 127.0.0.1")
     p.add_argument("dir")
     p.add_argument("--port", type=int, default=0)
@@ -170,15 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
-    try:
-        return _dispatch(a)
-    except (FileNotFoundError, ValueError) as err:  # bad paths / settings: one line, not a traceback
-        print(f"pixeldit-data {a.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _dispatch(a: argparse.Namespace) -> int:
     if a.command == "ingest":
         print_ingest(ingest(a.url_list, a.out, ingest_config(a)))
     elif a.command == "shard":
@@ -190,6 +245,10 @@ def _dispatch(a: argparse.Namespace) -> int:
     elif a.command == "stats":
         report = compute_stats(a.root, png=a.png)
         print(json.dumps(report, indent=2) if a.json else format_report(report))
+    elif a.command == "score":
+        return _score(a)
+    elif a.command == "dedupe":
+        return _dedupe(a)
     elif a.command == "synth":
         return _synth(a)
     elif a.command == "serve":

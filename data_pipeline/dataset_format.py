@@ -9,8 +9,17 @@ Layout of a root (a local folder or a URL such as ``s3://bucket/prefix``)::
     stats.json                           counts by reason and per bucket (written by shard_sink.finish_run)
     manifest.parquet                     one ``ShardRow`` per shard -- written LAST
     text_emb/                            default folder of the caption-embedding cache (pixeldit.conditioning)
+    score_parts/{shard}.parquet          the score stage's per-shard results (``ScorePartRow``, one row per sample,
+                                         with its CLIP image embedding): resumable work, kept for dedupe
+    scores.parquet                       one ``ScoreRow`` per sample (CLIP score, aesthetic, phash) -- keyed like
+                                         samples.parquet (key; shard + sample_index); the score stage's commit point
+    captions.parquet                     one ``CaptionRow`` per caption of a sample (original + recaptions), with the
+                                         score the loader's caption draw uses (data_pipeline.captions)
+    dedupe.parquet                       one ``DedupeRow`` per dropped near-duplicate: the kept sample it duplicates
 
 Commit order: shards, then samples.parquet, then stats.json, then manifest.parquet (``write_index``). The
+curation files come after a committed root: score parts, then captions.parquet, then scores.parquet (the score
+stage commits it last, see data_pipeline/score.py); dedupe.parquet is derived from the parts and scores. The
 manifest is the commit point: a root without it is incomplete and is not read, and samples.parquet rows of
 shards the manifest does not list belong to a crashed run (``committed_samples`` drops them). The manifest's
 parquet key-value metadata holds the format version (``FORMAT_VERSION``) and the pipeline's incremental
@@ -40,11 +49,17 @@ STATS = "stats.json"
 SHARDS_DIR = "shards"
 TEXT_EMB_DIR = "text_emb"
 SHARD_EXT = ".tar"
+SCORES = "scores.parquet"
+CAPTIONS = "captions.parquet"
+DEDUPE = "dedupe.parquet"
+SCORE_PARTS_DIR = "score_parts"
 
 FORMAT_VERSION = 1
 FORMAT_VERSION_KEY = b"pixeldit.format_version"
 STATE_KEY = b"pixeldit.state"
 STATE_VERSION = 1
+SCORES_META_KEY = b"pixeldit.scores"  # scores.parquet / part metadata: JSON (version, model fingerprints)
+SCORES_VERSION = 1
 
 
 def _column(arrow_type: pa.DataType) -> Any:
@@ -86,16 +101,69 @@ class SampleRow:
     sha256: str | None = _column(pa.string())  # of the downloaded bytes (dedupe across runs)
 
 
+@dataclass(frozen=True, slots=True)
+class ScoreRow:
+    """One row of scores.parquet: the scores of one sample (joins 1:1 with samples.parquet on key)."""
+
+    key: str = _column(pa.string())
+    shard: str = _column(pa.string())
+    sample_index: int = _column(pa.int32())
+    clip_score: float = _column(pa.float32())  # cosine(image, primary caption) in [-1, 1]
+    aesthetic: float | None = _column(pa.float32())  # the aesthetic head's output; null without a head
+    phash: int = _column(pa.uint64())  # 64-bit DCT perceptual hash (imagehash.phash), bit i = hash bit i (MSB first)
+    num_captions: int = _column(pa.int32())  # rows of this sample in captions.parquet
+
+
+@dataclass(frozen=True, slots=True)
+class ScorePartRow(ScoreRow):
+    """One row of a score part (score_parts/{shard}.parquet): a ScoreRow plus what dedupe and the caption table
+    need from the part."""
+
+    image_embedding: bytes = _column(pa.binary())  # unit-norm CLIP image embedding, float16 little-endian
+    caption_sources: list = _column(pa.list_(pa.string()))  # the sample's caption set, caption_index order
+    captions: list = _column(pa.list_(pa.string()))
+    caption_clip_scores: list = _column(pa.list_(pa.float32()))  # cosine(image, caption)
+    caption_scores: list = _column(pa.list_(pa.float32()))  # the draw's score: given with the caption, else CLIP's
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionRow:
+    """One row of captions.parquet: one caption of a sample (its caption_index-th)."""
+
+    key: str = _column(pa.string())
+    shard: str = _column(pa.string())
+    sample_index: int = _column(pa.int32())
+    caption_index: int = _column(pa.int32())  # 0 = the caption of samples.parquet; the order of the embedding cache
+    source: str = _column(pa.string())  # "caption" (samples.parquet), or the <source> of caption_<source> / side file
+    caption: str = _column(pa.string())
+    clip_score: float = _column(pa.float32())  # cosine(image, this caption)
+    score: float = _column(pa.float32())  # what the caption draw uses: a score given with the caption, else clip_score
+
+
+@dataclass(frozen=True, slots=True)
+class DedupeRow:
+    """One row of dedupe.parquet: a dropped near-duplicate and the kept sample it duplicates."""
+
+    key: str = _column(pa.string())
+    representative: str = _column(pa.string())  # a kept sample's key
+    reason: str = _column(pa.string())  # "phash" | "embedding"
+    distance: float = _column(pa.float32())  # phash: Hamming bits; embedding: 1 - cosine
+
+
 NO_LABEL = -1
-RowT = TypeVar("RowT", ShardRow, SampleRow)
+RowT = TypeVar("RowT", ShardRow, SampleRow, ScoreRow, ScorePartRow, CaptionRow, DedupeRow)
 
 
-def schema_of(cls: type[ShardRow] | type[SampleRow]) -> pa.Schema:
+def schema_of(cls: type) -> pa.Schema:
     return pa.schema([(f.name, f.metadata["arrow"]) for f in fields(cls)])
 
 
 MANIFEST_SCHEMA = schema_of(ShardRow)
 SAMPLES_SCHEMA = schema_of(SampleRow)
+SCORES_SCHEMA = schema_of(ScoreRow)
+SCORE_PART_SCHEMA = schema_of(ScorePartRow)
+CAPTIONS_SCHEMA = schema_of(CaptionRow)
+DEDUPE_SCHEMA = schema_of(DedupeRow)
 # column names by attribute (SAMPLE_COLUMNS.url == "url"): a renamed column fails loudly where it is read
 SAMPLE_COLUMNS = SimpleNamespace(**{name: name for name in SAMPLES_SCHEMA.names})
 
@@ -124,6 +192,13 @@ def parse_shard_name(rel: str) -> tuple[str, int] | None:
     if key != parts[1] or not num.isdigit():
         return None
     return key, int(num)
+
+
+def score_part_name(shard: str) -> str:
+    """A shard's score part, relative to the root: score_parts/{shard path}.parquet."""
+    if not shard or shard.startswith("/") or ".." in shard.split("/"):
+        raise ValueError(f"shard path {shard!r} must be relative to the dataset root (as in {SAMPLES})")
+    return f"{SCORE_PARTS_DIR}/{shard}.parquet"
 
 
 def text_embedding_dir(root: str) -> str:
@@ -205,22 +280,55 @@ def read_state(manifest: pa.Table | None) -> dict[str, Any]:
     return state
 
 
-def captions_by_shard(root: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[str]]:
-    """{shard: captions in sample_index order} from samples.parquet (None captions read as "")."""
+def _group_by_shard(table: pa.Table, url: str, with_caption_index: bool) -> dict[str, list[list[str]]]:
+    """{shard: per sample (sample_index order) its captions (caption_index order)} of a table with columns
+    shard, sample_index, caption[, caption_index]; indices must be 0..n-1 without gaps."""
+    cols = [table.column(n).to_pylist() for n in ("shard", "sample_index", "caption")]
+    cidx = table.column("caption_index").to_pylist() if with_caption_index else [0] * table.num_rows
+    rows: dict[str, list[tuple[int, int, str]]] = {}
+    for shard, idx, cap, ci in zip(*cols, cidx):
+        rows.setdefault(shard, []).append((int(idx), int(ci), cap or ""))
+    out = {}
+    for shard, items in sorted(rows.items()):
+        items.sort()
+        sets: list[list[str]] = []
+        for idx, ci, cap in items:
+            if ci == 0:
+                if idx != len(sets):
+                    raise ValueError(f"{url}: sample_index of shard {shard} is not 0..n-1 (no caption 0 of sample "
+                                     f"{len(sets)})")
+                sets.append([])
+            if not sets or idx != len(sets) - 1 or ci != len(sets[-1]):
+                raise ValueError(f"{url}: shard {shard} sample {idx}: caption_index {ci} out of order (need 0..k-1)")
+            sets[-1].append(cap)
+        out[shard] = sets
+    return out
+
+
+def caption_sets_by_shard(root: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[list[str]]]:
+    """{shard: per sample (sample_index order) every caption of it (caption_index order)}.
+
+    From captions.parquet when the score stage wrote one (original caption + recaptions), else the one caption
+    per sample of samples.parquet (None reads as ""). A captions.parquet that lacks a shard of the committed
+    samples (shards added after scoring) is refused: rerun the score stage."""
     url = join(root, SAMPLES)
     c = SAMPLE_COLUMNS
     table = _read_table(url, storage_options, columns=[c.shard, c.sample_index, c.caption])
     if table is None:
         raise FileNotFoundError(f"{url} not found: build the dataset with the data pipeline first")
-    rows: dict[str, list[tuple[int, str]]] = {}
-    for shard, idx, cap in zip(*(table.column(n).to_pylist() for n in (c.shard, c.sample_index, c.caption))):
-        rows.setdefault(shard, []).append((int(idx), cap or ""))
-    out = {}
-    for shard, items in sorted(rows.items()):
-        items.sort()
-        if [i for i, _ in items] != list(range(len(items))):
-            raise ValueError(f"{url}: sample_index of shard {shard} is not 0..{len(items) - 1}")
-        out[shard] = [cap for _, cap in items]
+    manifest = read_manifest(root, storage_options)
+    if manifest is not None:
+        committed = pa.array([r.shard for r in table_rows(manifest, ShardRow)], pa.string())
+        table = table.filter(pc.is_in(table[c.shard], committed))
+    captions = _read_table(join(root, CAPTIONS), storage_options,
+                           columns=["shard", "sample_index", "caption_index", "caption"])
+    if captions is None:
+        return _group_by_shard(table, url, with_caption_index=False)
+    out = _group_by_shard(captions, join(root, CAPTIONS), with_caption_index=True)
+    missing = sorted(set(table[c.shard].to_pylist()) - set(out))
+    if missing:
+        raise ValueError(f"{join(root, CAPTIONS)} has no captions for {len(missing)} committed shards (e.g. "
+                         f"{missing[0]}; added after the score stage ran): rerun `pixeldit-data score {root}`")
     return out
 
 
@@ -274,6 +382,57 @@ def read_sample_index(root: str, storage_options: dict[str, Any] | None = None) 
     )  # fmt: skip
 
 
+def curation_metadata(schema: pa.Schema, url: str) -> dict[str, Any]:
+    """The score stage's metadata (SCORES_META_KEY) of scores.parquet or a score part; newer versions refused."""
+    raw = (schema.metadata or {}).get(SCORES_META_KEY)
+    if raw is None:
+        raise ValueError(f"{url} has no {SCORES_META_KEY.decode()} metadata: it was not written by the score stage")
+    meta = json.loads(raw)
+    if meta.get("version", 0) > SCORES_VERSION:
+        raise ValueError(f"{url}: score format version {meta.get('version')}, this code reads up to {SCORES_VERSION}; "
+                         "update pixeldit or rerun the score stage")
+    return meta
+
+
+def read_scores(root: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """scores.parquet of ``root`` (SCORES_SCHEMA; its metadata: ``curation_metadata``)."""
+    table = _read_table(join(root, SCORES), storage_options)
+    if table is None:
+        raise FileNotFoundError(f"{join(root, SCORES)} not found: run `pixeldit-data score {root}` first")
+    curation_metadata(table.schema, join(root, SCORES))
+    return table
+
+
+def read_captions(root: str, storage_options: dict[str, Any] | None = None,
+                  columns: list[str] | None = None) -> pa.Table:
+    """captions.parquet of ``root`` (CAPTIONS_SCHEMA)."""
+    table = _read_table(join(root, CAPTIONS), storage_options, columns=columns)
+    if table is None:
+        raise FileNotFoundError(f"{join(root, CAPTIONS)} not found: run `pixeldit-data score {root}` first")
+    return table
+
+
+def read_dedupe(root: str, storage_options: dict[str, Any] | None = None) -> pa.Table | None:
+    """dedupe.parquet of ``root`` (DEDUPE_SCHEMA), or None when dedupe has not run."""
+    return _read_table(join(root, DEDUPE), storage_options)
+
+
+def read_score_part(root: str, shard: str, storage_options: dict[str, Any] | None = None,
+                    columns: list[str] | None = None) -> pa.Table | None:
+    """The score part of one shard (SCORE_PART_SCHEMA), or None when it has not been written."""
+    return _read_table(join(root, score_part_name(shard)), storage_options, columns=columns)
+
+
+def read_score_part_metadata(root: str, shard: str, storage_options: dict[str, Any] | None = None) -> dict | None:
+    """The metadata of a shard's score part (footer only), or None when there is no part."""
+    url = join(root, score_part_name(shard))
+    if not exists(url, storage_options):
+        return None
+    fs, path = fs_and_path(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return curation_metadata(pq.read_schema(f), url)
+
+
 # ---- writing -------------------------------------------------------------------------------------------------
 
 
@@ -297,3 +456,14 @@ def write_index(root: str, samples: pa.Table, stats: dict[str, Any], manifest: p
             STATE_KEY: json.dumps({**state, "version": STATE_VERSION}, sort_keys=True).encode()}
     manifest = manifest.cast(MANIFEST_SCHEMA).replace_schema_metadata(meta)
     write_bytes_atomic(join(root, MANIFEST), _parquet_bytes(manifest))
+
+
+def write_table(url: str, table: pa.Table, schema: pa.Schema, meta: dict[str, Any] | None = None,
+                storage_options: dict[str, Any] | None = None) -> None:
+    """One curation table (scores, captions, dedupe, a score part) cast to ``schema``, written atomically;
+    ``meta`` goes into SCORES_META_KEY with the score format version."""
+    table = table.cast(schema)
+    if meta is not None:
+        payload = json.dumps({**meta, "version": SCORES_VERSION}, sort_keys=True).encode()
+        table = table.replace_schema_metadata({SCORES_META_KEY: payload})
+    write_bytes_atomic(url, _parquet_bytes(table), storage_options)

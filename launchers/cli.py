@@ -10,7 +10,8 @@
 
 The whole curriculum of a run config (all its stages) runs in one job; on preemption or time limit (USR2)
 the job saves at the next step boundary, requeues itself and resumes from the latest checkpoint.
-The default cluster is the local executor (this machine, no SLURM).
+The default cluster is the local executor (this machine, no SLURM). The run config and the files it names
+are checked before anything is submitted; a mistake is one line and exit code 2.
 """
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ import argparse
 import json
 import sys
 
+from pixeldit.errors import CliParser, cli_main
+
 from .config import CLUSTERS, LaunchConfig
 from .manage import cancel, format_status, status, tail
-from .submit import RunBusyError, job_result, prepare_run, submit, submit_array, sweep_overrides
+from .submit import job_result, prepare_run, submit, submit_array, sweep_overrides
+
+PROG = "pixeldit-submit"
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -42,28 +47,29 @@ def _axis(text: str) -> tuple[str, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pixeldit-submit", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="submit a run (or a job array of runs)")
     s.add_argument("--config", action="append", default=None, help="run config YAML (repeat: a job array)")
     s.add_argument("--array", type=_axis, action="append", default=[], metavar="KEY=V1,V2",
                    help="job array over values of a run-config key, each in {run_dir}/KEY-V (repeat: product)")
-    s.add_argument("--cluster", choices=CLUSTERS, default="local", help="local (default): this machine")
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--gpus-per-node", type=int, default=0)
-    s.add_argument("--tasks-per-node", type=int, default=0, help="default: one per GPU, or 1")
-    s.add_argument("--cpus-per-task", type=int, default=1)
-    s.add_argument("--mem-gb", type=float, default=0.0, help="per node (0: the cluster's default)")
-    s.add_argument("--partition", default="")
-    s.add_argument("--account", default="")
-    s.add_argument("--qos", default="")
-    s.add_argument("--constraint", default="")
-    s.add_argument("--time-min", type=int, default=0, help="time limit of one job (required on SLURM)")
-    s.add_argument("--job-name", default="pixeldit")
-    s.add_argument("--max-requeues", type=int, default=3, help="requeues after a saved stop, per job")
-    s.add_argument("--signal-delay-s", type=int, default=120, help="USR2 this long before the time limit")
-    s.add_argument("--master-port", type=int, default=0, help="default: derived from the job id")
+    d = LaunchConfig()  # the flags' defaults are the launch config's
+    s.add_argument("--cluster", choices=CLUSTERS, default=d.cluster, help=f"default {d.cluster}: this machine")
+    s.add_argument("--nodes", type=int, default=d.nodes)
+    s.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
+    s.add_argument("--tasks-per-node", type=int, default=d.tasks_per_node, help="default: one per GPU, or 1")
+    s.add_argument("--cpus-per-task", type=int, default=d.cpus_per_task)
+    s.add_argument("--mem-gb", type=float, default=d.mem_gb, help="per node (0: the cluster's default)")
+    s.add_argument("--partition", default=d.partition)
+    s.add_argument("--account", default=d.account)
+    s.add_argument("--qos", default=d.qos)
+    s.add_argument("--constraint", default=d.constraint)
+    s.add_argument("--time-min", type=int, default=d.time_min, help="time limit of one job (required on SLURM)")
+    s.add_argument("--job-name", default=d.job_name)
+    s.add_argument("--max-requeues", type=int, default=d.max_requeues, help="requeues after a saved stop, per job")
+    s.add_argument("--signal-delay-s", type=int, default=d.signal_delay_s,
+                   help="USR2 this long before the time limit")
+    s.add_argument("--master-port", type=int, default=d.master_port, help="default: derived from the job id")
     s.add_argument("--sbatch", type=_sbatch, action="append", default=[], metavar="KEY[=VALUE]",
                    help="any other sbatch option, e.g. --sbatch exclusive --sbatch mail-type=END")
     s.add_argument("--env", type=_kv, action="append", default=[], metavar="KEY=VALUE",
@@ -129,17 +135,17 @@ def _run(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command == "submit" and a.array and a.config and len(a.config) > 1:
         parser.error("use either several --config or --array, not both")
-    try:
-        return _run(a)
-    except (ValueError, FileNotFoundError, RunBusyError) as e:  # a config or run-folder problem: say which
-        print(f"pixeldit-submit: error: {e}", file=sys.stderr)
-        return 2
+    return _run(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -10,10 +10,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from pixeldit.storage import write_text_atomic
 
 Cluster = Literal["local", "slurm"]
-CLUSTERS: tuple[str, ...] = ("local", "slurm")
+CLUSTERS: tuple[str, ...] = get_args(Cluster)
 LOCAL_MAX_REQUEUES = 5  # submitit's local controller starts a job at most 6 times
 LOCAL_NO_LIMIT_MIN = 60 * 24 * 365  # time_min=0 on the local executor: no practical limit
 
@@ -88,11 +90,8 @@ class LaunchConfig:
         return cls(**d)
 
     def save(self, path: Path) -> None:
-        """Atomic JSON write (tmp + rename)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
+        """Atomic JSON write (``pixeldit.storage.write_text_atomic``)."""
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "LaunchConfig":

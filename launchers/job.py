@@ -4,8 +4,9 @@ Every task of the job (one per GPU; SLURM starts them with ``srun``, the local e
 runs ``TrainJob.__call__``:
 
 1. set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from ``submitit.JobEnvironment``;
-2. replace submitit's USR2 handler by one that only raises a flag (submitit's own handler would pickle the
-   callable and requeue at once, from inside the signal handler, in the middle of a step);
+2. replace submitit's USR2 handler by the trainer's ``StopFlag`` (``pixeldit.train.signals``), which only
+   raises a flag (submitit's own handler would pickle the callable and requeue at once, from inside the
+   signal handler, in the middle of a step); SIGTERM keeps submitit's handler (there it means "cancelled");
 3. ``run_training(cfg, stop_requested=flag)``: the trainer all-reduces the flag at the next step boundary,
    every rank saves the DeepSpeed checkpoint together, and it returns ``status="stopped"``;
 4. after a stop, if the job was requeued fewer than ``max_requeues`` times, it is requeued (SLURM: rank 0
@@ -13,6 +14,10 @@ runs ``TrainJob.__call__``:
    leaves without a submitit result, so the job is not "done";
 5. the requeued job runs the same pickled ``TrainJob``; the trainer resumes from
    ``{run_dir}/checkpoints/latest`` on disk, so no checkpoint path is frozen into the pickle.
+
+The job id and attempt (``PIXELDIT_JOB_ID``, ``PIXELDIT_JOB_ATTEMPT``: SLURM's restart count, else the
+requeues so far) go into the trainer's run-folder lock, so a requeued job takes over the lock its earlier
+attempt left behind after a hard kill, on any host (``pixeldit.train.run_lock``).
 
 The requeue count of a job lives next to its logs (``{submission folder}/{job_id}_requeues.json``): it is per
 job, survives the requeue, and a new submission of the same run starts again from zero.
@@ -23,13 +28,15 @@ import json
 import os
 import signal
 import subprocess
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from submitit import JobEnvironment
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE  # a task exiting with it makes the controller rerun the job
+
+from pixeldit.storage import write_text_atomic
+from pixeldit.train.signals import StopFlag
 
 from .config import LaunchConfig
 
@@ -58,9 +65,7 @@ def read_requeues(folder: str | Path, job_id: str) -> int:
 
 def write_requeues(folder: str | Path, job_id: str, count: int) -> None:
     path = requeue_count_path(folder, job_id)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"requeues": count}))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"requeues": count}))
 
 
 def port_from_job_id(job_id: str | int) -> int:
@@ -102,19 +107,21 @@ class TrainJob:
     def __call__(self) -> dict[str, Any]:
         os.environ.update(self.launch.env)
         os.environ.setdefault("OMP_NUM_THREADS", str(self.launch.cpus_per_task))
-        stop = threading.Event()
-        signal.signal(PREEMPT_SIGNAL, lambda signum, frame: stop.set())  # only raise a flag
+        stop = StopFlag().install([PREEMPT_SIGNAL])
         dist_env = set_distributed_env(self.launch)
         env = JobEnvironment()
         folder = Path(os.environ["SUBMITIT_FOLDER"])  # set by submitit for every task
         requeues = read_requeues(folder, env.job_id)  # read before training: every rank decides alike
         from pixeldit.train.config import load_config
+        from pixeldit.train.run_lock import JOB_ATTEMPT_VAR, JOB_ID_VAR
         from pixeldit.train.trainer import run_training
 
+        os.environ[JOB_ID_VAR] = str(env.job_id)
+        os.environ[JOB_ATTEMPT_VAR] = os.environ.get("SLURM_RESTART_COUNT") or str(requeues)
         cfg = load_config(self.config_path, [])
         print(f"[launcher] job {env.job_id} rank {dist_env['RANK']}/{dist_env['WORLD_SIZE']} master "
               f"{dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']}, requeues so far {requeues}", flush=True)
-        result = run_training(cfg, stop_requested=stop.is_set)
+        result = run_training(cfg, stop_requested=stop)
         summary = {"status": result.status, "step": result.step, "stage": result.stage,
                    "checkpoint": result.checkpoint, "requeues": requeues, "job_id": env.job_id}
         if result.status == "stopped":

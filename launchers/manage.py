@@ -22,11 +22,21 @@ def status(run_dir: str | Path) -> list[dict[str, Any]]:
     return [job_row(entry) for entry in read_jobs(run_dir)]
 
 
+STATUS_COLUMNS = (("job", "job_id", ">"), ("cluster", "cluster", "<"), ("state", "state", "<"),
+                  ("result", "result", "<"), ("requeues", "requeues", ">"), ("submitted", "submitted", "<"))
+
+
 def format_status(rows: list[dict[str, Any]]) -> str:
-    head = f"{'job':>14}  {'cluster':<7}  {'state':<12}  {'result':<10}  {'requeues':>8}  {'submitted':<19}  folder"
-    lines = [f"{r['job_id']:>14}  {r['cluster']:<7}  {r['state']:<12}  {(r['result'] or '-')[:10]:<10}  "
-             f"{r['requeues']:>8}  {r['submitted']:<19}  {r['folder']}" for r in rows]
-    return "\n".join([head, *lines])
+    """A table of ``status`` rows; every column as wide as its longest value (nothing is cut), folder last."""
+    cells = [[str(r[key] if r[key] not in ("", None) else "-") for _, key, _ in STATUS_COLUMNS] for r in rows]
+    widths = [max([len(title), *(len(c[i]) for c in cells)]) for i, (title, _, _) in enumerate(STATUS_COLUMNS)]
+
+    def line(values: list[str], folder: str) -> str:
+        parts = [f"{v:{align}{w}}" for v, w, (_, _, align) in zip(values, widths, STATUS_COLUMNS)]
+        return "  ".join([*parts, folder])
+
+    return "\n".join([line([t for t, _, _ in STATUS_COLUMNS], "folder"),
+                      *(line(c, str(r["folder"])) for c, r in zip(cells, rows))])
 
 
 def tail(run_dir: str | Path, lines: int = 20, job_id: str | None = None) -> str:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pixeldit.storage import write_text_atomic
+
 from .job import read_requeues
 
 # SLURM states of a job that is not over (it may still run, or run again)
@@ -39,16 +41,13 @@ def read_jobs(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def record_jobs(run_dir: Path, job_ids: list[str], cluster: str, folder: Path) -> None:
-    """Append jobs to the run's registry (rewritten atomically: tmp + rename)."""
+    """Append jobs to the run's registry (rewritten atomically: ``pixeldit.storage.write_text_atomic``)."""
     path = jobs_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.exists() else ""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     new = "".join(json.dumps({"job_id": str(j), "cluster": cluster, "folder": str(folder), "submitted": stamp})
                   + "\n" for j in job_ids)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(old + new)
-    tmp.replace(path)
+    write_text_atomic(path, old + new)
 
 
 def _run(cmd: list[str]) -> str:

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pixeldit.errors import UserError
+
 from .config import LaunchConfig, executor_parameters
 from .job import TrainJob
 from .registry import is_active, job_state, read_jobs, read_result, record_jobs
 
 
-class RunBusyError(RuntimeError):
+class RunBusyError(UserError, RuntimeError):
     """A job of the run is still pending or running; a second one would write the same checkpoints."""
 
 
@@ -80,10 +82,13 @@ def check_not_busy(run_dir: Path) -> None:
 
 
 def prepare_run(config_path: str | None, overrides: list[str], launch: LaunchConfig) -> tuple[Path, Any]:
-    """Load and validate the run config (fail here, not in the queue); the run_dir made absolute."""
+    """Load the run config and check it and its files for this world size (fail here, not in the queue);
+    the run_dir made absolute."""
     from pixeldit.train.config import load_config
+    from pixeldit.train.preflight import preflight
 
     cfg = load_config(config_path, overrides)
+    preflight(cfg, launch.world_size)
     if not cfg.run_dir:
         raise ValueError(f"run config {config_path or '(defaults)'}: run_dir is empty; set it in the file or "
                          f"pass run_dir=PATH")

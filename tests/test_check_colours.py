@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.synthetic import BACKGROUNDS, COLOURS, SHAPES, draw_shape
-from tools.check_colours import colour_accuracy, dominant_colour, prompt_colour
+from pixeldit.evaluation.synthetic_checks import colour_accuracy, dominant_colour, prompt_colour
 
 
 def test_synthetic_images_are_classified_correctly():

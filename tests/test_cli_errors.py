@@ -1,34 +1,35 @@
-"""Every console script turns a user's mistake into ONE line on stderr that names the culprit, and exit code 2.
+"""One error policy for every console script: a user's mistake is ONE line on stderr naming the culprit, exit 2.
 
-Each row of ``CASES`` is one bad input: (console script, fixture, argv, culprit). The fixture builds the bad
-input under a fresh folder and returns its path; ``{path}`` (that path) and ``{tmp}`` (the folder) are filled
-into argv and culprit. The script runs in a subprocess exactly as its console-script wrapper would
-(``sys.exit(main())`` of the entry point named in pyproject.toml), so a traceback or a second line fails the
-row. Adding a row is one line; a new kind of bad input is one fixture function.
+``CLI_ERROR_CASES`` rows: (id, argv with argv[0] the console script of pyproject.toml and "{tmp}" a fresh
+folder, setup(tmp) writing the files the row needs or None, a substring naming the culprit). Each row runs
+the script's entry point in this process.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
-import subprocess
-import sys
-import tomllib
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from cli_helpers import console_scripts, debug_run_config, entry_point
 from pixeldit import run_folder
 from pixeldit.models import build_model, get_model_args
 from pixeldit.release import CONFIG_FILE, SINGLE_FILE, ReleaseConfig
 from pixeldit.release.writer import save_release
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+def _run_yaml(**top) -> Callable[[Path], None]:
+    """Setup: {tmp}/run.yaml, a debug run into {tmp}/run reading the (absent) dataset {tmp}/data."""
+    def setup(tmp: Path) -> None:
+        debug_run_config(tmp / "run.yaml", tmp / "run", tmp / "data", **top)
+    return setup
 
 
-# --- fixtures: each builds one bad input under tmp and returns the path the row refers to as {path} ---------
+# --- release / sample fixtures: each builds one bad input under tmp (the row names it through {tmp}/...) -----
 
 def empty_folder(tmp: Path) -> Path:
     (tmp / "empty").mkdir()
@@ -70,8 +71,6 @@ def empty(b: bytes) -> bytes:
 
 
 def renamed_pickle(b: bytes) -> bytes:
-    import io
-
     buf = io.BytesIO()
     torch.save({"w": torch.ones(2)}, buf)  # a torch.save file renamed to model.safetensors
     return buf.getvalue()
@@ -94,6 +93,18 @@ def run_with_dangling_latest(tmp: Path) -> Path:
     return tmp / "run"
 
 
+def truncated_step(tmp: Path) -> Path:
+    """A step folder whose optimizer partition lost its second half after the manifest was written."""
+    step_dir = run_folder.checkpoints_dir(tmp / "run") / run_folder.step_dirname(3)
+    step_dir.mkdir(parents=True)
+    run_folder.write_meta(step_dir, {"step": 3, "model_args": get_model_args("debug").to_dict()})
+    (step_dir / "optim_states.pt").write_bytes(bytes(1000))
+    run_folder.write_manifest(step_dir, {n: run_folder.file_sha256(step_dir / n)
+                                         for n in run_folder.checkpoint_files(step_dir)})
+    (step_dir / "optim_states.pt").write_bytes(bytes(500))
+    return step_dir
+
+
 def step_of_unknown_size(tmp: Path) -> Path:
     step_dir = run_folder.checkpoints_dir(tmp / "run") / run_folder.step_dirname(3)
     step_dir.mkdir(parents=True)
@@ -102,67 +113,112 @@ def step_of_unknown_size(tmp: Path) -> Path:
     return step_dir
 
 
-class Case(NamedTuple):
-    script: str  # console script name (pyproject.toml [project.scripts])
-    fixture: Callable[[Path], Path]
-    argv: tuple[str, ...]
-    culprit: str | tuple[str, ...]  # must appear in the error line (each of them)
+RUN_YAML = _run_yaml()
+SAMPLE = ["pixeldit-sample", "--out", "{tmp}/samples", "--model"]
+TRAIN = ["pixeldit-train", "--config", "{tmp}/run.yaml"]
+SUBMIT = ["pixeldit-submit", "submit", "--config", "{tmp}/run.yaml"]
 
-
-SAMPLE_OUT = ("--out", "{tmp}/samples")
-CASES = [
-    Case("pixeldit-release", empty_folder, ("{path}", "{tmp}/out"), "{path}"),
-    Case("pixeldit-release", run_without_checkpoint, ("{path}", "{tmp}/out"), ("{path}", "checkpoints/latest")),
-    Case("pixeldit-release", run_with_dangling_latest, ("{path}", "{tmp}/out"), "{path}/checkpoints/latest"),
-    Case("pixeldit-release", step_of_unknown_size, ("{path}", "{tmp}/out"), ("{path}/meta.json", "XXL/99")),
-    Case("pixeldit-release", run_without_checkpoint, ("{path}", "{tmp}/out", "--dtype", "fp16"), "--dtype"),
-    Case("pixeldit-release", run_without_checkpoint, ("{path}",), "release folder (out)"),
-    Case("pixeldit-sample", empty_folder, ("--model", "{path}", "--class-id", "1", *SAMPLE_OUT), "{path}"),
-    Case("pixeldit-sample", run_with_dangling_latest, ("--model", "{path}", "--class-id", "1", *SAMPLE_OUT),
-         "{path}/checkpoints/latest"),
-    Case("pixeldit-sample", release_of_unknown_size, ("--model", "{path}", "--class-id", "1", *SAMPLE_OUT),
-         ("{path}/config.json", "XXL/99", "B/16")),
-    Case("pixeldit-sample", release_with_weights(truncated), ("--model", "{path}", "--class-id", "1", *SAMPLE_OUT),
-         ("{path}/model.safetensors", "pixeldit-release")),
-    Case("pixeldit-sample", release_with_weights(empty), ("--model", "{path}", "--class-id", "1", *SAMPLE_OUT),
-         ("{path}/model.safetensors", "empty")),
-    Case("pixeldit-sample", release_with_weights(renamed_pickle), ("--model", "{path}", "--class-id", "1",
-                                                                  *SAMPLE_OUT), ("{path}/model.safetensors", "pickle")),
-    Case("pixeldit-sample", text_release_with_unknown_encoder, ("--model", "{path}", "--prompt", "a cat", *SAMPLE_OUT),
-         ("acme/encoder-nobody-has", "--text-encoder")),
-    Case("pixeldit-sample", release, ("--model", "{path}", "--prompt", "a cat", *SAMPLE_OUT), "--class-id"),
+CLI_ERROR_CASES: list[tuple[str, list[str], Callable[[Path], None] | None, str]] = [
+    ("train-unknown-yaml-key", TRAIN, _run_yaml(optim={"lrr": 1}), "optim.lrr"),
+    ("train-negative-batch", [*TRAIN, "stages.0.micro_batch=-4"], RUN_YAML, "micro_batch=-4"),
+    ("train-resolution-not-multiple-of-16", [*TRAIN, "stages.0.resolution=72"], RUN_YAML, "resolution=72"),
+    ("train-bucket-align-not-multiple-of-16", [*TRAIN, "stages.0.bucket_align=24", "stages.0.resolution=48"],
+     RUN_YAML, "bucket_align=24"),
+    ("train-missing-data-path", TRAIN, RUN_YAML, "data_path"),
+    ("train-bad-override-syntax", [*TRAIN, "stages.0.lr"], RUN_YAML, "stages.0.lr"),
+    ("train-unknown-override-key", [*TRAIN, "optim.lrr=1"], RUN_YAML, "optim.lrr"),
+    ("train-unknown-model-size", [*TRAIN, "model.size=XXL"], RUN_YAML, "XXL"),
+    ("train-wrong-value-type", [*TRAIN, "stages.0.steps=many"], RUN_YAML, "stages.0.steps"),
+    ("train-missing-config-file", ["pixeldit-train", "--config", "{tmp}/nope.yaml"], None, "nope.yaml"),
+    ("train-bad-flag", ["pixeldit-train", "--frobnicate"], None, "--frobnicate"),
+    ("data-bad-choice", ["pixeldit-data", "run", "{tmp}/u.parquet", "--out", "{tmp}/o", "--resize", "huge"], None,
+     "huge"),
+    ("data-missing-dataset", ["pixeldit-data", "stats", "{tmp}/nowhere"], None, "nowhere"),
+    ("data-unknown-command", ["pixeldit-data", "frobnicate"], None, "frobnicate"),
+    ("data-score-missing-dataset", ["pixeldit-data", "score", "{tmp}/nowhere", "--clip", "{tmp}/clip"], None,
+     "nowhere"),
+    ("data-dedupe-before-score", ["pixeldit-data", "dedupe", "{tmp}/nowhere"], None, "nowhere"),
+    ("submit-bad-number", ["pixeldit-submit", "submit", "--nodes", "two"], None, "two"),
+    ("submit-slurm-without-time-limit", ["pixeldit-submit", "submit", "--cluster", "slurm"], None, "time_min"),
+    ("submit-unknown-run", ["pixeldit-submit", "status", "{tmp}/norun"], None, "norun"),
+    ("submit-unknown-yaml-key", SUBMIT, _run_yaml(optim={"lrr": 1}), "optim.lrr"),
+    ("submit-missing-data-path", SUBMIT, RUN_YAML, "data_path"),
+    ("flops-unknown-size", ["pixeldit-flops", "--size", "XXL"], None, "XXL"),
+    ("flops-resolution-not-multiple-of-16", ["pixeldit-flops", "--size", "debug", "--res", "100"], None, "100x100"),
+    ("flops-bad-resolution", ["pixeldit-flops", "--size", "debug", "--res", "3y"], None, "3y"),
+    ("quickstart-bad-choice", ["pixeldit-quickstart", "--cluster", "k8s"], None, "k8s"),
+    ("quickstart-bad-number", ["pixeldit-quickstart", "--steps-per-stage", "many"], None, "many"),
+    ("release-empty-folder", ["pixeldit-release", "{tmp}/empty", "{tmp}/out"], empty_folder, "{tmp}/empty"),
+    ("release-run-without-checkpoint", ["pixeldit-release", "{tmp}/run", "{tmp}/out"], run_without_checkpoint,
+     "checkpoints/latest"),
+    ("release-dangling-latest", ["pixeldit-release", "{tmp}/run", "{tmp}/out"], run_with_dangling_latest,
+     "{tmp}/run/checkpoints/latest"),
+    ("release-truncated-checkpoint", ["pixeldit-release", "{tmp}/run/checkpoints/step_00000003", "{tmp}/out"],
+     truncated_step, "optim_states.pt has 500 bytes"),
+    ("release-unknown-architecture", ["pixeldit-release", "{tmp}/run/checkpoints/step_00000003", "{tmp}/out"],
+     step_of_unknown_size, "XXL/99"),
+    ("release-bad-dtype", ["pixeldit-release", "{tmp}/run", "{tmp}/out", "--dtype", "fp16"], run_without_checkpoint,
+     "--dtype"),
+    ("release-missing-out", ["pixeldit-release", "{tmp}/run"], run_without_checkpoint, "release folder (out)"),
+    ("sample-empty-folder", [*SAMPLE, "{tmp}/empty", "--class-id", "1"], empty_folder, "{tmp}/empty"),
+    ("sample-dangling-latest", [*SAMPLE, "{tmp}/run", "--class-id", "1"], run_with_dangling_latest,
+     "{tmp}/run/checkpoints/latest"),
+    ("sample-unknown-architecture", [*SAMPLE, "{tmp}/release", "--class-id", "1"], release_of_unknown_size,
+     "{tmp}/release/config.json"),
+    ("sample-truncated-weights", [*SAMPLE, "{tmp}/release", "--class-id", "1"], release_with_weights(truncated),
+     "{tmp}/release/model.safetensors"),
+    ("sample-empty-weights", [*SAMPLE, "{tmp}/release", "--class-id", "1"], release_with_weights(empty),
+     "{tmp}/release/model.safetensors"),
+    ("sample-renamed-pickle-weights", [*SAMPLE, "{tmp}/release", "--class-id", "1"],
+     release_with_weights(renamed_pickle), "{tmp}/release/model.safetensors"),
+    ("sample-unknown-text-encoder", [*SAMPLE, "{tmp}/release", "--prompt", "a cat"],
+     text_release_with_unknown_encoder, "--text-encoder"),
+    ("sample-prompt-for-class-model", [*SAMPLE, "{tmp}/release", "--prompt", "a cat"], release, "--class-id"),
+    ("eval-no-prompt-set", ["pixeldit-eval", "{tmp}/release", "--out", "{tmp}/e"], release, "--prompts"),
+    ("eval-missing-target", ["pixeldit-eval", "{tmp}/nowhere", "--classes", "1", "--out", "{tmp}/e"], None,
+     "{tmp}/nowhere"),
+    ("official-missing-checkpoint", ["pixeldit-official", "import", "{tmp}/x.ckpt", "{tmp}/out"], None, "x.ckpt"),
 ]
 
 
-def run_script(script: str, argv: list[str], **env: str) -> subprocess.CompletedProcess:
-    """The console script ``script`` as its installed wrapper runs it: ``sys.exit(main())`` of its entry point."""
-    module, func = SCRIPTS[script].split(":")
-    code = f"import sys; from {module} import {func}; sys.exit({func}())"
-    return subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", **env})
+def run_case(case_id: str, tmp: Path, capsys, extra: tuple[str, ...] = ()) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the row ``case_id`` run in ``tmp``."""
+    _, argv, setup, _ = next(c for c in CLI_ERROR_CASES if c[0] == case_id)
+    if setup is not None:
+        setup(tmp)
+    main = entry_point(argv[0])  # imported before capturing
+    capsys.readouterr()
+    code = main([a.format(tmp=tmp) for a in argv[1:]] + list(extra))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def case_id(case: Case) -> str:
-    return f"{case.script}-{case.fixture.__name__}-{'-'.join(a for a in case.argv if a.startswith('--'))}"
+@pytest.mark.parametrize("case_id, culprit", [(c[0], c[3]) for c in CLI_ERROR_CASES], ids=[c[0] for c in CLI_ERROR_CASES])
+def test_user_error_is_one_line_naming_the_culprit(case_id, culprit, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PIXELDIT_TRACEBACK", raising=False)
+    script = next(c[1][0] for c in CLI_ERROR_CASES if c[0] == case_id)
+    code, out, err = run_case(case_id, tmp_path, capsys)
+    assert code == 2, (out, err)
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"{script}: error: ") and culprit.format(tmp=tmp_path) in err, err
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_user_error_is_one_line_naming_the_culprit(case: Case, tmp_path: Path):
-    path = case.fixture(tmp_path)
-    fill = {"path": str(path), "tmp": str(tmp_path)}
-    proc = run_script(case.script, [a.format(**fill) for a in case.argv], PIXELDIT_TRACEBACK="")
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith(f"{case.script}: error: "), proc.stderr[-3000:]
-    for culprit in (case.culprit,) if isinstance(case.culprit, str) else case.culprit:
-        assert culprit.format(**fill) in lines[0]
+def test_every_console_script_has_rows():
+    assert set(console_scripts()) - {c[1][0] for c in CLI_ERROR_CASES} == set()
 
 
-def test_traceback_on_request(tmp_path: Path):
-    """--traceback (or PIXELDIT_TRACEBACK=1) shows where a user error came from; the exit code stays 2."""
-    path = release_with_weights(truncated)(tmp_path)
-    argv = ["--model", str(path), "--class-id", "1", "--out", str(tmp_path / "samples")]
-    for extra, env in (["--traceback"], {}), ([], {"PIXELDIT_TRACEBACK": "1"}):
-        proc = run_script("pixeldit-sample", [*argv, *extra], **env)
-        assert proc.returncode == 2 and "Traceback (most recent call last)" in proc.stderr
-        assert proc.stderr.strip().splitlines()[-1].startswith("pixeldit-sample: error: ")
+def test_missing_data_is_found_before_anything_starts(tmp_path, capsys, monkeypatch):
+    """No process group, no run folder, no wandb run: the dataset is checked first."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    code, _, err = run_case("train-missing-data-path", tmp_path, capsys, extra=("logging.wandb=offline",))
+    assert code == 2 and f"{tmp_path}/data" in err and "manifest.parquet" in err
+    assert not (tmp_path / "run").exists() and not dist.is_initialized()
+    code, _, err = run_case("submit-missing-data-path", tmp_path, capsys)
+    assert code == 2 and not (tmp_path / "run").exists()  # nothing submitted, no launcher folder
+
+
+def test_traceback_switch_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PIXELDIT_TRACEBACK", raising=False)
+    code, _, err = run_case("train-unknown-yaml-key", tmp_path, capsys, extra=("--traceback",))
+    assert code == 2 and "Traceback (most recent call last)" in err
+    assert err.splitlines()[-1].startswith("pixeldit-train: error: ") and "optim.lrr" in err.splitlines()[-1]

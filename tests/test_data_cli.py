@@ -11,8 +11,10 @@ import pytest
 import webdataset as wds
 
 from data_pipeline.buckets import nearest_ratio_key
-from data_pipeline.cli import build_parser, main
+from data_pipeline.cli import build_parser, ingest_config, main, shard_config
+from data_pipeline.ingest import IngestConfig
 from data_pipeline.serve import serve_folder
+from data_pipeline.shard import ShardConfig
 from data_pipeline.synthetic import CLASS_NAMES, make_synthetic_dataset
 
 pytestmark = pytest.mark.slow
@@ -53,6 +55,11 @@ def test_cli_run_with_max_side_resize_and_labels_then_stats(tmp_path, capsys):
 
 
 def test_cli_rejects_unknown_choices_with_the_valid_values(capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["run", "u.parquet", "--out", "o", "--resize", "huge"])
-    assert "off" in capsys.readouterr().err
+    assert main(["run", "u.parquet", "--out", "o", "--resize", "huge"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "'huge'" in err and "'off', 'max-side'" in err
+
+
+def test_cli_flag_defaults_are_the_config_defaults():
+    a = build_parser().parse_args(["run", "u.parquet", "--out", "o"])
+    assert ingest_config(a) == IngestConfig() and shard_config(a) == ShardConfig()

@@ -67,12 +67,12 @@ def test_rows_of_uncommitted_shards_are_not_read(tmp_path):
     assert set(kept.column("shard").to_pylist()) == {fmt.shard_name("1.00", 0)} and kept.num_rows == 4
 
 
-def test_captions_by_shard_are_in_sample_order_and_gaps_are_refused(tmp_path):
+def test_caption_sets_by_shard_are_in_sample_order_and_gaps_are_refused(tmp_path):
     root = write_tiny_dataset(tmp_path / "data", {"1.00": 6}, per_shard=4)
-    captions = fmt.captions_by_shard(str(root))
+    captions = fmt.caption_sets_by_shard(str(root))
     assert list(captions) == [fmt.shard_name("1.00", 0), fmt.shard_name("1.00", 1)]
-    assert captions[fmt.shard_name("1.00", 1)] == ["sample 4 in bucket 1.00", "sample 5 in bucket 1.00"]
+    assert captions[fmt.shard_name("1.00", 1)] == [["sample 4 in bucket 1.00"], ["sample 5 in bucket 1.00"]]
     samples = fmt.read_samples(str(root))
     fmt.write_samples(str(root), samples.filter(pc.not_equal(samples["key"], samples["key"][1])))  # drop one row
-    with pytest.raises(ValueError, match="sample_index of shard shards/1.00/1.00-000000.tar is not 0..2"):
-        fmt.captions_by_shard(str(root))
+    with pytest.raises(ValueError, match="sample_index of shard shards/1.00/1.00-000000.tar is not 0..n-1"):
+        fmt.caption_sets_by_shard(str(root))

@@ -11,6 +11,7 @@ import pytest
 from launchers.cli import build_parser, launch_config
 from launchers.config import LaunchConfig, executor_parameters
 from launchers.job import port_from_job_id, read_requeues, set_distributed_env, write_requeues
+from launchers.manage import format_status
 from launchers.registry import job_row, local_state, read_jobs, record_jobs
 from launchers.submit import make_executor, sweep_overrides
 
@@ -61,7 +62,8 @@ def test_distributed_env_comes_from_slurm(monkeypatch):
                  "SLURM_JOB_NODELIST": "gpu-[007,012]"}.items():
         monkeypatch.setenv(k, v)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")  # recorded, so that what set_distributed_env writes is undone after the test
+        monkeypatch.delenv(k)
     env = set_distributed_env(LaunchConfig())
     assert env == {"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
                    "MASTER_ADDR": "gpu-007", "MASTER_PORT": str(port_from_job_id("4242"))}
@@ -99,6 +101,20 @@ def test_registry_and_local_state_from_outside_the_job(tmp_path):
     assert json.loads((run / "launcher" / "jobs.jsonl").read_text().splitlines()[1])["job_id"] == "222"
 
 
+def test_status_table_shows_whole_results():
+    """Issue 12.7: the result column was cut to 10 characters ("stopped: m")."""
+    long = "stopped: max requeues reached (submit the run again to continue)"
+    rows = [{"job_id": "7", "cluster": "local", "state": "FINISHED", "result": long, "requeues": 5,
+             "submitted": "2026-01-01T00:00:00", "folder": "/runs/x/slurm/a"},
+            {"job_id": "123456_7", "cluster": "slurm", "state": "RUNNING", "result": "", "requeues": 0,
+             "submitted": "2026-01-01T00:00:01", "folder": "/runs/x/slurm/b"}]
+    head, first, second = format_status(rows).splitlines()
+    assert f"  {long}  " in first and first.endswith("/runs/x/slurm/a") and second.endswith("/runs/x/slurm/b")
+    assert head.split() == ["job", "cluster", "state", "result", "requeues", "submitted", "folder"]
+    assert head.index("requeues") == first.index(long) + len(long) + 2  # columns line up
+    assert second.split()[:4] == ["123456_7", "slurm", "RUNNING", "-"]
+
+
 def test_cli_flags_map_onto_the_launch_config():
     a = build_parser().parse_args([
         "submit", "--config", "run.yaml", "--cluster", "slurm", "--nodes", "4", "--gpus-per-node", "8",
@@ -111,7 +127,7 @@ def test_cli_flags_map_onto_the_launch_config():
     assert (cfg.partition, cfg.account, cfg.qos, cfg.constraint) == ("gpu", "proj", "high", "h100")
     assert cfg.extra_sbatch == {"exclusive": True, "mail-type": "END"} and cfg.env == {"NCCL_DEBUG": "WARN"}
     assert a.array == [("seed", ["1", "2"])] and a.overrides == ["stages.0.lr=2e-4"]
-    assert launch_config(build_parser().parse_args(["submit"])).cluster == "local"  # the default
+    assert launch_config(build_parser().parse_args(["submit"])) == LaunchConfig()  # flag defaults = config defaults
 
 
 def test_submission_folders_never_collide(tmp_path):

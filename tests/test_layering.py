@@ -1,7 +1,7 @@
 """The shape of the codebase: dependencies flow one way, no import cycles, one owner per on-disk name.
 
-Import direction: pixeldit.storage, pixeldit.errors <- data_pipeline <- pixeldit.models <- pixeldit.diffusion
-<- pixeldit.conditioning <- pixeldit.train <- launchers, tools. pixeldit/models imports torch and the standard
+Import direction as README "Architecture" draws it (``LAYERS``, lowest first): a module imports its own layer
+and the layers below it, never one above; nothing installed imports tools/. pixeldit/models imports torch and the standard
 library only (no deepspeed, no torch.distributed); data_pipeline never imports the model;
 pixeldit/run_folder.py (the run-folder format) imports torch, the standard library, pixeldit.storage and
 pixeldit.errors only; pixeldit.release and pixeldit.train never import each other, and inside pixeldit.release
@@ -43,6 +43,22 @@ def imports_in(path: Path) -> set[str]:
             names.add(mod)
             names.update(f"{mod}.{a.name}" for a in node.names)
     return names
+
+
+# README "Architecture": a module imports its own layer and the layers below it, never one above.
+LAYERS: list[tuple[str, ...]] = [
+    ("pixeldit.storage", "pixeldit.errors"),
+    ("data_pipeline",),
+    ("pixeldit.models",),
+    ("pixeldit.diffusion",),
+    ("pixeldit.conditioning",),
+    ("pixeldit.run_folder",),
+    ("pixeldit.release", "pixeldit.train"),  # side by side: neither imports the other
+    ("pixeldit.evaluation",),
+    ("launchers",),
+    ("tools",),
+]
+SIBLINGS_APART = ("pixeldit.release", "pixeldit.train")
 
 
 def imports_of(package_dir: Path) -> dict[str, set[str]]:
@@ -176,6 +192,11 @@ FORMAT_NAMES = {
     "text_emb": "data_pipeline/dataset_format.py",
     "pixeldit.state": "data_pipeline/dataset_format.py",
     "pixeldit.format_version": "data_pipeline/dataset_format.py",
+    "scores.parquet": "data_pipeline/dataset_format.py",
+    "captions.parquet": "data_pipeline/dataset_format.py",
+    "dedupe.parquet": "data_pipeline/dataset_format.py",
+    "score_parts": "data_pipeline/dataset_format.py",
+    "pixeldit.scores": "data_pipeline/dataset_format.py",
     "null.safetensors": "pixeldit/conditioning/text_cache.py",
     "prepare_stats.json": "data_pipeline/ingest.py",
 }
@@ -213,3 +234,39 @@ def test_only_release_zero_uses_deepspeed():
     bad = [b for b in offenders("pixeldit/release", ("deepspeed",)) if not b.startswith("pixeldit/release/zero.py:")]
     assert bad == []
     assert offenders("pixeldit/release/zero.py", ("deepspeed",))  # the rule still looks at the right file
+
+
+def _layer(module: str) -> tuple[int, str] | None:
+    """(layer index, package) of a project module name, by its longest listed prefix; None for others."""
+    best = None
+    for i, packages in enumerate(LAYERS):
+        for pkg in packages:
+            if (module == pkg or module.startswith(pkg + ".")) and (best is None or len(pkg) > len(best[1])):
+                best = (i, pkg)
+    return best
+
+
+def layer_offenders() -> list[str]:
+    bad = []
+    for top in ("pixeldit", "data_pipeline", "launchers", "tools"):
+        for file, names in imports_of(ROOT / top).items():
+            own = _layer(file.removesuffix(".py").replace("/", ".").removesuffix(".__init__"))
+            if own is None:
+                continue
+            for name in sorted(names):
+                other = _layer(name)
+                if other is None or other[1] == own[1]:
+                    continue
+                if other[0] > own[0] or {own[1], other[1]} == set(SIBLINGS_APART):
+                    bad.append(f"{file} ({own[1]}) imports {name} ({other[1]})")
+    return bad
+
+
+def test_every_module_imports_its_own_layer_or_below():
+    assert layer_offenders() == []
+
+
+def test_layer_check_sees_upward_and_sibling_imports():
+    assert _layer("pixeldit.train.config") == (6, "pixeldit.train")
+    assert _layer("pixeldit.storage") == (0, "pixeldit.storage") and _layer("yaml") is None
+    assert _layer("tools.bench_mfu")[0] > _layer("launchers.cli")[0] > _layer("pixeldit.evaluation")[0]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from tools.quickstart import main as quickstart
+from launchers.quickstart import main as quickstart
 
 
 def test_quickstart_runs_end_to_end(tmp_path, capsys):

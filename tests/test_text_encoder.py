@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.dataset_format import NO_LABEL, SampleRow, rows_to_table, text_embedding_dir, write_samples
+from data_pipeline.dataset_format import CAPTIONS as CAPTIONS_FILE
+from data_pipeline.dataset_format import (CAPTIONS_SCHEMA, NO_LABEL, CaptionRow, SampleRow, rows_to_table,
+                                          text_embedding_dir, write_samples, write_table)
 from pixeldit.conditioning import (OFFICIAL_SYSTEM_PROMPT, TextEmbeddingCache, TextEncoder, precompute_text_embeddings,
                                    resolve_system_prompt)
 from pixeldit.conditioning.text_cache import read_shard_header, shard_file
+from pixeldit.storage import join
 
 WORDS = ("a an the red blue green circle square triangle photo picture of cat dog bowl soup describe image in "
          "detail : , . very long prompt").split()
@@ -241,7 +244,7 @@ def test_cache_parts_resume_and_incomplete(tmp_path, gemma):
         TextEmbeddingCache(cache_dir)  # part 1 has not run: no meta.json yet
     precompute_text_embeddings(str(root), enc, cache_dir, progress=False, part=1, num_parts=2)
     meta = json.loads((tmp_path / "emb" / "meta.json").read_text())
-    assert meta["format"] == 2 and meta["shards"] == {s: len(c) for s, c in CAPTIONS.items()}
+    assert meta["format"] == 3 and meta["shards"] == {s: len(c) for s, c in CAPTIONS.items()}
     # a re-run skips finished shards (file untouched) ...
     f = tmp_path / "emb" / shard_file("shards/1.00/1.00-000000.tar")
     mtime = f.stat().st_mtime_ns
@@ -256,6 +259,76 @@ def test_cache_parts_resume_and_incomplete(tmp_path, gemma):
         stale.lookup("shards/1.00/1.00-000000.tar", [0])
     precompute_text_embeddings(str(root), other, cache_dir, progress=False, part=1, num_parts=2)
     assert TextEmbeddingCache(cache_dir, expect=other.fingerprint()).fingerprint["system_prompt"] == "other : "
+
+
+RECAPTIONS = {("shards/1.00/1.00-000000.tar", 1): ["blue square on white", "a square"],
+              ("shards/2.00/2.00-000000.tar", 0): ["an empty frame"]}
+
+
+def write_caption_table(root: Path) -> dict[tuple[str, int], list[str]]:
+    """captions.parquet as the score stage writes it: CAPTIONS as caption 0, RECAPTIONS after it."""
+    rows, sets = [], {}
+    for shard, caps in CAPTIONS.items():
+        for i, cap in enumerate(caps):
+            sets[shard, i] = [cap] + RECAPTIONS.get((shard, i), [])
+            for c, text in enumerate(sets[shard, i]):
+                rows.append(CaptionRow(key=f"{shard}-{i}", shard=shard, sample_index=i, caption_index=c,
+                                       source="caption" if c == 0 else f"vlm{c}", caption=text, clip_score=0.2,
+                                       score=0.2))
+    write_table(join(str(root), CAPTIONS_FILE), rows_to_table(rows, CaptionRow), CAPTIONS_SCHEMA, {})
+    return sets
+
+
+def test_cache_holds_every_caption_and_reads_format_2(tmp_path, gemma):
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    path, _, _ = gemma
+    root = write_captions(tmp_path / "data")
+    enc = TextEncoder.from_pretrained(path, system_prompt=SYSTEM, max_length=8)
+    single = precompute_text_embeddings(str(root), enc, str(tmp_path / "single"), progress=False)
+    sets = write_caption_table(root)
+    url = precompute_text_embeddings(str(root), enc, progress=False)
+    cache = TextEmbeddingCache(url, expect=enc.fingerprint())
+    assert cache.meta["captions"] == {"shards/1.00/1.00-000000.tar": 5, "shards/2.00/2.00-000000.tar": 3}
+    want = [(s, i, c) for (s, i), caps in sets.items() for c in range(len(caps))]
+    emb, mask = cache.lookup([w[0] for w in want], [w[1] for w in want], [w[2] for w in want])
+    ref, ref_mask = enc.encode([sets[s, i][c] for s, i, c in want])
+    assert torch.equal(mask, ref_mask) and torch.allclose(emb, ref, atol=2e-2)
+    default, _ = cache.lookup("shards/1.00/1.00-000000.tar", [1])  # caption 0 by default
+    assert torch.allclose(default[0], enc.encode([CAPTIONS["shards/1.00/1.00-000000.tar"][1]])[0][0], atol=2e-2)
+    with pytest.raises(IndexError, match="caption_index 3 outside the 3 captions of sample 1"):
+        cache.lookup("shards/1.00/1.00-000000.tar", [1], [3])
+    # a changed recaption re-encodes its shard only
+    files = {s: tmp_path / "data" / "text_emb" / shard_file(s) for s in CAPTIONS}
+    stamps = {s: f.stat().st_mtime_ns for s, f in files.items()}
+    precompute_text_embeddings(str(root), enc, progress=False)
+    assert {s: f.stat().st_mtime_ns for s, f in files.items()} == stamps
+    RECAPTIONS[("shards/2.00/2.00-000000.tar", 0)] = ["an empty white frame"]
+    try:
+        write_caption_table(root)
+        precompute_text_embeddings(str(root), enc, progress=False)
+    finally:
+        RECAPTIONS[("shards/2.00/2.00-000000.tar", 0)] = ["an empty frame"]
+    assert files["shards/1.00/1.00-000000.tar"].stat().st_mtime_ns == stamps["shards/1.00/1.00-000000.tar"]
+    assert files["shards/2.00/2.00-000000.tar"].stat().st_mtime_ns != stamps["shards/2.00/2.00-000000.tar"]
+    # a format 2 cache (one caption per sample, no caption_counts) still loads, caption 0 only
+    meta = json.loads((tmp_path / "single" / "meta.json").read_text())
+    (tmp_path / "single" / "meta.json").write_text(json.dumps({**meta, "format": 2}))
+    for s in CAPTIONS:
+        f = tmp_path / "single" / shard_file(s)
+        header = read_shard_header(TextEmbeddingCache(single).fs, str(f))
+        old = {"lengths": json.dumps(header.lengths), "num_samples": str(header.num_samples),
+               "fingerprint": json.dumps(header.fingerprint)}
+        f.write_bytes(st_save(st_load(f.read_bytes()), metadata=old))
+    old_cache = TextEmbeddingCache(single, expect=enc.fingerprint())
+    got, _ = old_cache.lookup("shards/1.00/1.00-000000.tar", [0, 1, 2])
+    assert torch.allclose(got, cache.lookup("shards/1.00/1.00-000000.tar", [0, 1, 2])[0])
+    with pytest.raises(IndexError, match="caption_index 1 outside the 1 captions"):
+        old_cache.lookup("shards/1.00/1.00-000000.tar", [1], [1])
+    (tmp_path / "single" / "meta.json").write_text(json.dumps({**meta, "format": 9}))
+    with pytest.raises(ValueError, match="cache format 9, this code reads formats 2, 3"):
+        TextEmbeddingCache(single)
 
 
 def test_cache_on_s3(tmp_path, gemma, monkeypatch):

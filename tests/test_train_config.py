@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import typing
+from importlib import resources
 
 import pytest
 
-from pixeldit.train.config import RunConfig, StageConfig, load_config, save_config
-from pixeldit.train.ds_config import build_ds_config
+from pixeldit.diffusion.samplers import SAMPLERS
+from pixeldit.train.config import LoggingConfig, RunConfig, StageConfig, ZeroConfig, load_config, save_config
+from pixeldit.train.ds_config import DS_CONFIGS_PACKAGE, build_ds_config, ds_config_path
 from pixeldit.train.optim import LRSchedule
+from pixeldit.train.preflight import preflight
+from pixeldit.train.signals import StopFlag
+from train_helpers import write_tiny_dataset
 
 YAML = """
 run_dir: {run_dir}
@@ -46,6 +54,11 @@ def test_yaml_then_overrides_then_save_roundtrip(tmp_path):
     (["stages.0.bucket_align=24"], "multiple of the patch size 16"),
     (["model.size=XXL"], "valid sizes"),
     (["stages.0.lr"], "must look like key.path=value"),
+    (["stages.0.resolution=72"], "stages.0 (a).resolution=72 must be a multiple of bucket_align=16"),
+    (["objective.t_std=0"], "objective: ObjectiveConfig: t_std=0.0 must be > 0"),
+    (["stages.1.shift=-1"], "stages.1 (b).shift=-1.0 must be > 0"),
+    (["logging.image_sampler=ddim"], "valid values: euler, heun, flow_dpm"),
+    (["model.overrides.depth_x=3"], "unknown ModelArgs field"),
 ])
 def test_invalid_configs_name_the_key(tmp_path, override, message):
     path = tmp_path / "run.yaml"
@@ -112,3 +125,65 @@ def test_example_configs_load_and_fill_ds_config(name):
     if name == "t2i_curriculum":
         assert [s.resolution for s in cfg.stages] == [512, 512, 1024] and cfg.uses_repa
         assert [s.shift for s in cfg.stages] == [3.0, 3.0, 4.0] and cfg.stages[2].grad_checkpointing
+
+
+def test_stage_shift_defaults_to_the_objective_shift(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(YAML.format(run_dir=tmp_path / "run"))
+    cfg = load_config(path, ["objective.shift=2.5", "objective.repa_weight=0.25", "stages.0.repa=true",
+                             "conditioning.repa_teacher=/teacher"])
+    first, second = (cfg.stage_objective(s) for s in cfg.stages)
+    assert (first.shift, first.repa_weight, second.shift, second.repa_weight) == (2.5, 0.25, 4.0, 0.0)
+    assert first.t_std == cfg.objective.t_std == 1.0 and cfg.stages[0].shift is None
+
+
+def test_choice_lists_have_one_owner():
+    assert typing.get_args(typing.get_type_hints(LoggingConfig)["image_sampler"]) == tuple(SAMPLERS)
+    shipped = {p.name.removesuffix(".json") for p in resources.files(DS_CONFIGS_PACKAGE).iterdir()
+               if p.name.endswith(".json")}
+    assert shipped == set(typing.get_args(ZeroConfig))
+
+
+def test_ds_configs_are_read_from_the_package(tmp_path):
+    cfg = RunConfig(stages=[StageConfig(data_path="/x")])
+    path = ds_config_path(cfg)
+    assert path.name == "zero2.json" and json.loads(path.read_text())["zero_optimization"]["stage"] == 2
+    cfg.deepspeed.config_dir = str(tmp_path)  # another folder of JSONs replaces the shipped one
+    with pytest.raises(ValueError, match=f"{tmp_path}/zero2.json not found"):
+        ds_config_path(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], None),
+    (["stages.0.repa=true", "conditioning.repa_teacher={tmp}/dino"], "conditioning.repa_teacher="),
+    (["model.size=debug-T2I", "conditioning.text_encoder={tmp}/enc"], "conditioning.text_encoder="),
+    (["model.size=debug-T2I", "conditioning.text_mode=cached"], "stages.0 (s).data_path (text_mode=cached)"),
+    (["checkpoint.resume_from={tmp}/step_00000100"], "checkpoint.resume_from="),
+    (["deepspeed.config_dir={tmp}/ds"], "train_micro_batch_size_per_gpu"),
+    (["stages.0.data_path={tmp}/nodata"], "stages.0 (s).data_path="),
+])
+def test_preflight_checks_every_file_the_run_needs(tmp_path, overrides, message):
+    data = write_tiny_dataset(tmp_path / "data", {"1.00": 2}, per_shard=2)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                                             "train_micro_batch_size_per_gpu": 8}))
+    base = [f"run_dir={tmp_path / 'run'}", "stages.0.name=s", f"stages.0.data_path={data}", "stages.0.micro_batch=2"]
+    cfg = load_config(None, base + [o.format(tmp=tmp_path) for o in overrides])
+    if message is None:
+        preflight(cfg, world_size=2)
+    else:
+        with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
+            preflight(cfg, world_size=2)
+    assert not (tmp_path / "run").exists()
+
+
+def test_stop_flag_is_raised_by_the_stop_signals():
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        flag = StopFlag().install([signal.SIGUSR1, signal.SIGUSR2])
+        assert not flag()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert flag()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -5,6 +5,9 @@
 - a run SIGKILLed (every process) twice and resumed gives bit-identical per-step losses, fp32 master
   weights and EMA to an uninterrupted run: the first kill as the last step of stage a is logged (resume
   from step 2 or 3, so the resumed run crosses the stage boundary), the second at a random step of stage b;
+  every resume re-hashes the checkpoint on both ranks (checkpoint.verify=full) and takes over the lock the
+  killed trainer left;
+- every checkpoint's manifest lists (and checksums) the files of every rank;
 - gradient checkpointing on and off give the same losses.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ def dataset(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("data"), {"1.00": 12, "0.50": 8, "2.00": 8}, per_shard=4)
 
 
-def write_config(path: Path, run_dir: Path, data: Path, zero: str = "zero2", **stage_b) -> Path:
+def write_config(path: Path, run_dir: Path, data: Path, zero: str = "zero2", verify: str = "size", **stage_b) -> Path:
     cfg = {
         "run_dir": str(run_dir), "seed": 3, "ema_decay": 0.5,
         "model": {"size": "debug"},
@@ -41,7 +44,7 @@ def write_config(path: Path, run_dir: Path, data: Path, zero: str = "zero2", **s
         "data": {"num_workers": 1},
         "logging": {"wandb": "disabled", "progress_bar": False, "image_every": 3, "image_count": 4,
                     "image_sample_steps": 3},
-        "checkpoint": {"every": 2, "keep": 2},
+        "checkpoint": {"every": 2, "keep": 2, "verify": verify},
         "stages": [
             {"name": "a", "steps": STAGE_STEPS[0], "data_path": str(data), "resolution": 32, "bucket_align": 16,
              "buckets": "fixed", "micro_batch": 2, "lr": 1e-3, "warmup_steps": 2, "shift": 1.0},
@@ -128,7 +131,7 @@ def test_kill_and_resume_is_bit_exact(reference, dataset, tmp_path):
     rng = random.Random(seed)
     first_kill, second_kill = STAGE_STEPS[0], rng.choice([5, 6])  # 1st: as the last step of stage a is logged
     run_dir = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", run_dir, dataset)
+    config = write_config(tmp_path / "run.yaml", run_dir, dataset, verify="full")  # both ranks hash on resume
     log = tmp_path / "log.txt"
     info = f"(random seed {seed}: kills after steps {first_kill}, {second_kill})"
 
@@ -171,6 +174,9 @@ def test_zero_stage_trains_and_checkpoints(reference, dataset, tmp_path, zero):
     meta = json.loads((last / "meta.json").read_text())
     assert meta["step"] == 7 and meta["stage_name"] == "b" and meta["model_args"]["name"] == "debug"
     assert (last / "rng_rank00000.pt").exists() and (last / "rng_rank00001.pt").exists()
+    from pixeldit.run_folder import checkpoint_files, checkpoint_problem, read_manifest
+    assert sorted(read_manifest(last)) == checkpoint_files(last)  # every rank's files are checksummed
+    assert any("zero_pp_rank_1_" in name for name in read_manifest(last)) and checkpoint_problem(last, "full") is None
     grids = sorted(p.name for p in (run_dir / "samples").glob("*.png"))  # EMA previews (ZeRO-3: gathered)
     assert grids == ["step_00000003.png", "step_00000006.png"]
     from PIL import Image

@@ -74,8 +74,10 @@ def test_nonfinite_step_is_skipped_and_partial_gradients_dropped(single_rank, da
 def test_too_many_nonfinite_in_a_row_stop_and_keep_last_checkpoint(single_rank, data, tmp_path, monkeypatch):
     poison(monkeypatch, set(range(8, 100)))  # every micro-batch from step 5 on
     cfg = make_cfg(tmp_path / "run", data, steps=10, limit=3)
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row.*step_00000004"):
+    with pytest.raises(NonFiniteLossError, match="3 skipped steps in a row .*the last is step 7, nonfinite_loss"
+                                                 ".*step_00000004"):
         run_training(cfg)
+    assert [r["step"] for r in records(tmp_path / "run")][-1] == 7  # the stopping step is logged
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000004"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000004"]

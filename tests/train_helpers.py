@@ -70,6 +70,14 @@ def write_tiny_dataset(root: str | os.PathLike, counts: dict[str, int], per_shar
     return root
 
 
+def set_single_rank(monkeypatch) -> None:
+    """Make this process rank 0 of a 1-rank DeepSpeed job on the CPU (undone with the ``pytest.MonkeyPatch``)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+
+
 def torchrun(config: Path, nproc: int = 2) -> tuple[list[str], dict[str, str]]:
     """Command and environment of ``pixeldit-train`` under torchrun on CPU ranks (gloo) for ``config``."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")

@@ -8,7 +8,7 @@ with more data and steps, then samples the same prompts with the same seeds from
 - the trained release, and
 - a random-init model of the same architecture (a fresh PixelDiT: zero-initialised modulation and head,
   so it returns the starting noise),
-and reports the colour accuracy of each (``tools.check_colours``: the dominant colour of the shape must be
+and reports the colour accuracy of each (``pixeldit.evaluation.synthetic_checks``: the dominant colour of the shape must be
 the prompt's colour; chance is 1/6).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tools.check_colours import COLOURS, colour_accuracy_of_folder
+from pixeldit.evaluation.synthetic_checks import COLOURS, colour_accuracy_of_folder
 
 SHAPES_AND_BACKGROUNDS = [("circle", "white"), ("square", "black"), ("triangle", "grey"), ("circle", "pale blue")]
 
@@ -39,13 +39,14 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
 
-    from tools.quickstart import default_text_encoder
-    from tools.quickstart import main as quickstart
+    from launchers.quickstart import default_text_encoder
+    from launchers.quickstart import main as quickstart
 
     text_encoder = default_text_encoder()
-    quickstart(["--out", str(out), "--images", str(a.images), "--steps-per-stage", str(a.steps_per_stage),
-                "--stage2-steps", str(a.stage2_steps), "--resolutions", *map(str, a.resolutions),
-                "--ema-decay", "0.995", "--sample-steps", str(a.sample_steps), "--text-encoder", text_encoder])
+    if quickstart(["--out", str(out), "--images", str(a.images), "--steps-per-stage", str(a.steps_per_stage),
+                   "--stage2-steps", str(a.stage2_steps), "--resolutions", *map(str, a.resolutions),
+                   "--ema-decay", "0.995", "--sample-steps", str(a.sample_steps), "--text-encoder", text_encoder]):
+        raise SystemExit("pixeldit-quickstart failed (see the line above)")
 
     from pixeldit.models import build_model
     from pixeldit.release import ReleaseConfig

@@ -5,8 +5,8 @@
 
 One training step = forward + backward + fused AdamW on fp32 master weights under bf16 autocast
 (flash/cuDNN attention through scaled_dot_product_attention), random images/conditions: the model's
-arithmetic throughput, without the data loader. MFU counts model FLOPs (3x forward, from
-``pixeldit.models.flops``) against the device's dense bf16 peak; with activation checkpointing the
+arithmetic throughput, without the data loader. MFU counts model FLOPs (3x forward,
+``pixeldit.models.flops.train_flops``) against the device's dense bf16 peak; with activation checkpointing the
 recomputed forward is not counted (hardware utilisation would be 4/3 of the MFU printed).
 A case whose batch does not fit is retried at half the batch until it does.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pixeldit.models import build_model, get_model_args
-from pixeldit.models.flops import train_flops_per_image
+from pixeldit.models.flops import train_flops
 from pixeldit.train.activation_checkpointing import apply_activation_checkpointing
 from pixeldit.storage import write_text_atomic
 from pixeldit.train.metrics import device_peak_tflops
@@ -73,7 +73,7 @@ def run_case(case: Case, steps: int, warmup: int, compile_model: bool) -> dict:
     end.record()
     torch.cuda.synchronize()
     step_s = start.elapsed_time(end) / 1000 / steps
-    flops = train_flops_per_image(args, H, H) * B
+    flops = train_flops(args, H, H) * B
     return {
         "size": case.size, "res": H, "batch": B, "ckpt": case.ckpt, "compile": compile_model,
         "step_s": step_s, "img_per_s": B / step_s, "tflops": flops / step_s / 1e12,

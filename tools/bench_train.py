@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-from pixeldit.models.flops import forward_flops
+from pixeldit.models.flops import train_flops
 from pixeldit.train.config import RunConfig, StageConfig
 from pixeldit.train.curriculum import Curriculum
 from pixeldit.train.ema import EMA
@@ -161,7 +161,7 @@ def run_case(case: Case, zero: str, precision: str, compile_mode: str, steps: in
             phases_list.append(phases.seconds())
     step_s = statistics.median(times)
     peak = device_peak_tflops()
-    flops = 3 * forward_flops(args, case.res, case.res) * case.batch
+    flops = train_flops(args, case.res, case.res) * case.batch
     breakdown = {k: statistics.median(p[k] for p in phases_list) for k in phases_list[0]}
     row = {"case": str(case), "zero": zero, "precision": precision, "world": world,
            "compile": bundle.compile.enabled, "step_s": step_s, "img_per_s_per_rank": case.batch / step_s,

@@ -3,12 +3,19 @@
 Layout of a cache folder (local or any fsspec URL; by default the dataset's
 ``data_pipeline.dataset_format.text_embedding_dir``)::
 
-    meta.json                       format, encoder fingerprint, dtype, max_length, dim, shard list (written LAST)
+    meta.json                       format, encoder fingerprint, dtype, max_length, dim, samples and captions
+                                    per shard (written LAST)
     null.safetensors                the unconditional embedding: emb (1, T, C) float32, mask (1, T) uint8
     emb/{shard}.safetensors         per data shard (same relative path as the tar): one tensor
-                                    emb (sum of lengths, C) float16|bfloat16 holding each sample's valid
-                                    token states back to back, sample_index order; header metadata:
-                                    lengths (JSON list, one per sample), num_samples, fingerprint
+                                    emb (sum of lengths, C) float16|bfloat16 holding every caption's valid
+                                    token states back to back, in (sample_index, caption_index) order; header
+                                    metadata: lengths (JSON list, one per caption), caption_counts (JSON list,
+                                    captions per sample), captions_sha (SHA-256 of the captions), num_samples,
+                                    fingerprint
+
+Format 3 stores every caption of a sample (``dataset_format.caption_sets_by_shard``: the original caption and
+the recaptions of captions.parquet, caption_index order; ``lookup(..., caption_indices)`` picks one). Format 2
+caches (one caption per sample, no caption_counts) still load: caption index 0 only.
 
 A caption's mask is always a prefix of ones (right padding), so only its ``length`` valid states are
 stored (captions are mostly far shorter than max_length = 300: ~5x less disk). ``lookup`` reads the
@@ -16,14 +23,15 @@ shard header once (one small ranged read, then cached) and then exactly each sam
 concurrently on object stores (``fs.cat_ranges``): random access over many shards costs one small read
 per sample, never a whole shard.
 
-``precompute_text_embeddings`` reads the dataset's captions per shard (``dataset_format.captions_by_shard``),
-encodes them shard by shard (resumable: shards already written with the same fingerprint are skipped;
+``precompute_text_embeddings`` reads the dataset's caption sets per shard (``dataset_format.caption_sets_by_shard``),
+encodes them shard by shard (resumable: shards already written with the same fingerprint and captions are skipped;
 ``part``/``num_parts`` split the shards over several processes), and the process that finds every shard
 present and matching writes meta.json. ``TextEmbeddingCache`` refuses a cache made by a different
 encoder / system prompt / max_length.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,12 +42,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from data_pipeline.dataset_format import SAMPLES, captions_by_shard, text_embedding_dir
+from data_pipeline.dataset_format import SAMPLES, caption_sets_by_shard, text_embedding_dir
 from pixeldit.storage import fs_and_path, join, write_bytes_atomic, write_json_atomic
 
 from .text_encoder import TextEncoder
 
-FORMAT = 2
+FORMAT = 3
+READ_FORMATS = (2, 3)  # 2: one caption per sample (no caption_counts in the shard headers)
 CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _HEADER_PROBE = 1 << 16  # first read of a shard file: covers the header of shards up to ~10k samples
@@ -61,9 +70,18 @@ class ShardHeader:
     data_start: int  # byte offset of the emb tensor's data
     dtype: torch.dtype
     dim: int
-    lengths: list[int]
-    offsets: list[int]  # token offset of each sample, len = num_samples + 1
+    lengths: list[int]  # per caption
+    offsets: list[int]  # token offset of each caption, len = num_captions + 1
+    first_caption: list[int]  # caption number of each sample's caption 0, len = num_samples + 1
     fingerprint: dict
+    captions_sha: str | None  # None in format 2 files
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.first_caption) - 1
+
+    def caption_counts(self) -> list[int]:
+        return [b - a for a, b in zip(self.first_caption[:-1], self.first_caption[1:])]
 
 
 def read_shard_header(fs, path: str) -> ShardHeader:
@@ -77,12 +95,23 @@ def read_shard_header(fs, path: str) -> ShardHeader:
     if emb is None or "lengths" not in meta:
         raise ValueError(f"{path}: not a text-embedding shard (no emb tensor / lengths); rebuild the cache")
     lengths = json.loads(meta["lengths"])
-    offsets = [0]
+    counts = json.loads(meta["caption_counts"]) if "caption_counts" in meta else [1] * len(lengths)  # format 2
+    if sum(counts) != len(lengths) or min(counts, default=1) < 1:
+        raise ValueError(f"{path}: caption_counts {counts[:8]}... do not add up to {len(lengths)} captions; rebuild "
+                         "the cache")
+    offsets, first = [0], [0]
     for length in lengths:
         offsets.append(offsets[-1] + length)
+    for count in counts:
+        first.append(first[-1] + count)
     return ShardHeader(path=path, data_start=8 + n + emb["data_offsets"][0], dtype=_ST_DTYPES[emb["dtype"]],
-                       dim=int(emb["shape"][1]), lengths=lengths, offsets=offsets,
-                       fingerprint=json.loads(meta["fingerprint"]))
+                       dim=int(emb["shape"][1]), lengths=lengths, offsets=offsets, first_caption=first,
+                       fingerprint=json.loads(meta["fingerprint"]), captions_sha=meta.get("captions_sha"))
+
+
+def captions_digest(caption_sets: list[list[str]]) -> str:
+    """SHA-256 of one shard's caption sets (what its cache file encodes)."""
+    return hashlib.sha256(json.dumps(caption_sets, ensure_ascii=False).encode()).hexdigest()
 
 
 def _encode_shard(encoder: TextEncoder, captions: list[str], batch_size: int, dtype: torch.dtype,
@@ -96,7 +125,7 @@ def _encode_shard(encoder: TextEncoder, captions: list[str], batch_size: int, dt
         for i in range(emb.shape[0]):
             length = int(mask[i].sum())
             if not mask[i, :length].all():
-                raise ValueError(f"shard {shard} sample {s + i}: the encoder's mask is not a prefix of ones "
+                raise ValueError(f"shard {shard} caption {s + i}: the encoder's mask is not a prefix of ones "
                                  "(left padding?); the cache stores prefixes only")
             packed.append(emb[i, :length].to("cpu", dtype))
             lengths.append(length)
@@ -107,10 +136,11 @@ def precompute_text_embeddings(data_root: str, encoder: TextEncoder, cache_dir: 
                                batch_size: int = 64, dtype: str = "fp16", storage_options: dict | None = None,
                                progress: bool = True, part: int = 0, num_parts: int = 1,
                                overwrite: bool = False) -> str:
-    """Encode every caption of the dataset at ``data_root`` (default cache: ``text_embedding_dir(data_root)``).
+    """Encode every caption of every sample of the dataset at ``data_root`` (default cache:
+    ``text_embedding_dir(data_root)``).
 
-    Returns the cache URL. Shards whose file already holds this encoder's fingerprint are skipped
-    unless ``overwrite``. With ``num_parts`` > 1, process ``part`` encodes shards part, part + num_parts, ...
+    Returns the cache URL. Shards whose file already holds this encoder's fingerprint and these captions are
+    skipped unless ``overwrite``. With ``num_parts`` > 1, process ``part`` encodes shards part, part + num_parts, ...
     """
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"unknown cache dtype {dtype!r}; valid: {', '.join(CACHE_DTYPES)}")
@@ -120,7 +150,7 @@ def precompute_text_embeddings(data_root: str, encoder: TextEncoder, cache_dir: 
     if not 0 <= part < num_parts:
         raise ValueError(f"part {part} must be in 0..{num_parts - 1}")
     cache_dir = cache_dir or text_embedding_dir(data_root)
-    captions = captions_by_shard(data_root, storage_options)
+    captions = caption_sets_by_shard(data_root, storage_options)
     cfs, croot = fs_and_path(cache_dir, storage_options)
     fp = encoder.fingerprint()
     meta_path = f"{croot}/{META}"
@@ -129,13 +159,13 @@ def precompute_text_embeddings(data_root: str, encoder: TextEncoder, cache_dir: 
     shards = sorted(captions)
     for shard in tqdm(shards[part::num_parts], desc=f"text embeddings {part}/{num_parts}", disable=not progress):
         path = f"{croot}/{shard_file(shard)}"
-        if not overwrite and cfs.exists(path):
-            old = read_shard_header(cfs, path)
-            fresh = old.fingerprint == fp and old.dtype == CACHE_DTYPES[dtype]
-            if fresh and len(old.lengths) == len(captions[shard]):
-                continue
-        packed, lengths = _encode_shard(encoder, captions[shard], batch_size, CACHE_DTYPES[dtype], shard)
-        meta = {"lengths": json.dumps(lengths), "num_samples": str(len(lengths)), "fingerprint": json.dumps(fp)}
+        sets = captions[shard]
+        if not overwrite and cfs.exists(path) and _fresh(read_shard_header(cfs, path), fp, dtype, sets):
+            continue
+        flat = [c for caps in sets for c in caps]
+        packed, lengths = _encode_shard(encoder, flat, batch_size, CACHE_DTYPES[dtype], shard)
+        meta = {"lengths": json.dumps(lengths), "caption_counts": json.dumps([len(c) for c in sets]),
+                "captions_sha": captions_digest(sets), "num_samples": str(len(sets)), "fingerprint": json.dumps(fp)}
         write_bytes_atomic(join(cache_dir, shard_file(shard)), st_save({"emb": packed}, metadata=meta),
                            storage_options)
     ne, nm = encoder.encode_null(1)
@@ -145,7 +175,16 @@ def precompute_text_embeddings(data_root: str, encoder: TextEncoder, cache_dir: 
     return cache_dir
 
 
-def _write_meta_if_complete(cache_dir: str, captions: dict[str, list[str]], fp: dict, dtype: str,
+def _fresh(header: ShardHeader, fp: dict, dtype: str, sets: list[list[str]]) -> bool:
+    """A shard file written by this encoder setup for exactly these caption sets (format 2 files: the counts)."""
+    if header.fingerprint != fp or header.dtype != CACHE_DTYPES[dtype]:
+        return False
+    if header.caption_counts() != [len(c) for c in sets]:
+        return False
+    return header.captions_sha is None or header.captions_sha == captions_digest(sets)
+
+
+def _write_meta_if_complete(cache_dir: str, captions: dict[str, list[list[str]]], fp: dict, dtype: str,
                             encoder: TextEncoder, storage_options: dict | None) -> bool:
     """Write meta.json (atomically, last) once every shard file exists with this fingerprint."""
     cfs, croot = fs_and_path(cache_dir, storage_options)
@@ -154,16 +193,18 @@ def _write_meta_if_complete(cache_dir: str, captions: dict[str, list[str]], fp: 
         if not cfs.exists(path):
             return False  # another part is still working
         header = read_shard_header(cfs, path)
-        if header.fingerprint != fp or len(header.lengths) != len(captions[shard]):
+        if header.fingerprint != fp or header.caption_counts() != [len(c) for c in captions[shard]]:
             return False  # a stale file another part has not rewritten yet
     meta = {"format": FORMAT, "fingerprint": fp, "dtype": dtype, "max_length": encoder.max_length,
-            "dim": encoder.dim, "shards": {s: len(captions[s]) for s in sorted(captions)}}
+            "dim": encoder.dim, "shards": {s: len(captions[s]) for s in sorted(captions)},
+            "captions": {s: sum(len(c) for c in captions[s]) for s in sorted(captions)}}
     write_json_atomic(join(cache_dir, META), meta, storage_options)  # last: the cache is complete
     return True
 
 
 class TextEmbeddingCache:
-    """Reads a cache: ``lookup(shards, sample_indices) -> (emb (B, T, C) float32, mask (B, T) bool)``.
+    """Reads a cache: ``lookup(shards, sample_indices[, caption_indices]) -> (emb (B, T, C) float32, mask (B, T)
+    bool)``.
 
     ``expect``: fingerprint fields (e.g. ``encoder.fingerprint()``) the cache must match, else ValueError.
     """
@@ -177,9 +218,9 @@ class TextEmbeddingCache:
             raise FileNotFoundError(f"{meta_path} not found: the text-embedding cache is missing or incomplete; "
                                     "run precompute_text_embeddings for this dataset (every part)")
         self.meta = json.loads(self.fs.cat_file(meta_path))
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: cache format {self.meta.get('format')!r}, this code reads format "
-                             f"{FORMAT}; rebuild the cache with precompute_text_embeddings")
+        if self.meta.get("format") not in READ_FORMATS:
+            raise ValueError(f"{meta_path}: cache format {self.meta.get('format')!r}, this code reads formats "
+                             f"{', '.join(map(str, READ_FORMATS))}; rebuild the cache with precompute_text_embeddings")
         self.fingerprint = self.meta["fingerprint"]
         if expect is not None:
             diff = {k: (self.fingerprint.get(k), v) for k, v in expect.items() if self.fingerprint.get(k) != v}
@@ -207,26 +248,35 @@ class TextEmbeddingCache:
         self._headers.move_to_end(shard)
         return self._headers[shard]
 
-    def lookup(self, shards: str | Sequence[str], sample_indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """States of samples (shard, sample_index): one shard name for all, or one per sample."""
+    def lookup(self, shards: str | Sequence[str], sample_indices,
+               caption_indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """States of samples (shard, sample_index): one shard name for all, or one per sample; caption
+        ``caption_indices[b]`` of each sample (default 0, the samples.parquet caption)."""
         idx = [int(i) for i in sample_indices]
+        cidx = [0] * len(idx) if caption_indices is None else [int(c) for c in caption_indices]
         shards = [shards] * len(idx) if isinstance(shards, str) else list(shards)
-        if len(shards) != len(idx):
-            raise ValueError(f"lookup: {len(shards)} shards for {len(idx)} sample indices")
-        headers, starts, ends = [], [], []
-        for shard, i in zip(shards, idx):
+        if len(shards) != len(idx) or len(cidx) != len(idx):
+            raise ValueError(f"lookup: {len(shards)} shards and {len(cidx)} caption indices for {len(idx)} samples")
+        headers, starts, ends, caps = [], [], [], []
+        for shard, i, c in zip(shards, idx, cidx):
             h = self._header(shard)
-            if not 0 <= i < len(h.lengths):
-                raise IndexError(f"sample_index {i} outside shard {shard} of {len(h.lengths)} samples")
+            if not 0 <= i < h.num_samples:
+                raise IndexError(f"sample_index {i} outside shard {shard} of {h.num_samples} samples")
+            count = h.first_caption[i + 1] - h.first_caption[i]
+            if not 0 <= c < count:
+                raise IndexError(f"caption_index {c} outside the {count} captions of sample {i} of shard {shard} in "
+                                 f"{self.url}; rebuild the cache after the score stage (precompute_text_embeddings)")
+            k = h.first_caption[i] + c  # caption number inside the shard file
             row = h.dim * h.dtype.itemsize  # bytes of one token state
             headers.append(h)
-            starts.append(h.data_start + h.offsets[i] * row)
-            ends.append(h.data_start + h.offsets[i + 1] * row)
+            caps.append(k)
+            starts.append(h.data_start + h.offsets[k] * row)
+            ends.append(h.data_start + h.offsets[k + 1] * row)
         blobs = self.fs.cat_ranges([h.path for h in headers], starts, ends, on_error="raise") if headers else []
         emb = torch.zeros(len(idx), self.max_length, self.dim)  # (B, T, C)
         mask = torch.zeros(len(idx), self.max_length, dtype=torch.bool)  # (B, T)
-        for b, (blob, h, i) in enumerate(zip(blobs, headers, idx)):
-            length = h.lengths[i]
+        for b, (blob, h, k) in enumerate(zip(blobs, headers, caps)):
+            length = h.lengths[k]
             if length == 0:  # an empty caption with a tokenizer that adds no special token
                 continue
             states = torch.frombuffer(bytearray(blob), dtype=h.dtype).view(length, h.dim)  # (len, C)

@@ -71,7 +71,7 @@ FlowDPM there (Euler is the most accurate at such budgets).
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -204,6 +204,7 @@ def flow_unipc(model_fn: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, prog
 
 
 SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun, "flow_dpm": flow_dpm, "flow_unipc": flow_unipc}
+SamplerName = Literal[tuple(SAMPLERS)]  # the names of SAMPLERS as a type (run config: logging.image_sampler)
 SAMPLER_ORDER: dict[str, int] = {"euler": 1, "heun": 2, "flow_dpm": 2, "flow_unipc": 3}  # expected convergence order
 _CALLS_PER_STEP: dict[str, int] = {"euler": 1, "heun": 2, "flow_dpm": 1, "flow_unipc": 1}
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from pixeldit.diffusion.samplers import SAMPLERS
+from pixeldit.errors import CliParser, cli_main
 
 from .protocol import METRICS, PRECISIONS, EvalProtocol, EvalResources
 
@@ -31,7 +31,7 @@ PROG = "pixeldit-eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("target", help="release folder, training run folder (checkpoints/latest) or step folder")
     ap.add_argument("--out", required=True, help="output folder (images, results.json)")
     sets = ap.add_mutually_exclusive_group(required=True)
@@ -63,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=2, help="reference image decoding processes")
     r.add_argument("--no-save-images", action="store_true", help="prompt files / class ids: keep no PNGs")
     r.add_argument("--no-model-card", action="store_true", help="do not add the results to a release's README.md")
-    ap.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     return ap
 
 
@@ -83,22 +82,16 @@ def resources_from_args(a: argparse.Namespace) -> EvalResources:
                          workers=a.workers, save_images=not a.no_save_images, model_card=not a.no_model_card)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> None:
     a = build_parser().parse_args(argv)
     from .run import run_eval  # torch, transformers: after argument parsing
 
-    try:
-        result = run_eval(a.target, protocol_from_args(a), a.out, resources_from_args(a), progress=True)
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as err:  # the user's path, setting or install
-        if a.traceback or os.environ.get("PIXELDIT_TRACEBACK") == "1":
-            raise
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    result = run_eval(a.target, protocol_from_args(a), a.out, resources_from_args(a), progress=True)
     print(json.dumps({"metrics": result["metrics"], "images": result["num_images"], "sampling": result["sampling"],
                       "results": os.path.join(a.out, "results.json"),
                       **({"model_card": result["model_card"]} if "model_card" in result else {})}, indent=1))
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    """pixeldit-eval; user errors: one line, exit code 2 (``pixeldit.errors.cli_main``)."""
+    return cli_main(PROG, run, argv)

@@ -15,15 +15,14 @@ with the very extractor that made them.
   (``DinoV2Teacher.from_pretrained``: a local transformers folder), images resized bicubic (antialiased)
   to 224 x 224, ImageNet normalisation, the layer-normed CLS token (``pooler_output``; 1024 for ViT-L/14).
 - ``ClipScorer`` (CLIP score, Hessel et al. 2021 as torchmetrics defines it: 100 * max(cos(image, text), 0)
-  averaged over images): a transformers ``CLIPModel`` folder (e.g. an openai/clip-vit-large-patch14
-  snapshot) with its tokenizer; images resized (shorter side) and centre-cropped to the model's image
-  size, normalised with the folder's ``preprocessor_config.json`` mean/std (OpenAI's if absent). open_clip
-  was rejected: its model code imports torchvision at import time.
+  averaged over images): the project's one CLIP loader, ``data_pipeline.clip.ClipEmbedder`` (a local
+  transformers ``CLIPModel`` folder, e.g. an openai/clip-vit-large-patch14 snapshot, with its tokenizer;
+  images resized (shorter side) and centre-cropped to the model's image size, normalised with the folder's
+  ``preprocessor_config.json`` mean/std). The data pipeline's score stage embeds with the same class. open_clip
+  was rejected: its package imports torchvision at import time (data_pipeline/clip.py says more).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -31,31 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.clip import ClipEmbedder, to_float_images, weights_fingerprint
+
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the name clean-fid's loader opens inside a folder
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def weights_fingerprint(path: str | os.PathLike, preprocessing: str) -> str:
-    """SHA-256 over the file (or every file of the folder, sorted, names included) and a preprocessing tag."""
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-    h = hashlib.sha256(preprocessing.encode())
-    for f in files:
-        h.update(str(f.relative_to(p) if f != p else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:20]
-
-
-def _to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1] on ``device``."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (B, H, W, 3), got {images.dtype} {images.shape}")
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
 
 
 class InceptionExtractor:
@@ -110,59 +89,25 @@ class DinoV2Extractor:
     @torch.no_grad()
     def features(self, images: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, C) float64."""
-        x = _to_float(images, self.device)
+        x = to_float_images(images, self.device)
         x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
         x = (x.clamp(0, 1) - self.mean) / self.std
         return self.backbone(pixel_values=x).pooler_output.double().cpu().numpy()  # (B, C) layer-normed CLS
 
 
 class ClipScorer:
-    """CLIP score of images against their prompts with a local transformers CLIP (module docstring)."""
+    """CLIP score of images against their prompts: the project's CLIP loader (``data_pipeline.clip.ClipEmbedder``,
+    also used by the data score stage) and 100 * max(cos, 0) (module docstring)."""
 
     name = "clip"
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
-        if not path or not os.path.isdir(path):
-            raise FileNotFoundError(f"CLIP folder {str(path)!r} not found: pass a local transformers CLIPModel folder "
-                                    "(config.json, weights, tokenizer; e.g. an openai/clip-vit-large-patch14 snapshot)")
-        from transformers import AutoConfig, AutoTokenizer, CLIPModel
+        self.embedder = ClipEmbedder(path, device)
+        self.fingerprint = self.embedder.fingerprint
 
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if config.model_type != "clip":
-            raise ValueError(f"{path}/config.json: model_type {config.model_type!r} is not a CLIP model ('clip')")
-        self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.size = int(config.vision_config.image_size)
-        self.max_tokens = int(config.text_config.max_position_embeddings)
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        pre = Path(path) / "preprocessor_config.json"
-        if pre.exists():
-            d = json.loads(pre.read_text())
-            mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        self.fingerprint = f"{self.name}-{weights_fingerprint(path, f'short-side bicubic-aa {self.size} crop')}"
-
-    def _pixels(self, images: np.ndarray) -> torch.Tensor:
-        x = _to_float(images, self.device)  # (B, 3, H, W)
-        h, w = x.shape[2:]
-        scale = self.size / min(h, w)
-        nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-        top, left = (nh - self.size) // 2, (nw - self.size) // 2
-        x = x[:, :, top:top + self.size, left:left + self.size].clamp(0, 1)  # (B, 3, S, S)
-        return (x - self.mean) / self.std
-
-    @torch.no_grad()
     def scores(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         """(B, H, W, 3) uint8 and B prompts -> (B,) float64: 100 * max(cos(image, text), 0)."""
         if len(prompts) != len(images):
             raise ValueError(f"CLIP score: {len(images)} images but {len(prompts)} prompts")
-        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_tokens,
-                                return_tensors="pt").to(self.device)
-        img = self.model.get_image_features(pixel_values=self._pixels(images))  # (B, E)
-        txt = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        img, txt = (getattr(o, "pooler_output", o) for o in (img, txt))  # tensors (transformers returns either)
-        cos = F.cosine_similarity(img.float(), txt.float(), dim=-1)
-        return (100.0 * cos.clamp(min=0)).double().cpu().numpy()
+        cos = (self.embedder.image_embeddings(images) * self.embedder.text_embeddings(prompts)).sum(-1)  # (B,)
+        return (100.0 * cos.clamp(min=0)).double().numpy()

@@ -3,8 +3,8 @@
 Convention: a Linear applied to n tokens costs 2 * n * in * out; attention over L tokens of width C costs
 4 * L^2 * C (Q K^T and A V). Norms, activations, RoPE and other element-wise work are not counted. Every
 Linear of the network is counted, so the total equals ``torch.utils.flop_counter.FlopCounterMode`` on a real
-forward (checked in tests). Counts are per image, forward only; training costs about 3x (4x with activation
-checkpointing, which recomputes the forward).
+forward (checked in tests). Counts are per image. Training counts ``train_flops`` = 3x forward (forward +
+backward); the forward that activation checkpointing recomputes is not counted (model FLOPs, as for MFU).
 """
 from __future__ import annotations
 
@@ -90,6 +90,6 @@ def forward_flops(args: ModelArgs, height: int, width: int, compaction: bool = T
     return forward_flops_breakdown(args, height, width, compaction).total
 
 
-def train_flops_per_image(args: ModelArgs, height: int, width: int, activation_checkpointing: bool = False) -> int:
-    """Forward + backward (2x forward) FLOPs; checkpointing recomputes the forward once more."""
-    return (4 if activation_checkpointing else 3) * forward_flops(args, height, width)
+def train_flops(args: ModelArgs, height: int, width: int) -> int:
+    """Model FLOPs of training on one (height, width) image: forward + backward = 3x forward (MFU's numerator)."""
+    return 3 * forward_flops(args, height, width)

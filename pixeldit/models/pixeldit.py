@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import LabelEmbedder, RMSNorm, TimestepEmbedder, rope_2d, rope_text
-from .patch_blocks import MMDiTBlock, PatchBlock
-from .pixel_blocks import PiTBlock, PixelEmbed, PixelHead, patchify_pixels, unpatchify_pixels
+from .patch_blocks import AdaLNZero, MMDiTBlock, PatchBlock
+from .pixel_blocks import PiTBlock, PixelEmbed, PixelHead, PixelwiseAdaLN, patchify_pixels, unpatchify_pixels
 from .sizes import ModelArgs
 
 
@@ -84,7 +84,7 @@ class PixelDiT(nn.Module):
         if hasattr(self, "text_pos"):
             nn.init.normal_(self.text_pos, std=1.0)
         for m in self.modules():
-            if m.__class__.__name__ in ("AdaLNZero", "PixelwiseAdaLN"):
+            if isinstance(m, (AdaLNZero, PixelwiseAdaLN)):
                 nn.init.zeros_(m.linear.weight)
                 nn.init.zeros_(m.linear.bias)
         nn.init.zeros_(self.head.linear.weight)

@@ -17,6 +17,7 @@ import argparse
 import re
 import time
 
+from pixeldit import run_folder
 from pixeldit.errors import CliParser, cli_main
 
 from .config import DEFAULT_DTYPE, DEFAULT_WEIGHTS, DTYPES, WEIGHTS, add_sampler_flags, sampler_flags
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--universal", action="store_true",
                     help="write a DeepSpeed universal checkpoint (resume on another number of ranks) instead")
     ap.add_argument("--workers", type=int, default=1, help="processes of the universal conversion")
+    ap.add_argument("--verify", choices=run_folder.VERIFY_MODES, default="size",
+                    help="checks of the checkpoint before reading it: every file of its manifest with its size "
+                         "(size, a stat per file), or also its SHA-256 (full, ~1 s per GB); a damaged `latest` "
+                         "falls back to the newest intact step folder, said on stderr (default: %(default)s)")
     return ap
 
 
@@ -58,7 +63,7 @@ def run(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     t0 = time.time()
     if a.universal:
-        out = to_universal(a.checkpoint, a.out, workers=a.workers)
+        out = to_universal(a.checkpoint, a.out, workers=a.workers, verify=a.verify)
         print(f"universal checkpoint: {out} ({time.time() - t0:.1f} s). Resume it on any number of ranks in a new "
               f"run folder:\n  pixeldit-train --config RUN.yaml run_dir=NEW_RUN checkpoint.resume_from={out} "
               f"checkpoint.load_universal=true")
@@ -66,7 +71,7 @@ def run(argv: list[str]) -> None:
     if not a.out:
         ap.error("the release folder (out) is required unless --universal")
     out = export_release(a.checkpoint, a.out, weights=a.weights, dtype=a.dtype, max_shard_bytes=a.max_shard_size,
-                         sampler=sampler_flags(a))
+                         sampler=sampler_flags(a), verify=a.verify)
     print(f"release: {out} ({a.weights} weights, {a.dtype}, {time.time() - t0:.1f} s)")
 
 

@@ -75,11 +75,12 @@ def checkpoint_weights(step_dir: Path, weights: Weights, dtype: torch.dtype) -> 
 
 def export_release(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, weights: Weights = DEFAULT_WEIGHTS,
                    dtype: str = DEFAULT_DTYPE, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                   sampler: dict[str, Any] | None = None) -> Path:
-    """Write a release folder from a training checkpoint (step folder or run folder); returns the folder."""
+                   sampler: dict[str, Any] | None = None, verify: str = "size") -> Path:
+    """Write a release folder from a training checkpoint (step folder or run folder); returns the folder.
+    ``verify``: the checks of the checkpoint first (``run_folder.checkpoint_problem``: "size" or "full")."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r}; valid values: {', '.join(DTYPES)}")
-    step_dir = run_folder.resolve_checkpoint(checkpoint)
+    step_dir = run_folder.resolve_checkpoint(checkpoint, verify=verify)
     cfg = release_config(step_dir, weights, dtype, sampler)
     state = checkpoint_weights(step_dir, weights, DTYPES[dtype])
     return save_release(state, cfg, out_dir, max_shard_bytes)

@@ -1,8 +1,8 @@
 """Official NVlabs/PixelDiT checkpoints <-> PixelDiT release folders.
 
-    python -m pixeldit.release.official import imagenet256_pixeldit_xl_epoch320.ckpt releases/xl-official
-    python -m pixeldit.release.official import pixeldit_t2i_v1.pth releases/t2i-official --allow-pickle
-    python -m pixeldit.release.official export releases/t2i-official pixeldit_t2i.safetensors
+    pixeldit-official import imagenet256_pixeldit_xl_epoch320.ckpt releases/xl-official
+    pixeldit-official import pixeldit_t2i_v1.pth releases/t2i-official --allow-pickle
+    pixeldit-official export releases/t2i-official pixeldit_t2i.safetensors
 
 Import reads an official checkpoint (the class-conditional ImageNet XL ``.ckpt`` files of
 nvidia/PixelDiT-ImageNet, the text-to-image ``pixeldit_t2i_v1.pth`` of nvidia/PixelDiT-1300M-1024px, with or
@@ -52,6 +52,9 @@ from safetensors.torch import save_file
 
 from pixeldit.conditioning.text_encoder import OFFICIAL_SYSTEM_PROMPT
 from pixeldit.models import MODEL_SIZES, ModelArgs, build_model
+
+from pixeldit.errors import CliParser, cli_main
+from pixeldit.storage import atomic_local_file
 
 from . import DTYPES, ReleaseConfig, SamplerDefaults, from_pretrained
 from .safe_load import UnsafeCheckpointError, safe_load
@@ -380,23 +383,22 @@ def export_official(release: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise ValueError(f"{out}: unknown format {out.suffix!r}; valid suffixes: {', '.join(EXPORT_FORMATS)}")
     model, _ = from_pretrained(release, dtype=DTYPES[ReleaseConfig.load(release).dtype])  # as stored
     state = ours_to_official({k: v.contiguous() for k, v in model.state_dict().items()}, model.args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if out.suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    else:
-        prefixes = ("core.",) if model.args.conditioning == "text" else ("denoiser.", "ema_denoiser.")
-        torch.save({"state_dict": {p + k: v for p in prefixes for k, v in state.items()}}, tmp)
-    os.replace(tmp, out)
+    with atomic_local_file(out) as tmp:
+        if out.suffix == ".safetensors":
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+        else:
+            prefixes = ("core.",) if model.args.conditioning == "text" else ("denoiser.", "ema_denoiser.")
+            torch.save({"state_dict": {p + k: v for p in prefixes for k, v in state.items()}}, tmp)
     return out
 
 
 # ------------------------------------------------------------------------------------------ CLI
 
+PROG = "pixeldit-official"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pixeldit.release.official", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="official checkpoint -> release folder")
     imp.add_argument("checkpoint", help="official .ckpt / .pth / .safetensors file")
@@ -416,22 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def run(argv: list[str]) -> None:
+    a = build_parser().parse_args(argv)
+    if a.command == "import":
+        out = import_official(a.checkpoint, a.out, a.weights, a.dtype, a.resolution, a.allow_pickle)
+        args = ReleaseConfig.load(out).args()
+        print(f"release: {out} ({args.name}, {args.conditioning}, post_modulation={args.post_modulation})")
+    else:
+        print(f"official layout: {export_official(a.release, a.out)}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    a = ap.parse_args(argv)
-    try:
-        if a.command == "import":
-            out = import_official(a.checkpoint, a.out, a.weights, a.dtype, a.resolution, a.allow_pickle)
-            args = ReleaseConfig.load(out).args()
-            print(f"release: {out} ({args.name}, {args.conditioning}, post_modulation={args.post_modulation})")
-        else:
-            print(f"official layout: {export_official(a.release, a.out)}")
-    except (ValueError, FileNotFoundError) as err:  # UnsafeCheckpointError is a ValueError
-        if os.environ.get("PIXELDIT_TRACEBACK"):
-            raise
-        print(f"{ap.prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """pixeldit-official; user errors (UnsafeCheckpointError included): one line, exit code 2."""
+    return cli_main(PROG, run, argv)
 
 
 if __name__ == "__main__":

@@ -50,11 +50,13 @@ def consolidate_model(step_dir: str | os.PathLike, prefix: str = TRAINING_PREFIX
     return training_only(zero_fp32_state(Path(step_dir)), prefix)
 
 
-def to_universal(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, workers: int = 1) -> Path:
-    """Convert a step folder (or a run folder's latest) to DeepSpeed's universal checkpoint; returns its folder."""
+def to_universal(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, workers: int = 1,
+                 verify: str = "size") -> Path:
+    """Convert a step folder (or a run folder's latest) to DeepSpeed's universal checkpoint; returns its folder.
+    ``verify``: the checks of the checkpoint first (``run_folder.checkpoint_problem``: "size" or "full")."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    step_dir = run_folder.resolve_checkpoint(checkpoint)
+    step_dir = run_folder.resolve_checkpoint(checkpoint, verify=verify)
     if run_folder.is_universal_checkpoint(step_dir):
         raise CheckpointError(f"{step_dir} is already a universal checkpoint: resume from it directly")
     out = Path(out_dir) if out_dir else step_dir.with_name(run_folder.universal_dirname(step_dir))

@@ -2,17 +2,21 @@
 
 One concern per module, each with a ``build_*`` factory or a small stateful object:
 
-- ``config``: the typed ``RunConfig`` tree, ``load_config(path, overrides)``, ``save_config``
+- ``config``: the typed ``RunConfig`` tree, ``load_config(path, overrides)`` (validated), ``save_config``
+- ``preflight``: ``preflight(cfg, world_size)``, the files and JSON a run needs, checked before anything starts
 - ``ds_config``: ZeRO JSON of ``ds_configs/`` completed/checked from the run config
-- ``curriculum``: stage spans and per-stage objective
+- ``curriculum``: stage spans (the per-stage objective: ``RunConfig.stage_objective``)
 - ``bucket_sampler`` + ``loader``: rank-aligned bucket batches from samples.parquet, ``build_loader``
 - ``activation_checkpointing`` + ``engine``: ``build_engine`` (model + REPA projector -> DeepSpeed)
 - ``optim``: AdamW and the warmup + constant/cosine ``LRSchedule``
 - ``ema``: ``EMA`` under every ZeRO stage (its file format and ``consolidate_ema``: ``pixeldit.run_folder``)
-- ``checkpoint``: ``CheckpointManager`` (atomic step folders, ``latest`` pointer, keep-k; the names and
-  ``meta.json``: ``pixeldit.run_folder``), ``untie_optimizer_steps`` (a DeepSpeed universal-load fix)
+- ``checkpoint``: ``CheckpointManager`` (atomic, checksummed step folders, ``latest`` pointer, keep-k, the
+  resume point with its fallback; the names, ``meta.json`` and the manifest: ``pixeldit.run_folder``),
+  ``untie_optimizer_steps`` (a DeepSpeed universal-load fix)
+- ``run_lock``: ``RunLock``, one trainer per run folder (a lock file that works on shared file systems)
 - ``conditioning``: class ids / text encoder / embedding cache, REPA teacher
 - ``metrics`` + ``preview``: JSONL, tqdm, wandb, MFU; EMA image grids
+- ``signals``: ``StopFlag``, the one stop-signal mechanism (the CLI's and the launcher job's)
 - ``trainer``: ``run_training(cfg, stop_requested) -> TrainResult``; ``cli``: ``pixeldit-train``
 
 Training never imports ``pixeldit.release``; releases are made from the checkpoints on disk.

@@ -5,7 +5,9 @@ A ``RunConfig`` tree of dataclasses is built from defaults, then a YAML file, th
 (``{run_dir}/config.yaml``). The progressive curriculum is ``stages``: a list of ``StageConfig``, each with
 its own steps, batch, LR, data path, bucket table and time shift. DeepSpeed settings that also live here
 (micro batch, accumulation, precision, gradient clipping) are filled into / checked against the ZeRO JSON
-in ``ds_configs/`` by ``pixeldit.train.engine.build_ds_config``.
+in ``ds_configs/`` by ``pixeldit.train.ds_config.build_ds_config``. ``validate`` checks the config on its
+own (every error a ``ConfigError`` naming the key); ``pixeldit.train.preflight`` also checks the files it
+names before anything starts.
 
 Example (YAML)::
 
@@ -31,17 +33,21 @@ from typing import Any, Literal
 
 import yaml
 
-from pixeldit.diffusion.samplers import SAMPLERS
+from pixeldit.diffusion.objective import ObjectiveConfig
+from pixeldit.diffusion.samplers import SamplerName
+from pixeldit.errors import ConfigError
 from pixeldit.models import MODEL_SIZES, ModelArgs, get_model_args
+from pixeldit.run_folder import VERIFY_MODES
+from pixeldit.storage import write_text_atomic
 
 BucketMode = Literal["fixed", "aspect"]
 Schedule = Literal["constant", "cosine"]
 Precision = Literal["bf16", "fp32"]
-ZeroConfig = Literal["zero1", "zero2", "zero3", "zero3_offload"]
+ZeroConfig = Literal["zero1", "zero2", "zero3", "zero3_offload"]  # the JSONs of ds_configs/ (checked in tests)
 WandbMode = Literal["offline", "online", "disabled"]
 TextMode = Literal["online", "cached"]
 OptimizerName = Literal["adamw"]
-SamplerName = Literal[tuple(SAMPLERS)]  # the names of pixeldit.diffusion.samplers.SAMPLERS
+VerifyMode = Literal[VERIFY_MODES]  # pixeldit.run_folder.checkpoint_problem
 
 
 @dataclass
@@ -50,7 +56,14 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields, e.g. {text_dim: 384}
 
     def args(self) -> ModelArgs:
-        return get_model_args(self.size, **self.overrides)
+        valid = sorted(f.name for f in dataclasses.fields(ModelArgs) if f.name != "name")
+        unknown = sorted(set(self.overrides) - set(valid))
+        if unknown:
+            raise ConfigError(f"model.overrides: unknown ModelArgs fields {unknown}; valid fields: {valid}")
+        try:
+            return get_model_args(self.size, **self.overrides)
+        except ValueError as e:  # an unknown size, or overrides that make an invalid architecture
+            raise ConfigError(f"model (size={self.size!r}, overrides={self.overrides}): {e}") from None
 
 
 @dataclass
@@ -69,7 +82,7 @@ class StageConfig:
     warmup_steps: int = 0  # linear warmup at the start of this stage
     schedule: Schedule = "constant"  # after warmup: constant, or cosine down to lr * min_lr_ratio
     min_lr_ratio: float = 0.0
-    shift: float = 1.0  # timestep shift (SD3-style resolution shift)
+    shift: float | None = None  # timestep shift (SD3-style resolution shift); None: objective.shift
     repa: bool = False  # REPA loss on in this stage
     grad_checkpointing: bool = False  # activation checkpointing of patch and PiT blocks
 
@@ -85,19 +98,9 @@ class OptimConfig:
 
 
 @dataclass
-class ObjectiveSection:
-    """Fields of pixeldit.diffusion.objective.ObjectiveConfig that do not change per stage (shift does)."""
-
-    t_mean: float = 0.0  # logit-normal timestep sampling
-    t_std: float = 1.0
-    repa_weight: float = 0.5
-    cond_drop_prob: float = 0.1  # classifier-free guidance dropout
-
-
-@dataclass
 class DeepSpeedSection:
     zero: ZeroConfig = "zero2"  # ds_configs/{zero}.json
-    config_dir: str = ""  # folder of the ZeRO JSON files; empty: the repository's ds_configs/
+    config_dir: str = ""  # folder of ZeRO JSON files; empty: the ones shipped as pixeldit.ds_configs
     precision: Precision = "bf16"
 
 
@@ -130,7 +133,13 @@ class ConditioningConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1000  # save every N optimizer steps (and at every stage end and at the end)
-    keep: int = 3  # keep the last k step folders
+    keep: int = 3  # keep the last k step folders (up to the newest save; newer folders are never pruned)
+    # checks of the checkpoint a run resumes from: "size" (every file of its manifest.json there with its size; a
+    # stat per file) or "full" (and its SHA-256, spread over the ranks: ~1 s per GB per rank)
+    verify: VerifyMode = "size"
+    # a damaged `latest` (or folder it names) falls back to the newest intact step folder, said in one line;
+    # false: stop with an error instead
+    fallback: bool = True
     resume_from: str = ""  # a step folder to start from when the run has no checkpoint of its own yet
     load_universal: bool = False  # resume_from is a DeepSpeed universal checkpoint (any world size)
 
@@ -160,7 +169,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)
-    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    # pixeldit.diffusion.objective.ObjectiveConfig; per stage, stages[i].shift replaces objective.shift and
+    # repa_weight applies only where stages[i].repa is true
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     compile: CompileSection = field(default_factory=CompileSection)
     data: DataSection = field(default_factory=DataSection)
@@ -177,6 +188,12 @@ class RunConfig:
     @property
     def uses_repa(self) -> bool:
         return any(s.repa for s in self.stages)
+
+    def stage_objective(self, stage: StageConfig) -> ObjectiveConfig:
+        """The objective of one of ``stages``: ``objective`` with the stage's shift (if it sets one) and REPA
+        weight 0 where the stage has no REPA."""
+        return dataclasses.replace(self.objective, shift=self.objective.shift if stage.shift is None else stage.shift,
+                                   repa_weight=self.objective.repa_weight if stage.repa else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,7 +212,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{where}={value!r}; valid values: {', '.join(map(str, args))}")
+            raise ConfigError(f"{where}={value!r}; valid values: {', '.join(map(str, args))}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -206,47 +223,47 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 continue
             try:
                 return _convert(value, a, where)
-            except (TypeError, ValueError) as e:
+            except ConfigError as e:
                 errors.append(str(e))
-        raise TypeError(f"{where}: {value!r} matches none of {_type_name(tp)} ({'; '.join(errors)})")
+        raise ConfigError(f"{where}: {value!r} matches none of {_type_name(tp)} ({'; '.join(errors)})")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
         return _from_dict(tp, value, where)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         return [_convert(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise TypeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_convert(v, a, f"{where}.{i}") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
             try:
                 return float(value)
             except ValueError:
-                raise TypeError(f"{where}: expected a number, got {value!r}") from None
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise TypeError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise TypeError(f"{where}: unsupported annotation {tp!r}")
 
@@ -257,9 +274,14 @@ def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; valid keys here: {names}")
+        raise ConfigError(f"unknown config keys {[prefix + k for k in unknown]}; valid keys here: {names}")
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the dataclass's own checks (e.g. ObjectiveConfig)
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
 def to_dict(cfg: Any) -> Any:
@@ -280,7 +302,7 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """Apply one ``a.b.c=value`` override to a plain dict tree; value parsed as YAML (1e-4, true, [1, 2])."""
     if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key.path=value (e.g. stages.0.lr=1e-4)")
+        raise ConfigError(f"override {override!r} must look like key.path=value (e.g. stages.0.lr=1e-4)")
     path, raw = override.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
     if isinstance(value, str) and raw.strip():
@@ -296,12 +318,12 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise ValueError(f"override {override!r}: {'.'.join(parts[:-1])} is not a section")
+        raise ConfigError(f"override {override!r}: {'.'.join(parts[:-1])} is not a section")
 
 
 def _index(node: list, part: str, where: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise ValueError(f"override key {where!r}: list index {part!r} invalid; valid indices 0..{len(node) - 1}")
+        raise ConfigError(f"override key {where!r}: list index {part!r} invalid; valid indices 0..{len(node) - 1}")
     return int(part)
 
 
@@ -310,23 +332,27 @@ def _child(node: Any, part: str, where: str) -> Any:
         return node[_index(node, part, where)]
     if isinstance(node, dict):
         if part not in node:
-            raise ValueError(f"override key {where!r} does not exist; valid keys: {sorted(node)}")
+            raise ConfigError(f"override key {where!r} does not exist; valid keys: {sorted(node)}")
         return node[part]
-    raise ValueError(f"override key {where!r}: parent is not a section")
+    raise ConfigError(f"override key {where!r}: parent is not a section")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults < YAML file at ``path`` < dotted ``overrides``; validated."""
     tree = to_dict(RunConfig())
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"run config {path} not found (--config)")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: top level must be a mapping of config keys")
+            raise ConfigError(f"{path}: top level must be a mapping of config keys")
         try:
             tree = to_dict(_from_dict(RunConfig, loaded))  # type-checked; unset keys keep their defaults
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     for ov in overrides:
         apply_override(tree, ov)
     cfg = from_dict(tree)
@@ -335,57 +361,55 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Write the config as YAML atomically (tmp file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the config as YAML atomically (``pixeldit.storage.write_text_atomic``)."""
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def validate(cfg: RunConfig) -> None:
-    """Fail early, naming the key at fault."""
+    """Check the config on its own (no file is read); a ``ConfigError`` names the key at fault."""
     if cfg.model.size not in MODEL_SIZES:
-        raise ValueError(f"model.size={cfg.model.size!r}; valid sizes: {', '.join(MODEL_SIZES)}")
+        raise ConfigError(f"model.size={cfg.model.size!r}; valid sizes: {', '.join(MODEL_SIZES)}")
     args = cfg.model.args()
     if not cfg.stages:
-        raise ValueError("stages: the curriculum needs at least one stage")
+        raise ConfigError("stages: the curriculum needs at least one stage")
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
-        raise ValueError(f"stages: stage names must be unique, got {names}")
+        raise ConfigError(f"stages: stage names must be unique, got {names}")
     for i, s in enumerate(cfg.stages):
         where = f"stages.{i} ({s.name})"
         for key in ("steps", "micro_batch", "grad_accum", "resolution", "bucket_align"):
             if getattr(s, key) <= 0:
-                raise ValueError(f"{where}.{key}={getattr(s, key)} must be positive")
+                raise ConfigError(f"{where}.{key}={getattr(s, key)} must be positive")
         if not s.data_path:
-            raise ValueError(f"{where}.data_path is empty: set the dataset root written by data_pipeline")
-        if s.lr <= 0 or s.warmup_steps < 0 or not 0.0 <= s.min_lr_ratio <= 1.0:
-            raise ValueError(f"{where}: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
-        if s.shift <= 0:
-            raise ValueError(f"{where}.shift={s.shift} must be positive")
-        if s.bucket_align % args.patch_size or s.resolution % s.bucket_align:
-            raise ValueError(
-                f"{where}: bucket_align {s.bucket_align} must be a multiple of the patch size {args.patch_size} "
-                f"and resolution {s.resolution} a multiple of bucket_align"
-            )
+            raise ConfigError(f"{where}.data_path is empty: set the dataset root written by data_pipeline")
+        for key, ok, rule in (("lr", s.lr > 0, "> 0"), ("warmup_steps", s.warmup_steps >= 0, ">= 0"),
+                              ("min_lr_ratio", 0.0 <= s.min_lr_ratio <= 1.0, "in [0, 1]"),
+                              ("shift", s.shift is None or s.shift > 0, "> 0")):
+            if not ok:
+                raise ConfigError(f"{where}.{key}={getattr(s, key)} must be {rule}")
+        if s.bucket_align % args.patch_size:
+            raise ConfigError(f"{where}.bucket_align={s.bucket_align} must be a multiple of the patch size "
+                              f"{args.patch_size} of model.size={cfg.model.size!r}")
+        if s.resolution % s.bucket_align:
+            raise ConfigError(f"{where}.resolution={s.resolution} must be a multiple of bucket_align="
+                              f"{s.bucket_align} (itself a multiple of the patch size {args.patch_size})")
     if cfg.uses_repa and not cfg.conditioning.repa_teacher:
-        raise ValueError("conditioning.repa_teacher is empty but a stage has repa: true (set the DINOv2 path)")
+        raise ConfigError("conditioning.repa_teacher is empty but a stage has repa: true (set the DINOv2 path)")
     if args.conditioning == "text":
         c = cfg.conditioning
         if c.text_mode == "online" and not c.text_encoder:
-            raise ValueError("conditioning.text_encoder is empty: a text-to-image model with text_mode=online needs it")
+            raise ConfigError("conditioning.text_encoder is empty: a text-to-image model with text_mode=online needs it")
     if not 0.0 < cfg.ema_decay < 1.0:
-        raise ValueError(f"ema_decay={cfg.ema_decay} must be in (0, 1)")
-    if cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
-        raise ValueError("checkpoint.every and checkpoint.keep must be positive")
-    if cfg.max_consecutive_nonfinite <= 0:
-        raise ValueError("max_consecutive_nonfinite must be positive")
-    if cfg.logging.log_every <= 0 or cfg.logging.image_every < 0:
-        raise ValueError("logging.log_every must be positive and logging.image_every >= 0")
-    if cfg.data.num_workers < 0:
-        raise ValueError("data.num_workers must be >= 0")
-    if cfg.optim.grad_clip < 0:
-        raise ValueError("optim.grad_clip must be >= 0 (0 = off)")
-    if cfg.compile.recompile_budget < 0:
-        raise ValueError(f"compile.recompile_budget={cfg.compile.recompile_budget} must be >= 0")
+        raise ConfigError(f"ema_decay={cfg.ema_decay} must be in (0, 1)")
+    for key, value, ok, rule in (
+        ("checkpoint.every", cfg.checkpoint.every, cfg.checkpoint.every > 0, "> 0"),
+        ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep > 0, "> 0"),
+        ("max_consecutive_nonfinite", cfg.max_consecutive_nonfinite, cfg.max_consecutive_nonfinite > 0, "> 0"),
+        ("logging.log_every", cfg.logging.log_every, cfg.logging.log_every > 0, "> 0"),
+        ("logging.image_every", cfg.logging.image_every, cfg.logging.image_every >= 0, ">= 0 (0 = off)"),
+        ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
+        ("optim.grad_clip", cfg.optim.grad_clip, cfg.optim.grad_clip >= 0, ">= 0 (0 = off)"),
+        ("compile.recompile_budget", cfg.compile.recompile_budget, cfg.compile.recompile_budget >= 0, ">= 0"),
+    ):
+        if not ok:
+            raise ConfigError(f"{key}={value} must be {rule}")

@@ -1,4 +1,5 @@
-"""The progressive curriculum: where a global step falls among the stages, and each stage's objective.
+"""The progressive curriculum: where a global step falls among the stages (each stage's objective:
+``RunConfig.stage_objective``).
 
 Stages run back to back; stage i covers global optimizer steps [start_i, end_i). The trainer asks
 ``stage_of(step)`` (step = number of optimizer steps completed) to know which stage to build, including
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pixeldit.diffusion.objective import ObjectiveConfig
-
-from .config import ObjectiveSection, StageConfig
+from .config import StageConfig
 
 
 @dataclass(frozen=True)
@@ -50,10 +49,3 @@ class Curriculum:
 
     def span(self, index: int) -> StageSpan:
         return self.spans[index]
-
-    def objective(self, index: int, base: ObjectiveSection) -> ObjectiveConfig:
-        """ObjectiveConfig of stage ``index``: shared fields + the stage's shift; REPA weight 0 when off."""
-        stage = self.stages[index]
-        return ObjectiveConfig(t_mean=base.t_mean, t_std=base.t_std, shift=stage.shift,
-                               repa_weight=base.repa_weight if stage.repa else 0.0,
-                               cond_drop_prob=base.cond_drop_prob)

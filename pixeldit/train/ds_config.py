@@ -1,35 +1,58 @@
 """DeepSpeed JSON of a stage: the ZeRO knobs of ``ds_configs/{zero}.json`` + the keys the run config owns.
 
+The JSONs ship inside the package as ``pixeldit.ds_configs`` (the repository's ``ds_configs/`` folder, mapped
+in pyproject.toml) and are read with ``importlib.resources``, so a wheel install finds them too;
+``deepspeed.config_dir`` points at another folder of JSONs instead.
+
 Micro batch, gradient accumulation, train batch size, precision and gradient clipping are defined once, in
-the run config; ``build_ds_config`` fills them in and raises a ValueError naming the file and key when the
+the run config; ``build_ds_config`` fills them in and raises a ConfigError naming the file and key when the
 JSON sets a different value ("auto" counts as unset). ``optimizer``/``scheduler`` sections are refused:
 the trainer builds AdamW and the LR schedule (optim.py).
 """
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pixeldit.errors import ConfigError
 
 from .config import RunConfig, StageConfig
 
-REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+DS_CONFIGS_PACKAGE = "pixeldit.ds_configs"
 _AUTO = "auto"
 
 
-def ds_config_path(cfg: RunConfig) -> Path:
-    folder = Path(cfg.deepspeed.config_dir) if cfg.deepspeed.config_dir else REPO_DS_CONFIGS
+def ds_config_path(cfg: RunConfig) -> Traversable:
+    """``{zero}.json`` in ``deepspeed.config_dir``, or the one shipped in ``pixeldit.ds_configs``."""
+    if cfg.deepspeed.config_dir:
+        folder: Traversable = Path(cfg.deepspeed.config_dir)
+        where = f"deepspeed.config_dir={cfg.deepspeed.config_dir!r}"
+    else:
+        where = f"the package {DS_CONFIGS_PACKAGE}"
+        try:
+            folder = resources.files(DS_CONFIGS_PACKAGE)
+        except ModuleNotFoundError:
+            raise ConfigError(f"{where} is not installed: install pixeldit (pip install -e . in a checkout) or set "
+                              f"deepspeed.config_dir to a folder of ZeRO JSONs") from None
     path = folder / f"{cfg.deepspeed.zero}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"DeepSpeed config {path} not found (deepspeed.zero={cfg.deepspeed.zero!r}, "
-                                f"deepspeed.config_dir={str(folder)!r})")
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} not found (deepspeed.zero={cfg.deepspeed.zero!r}, looked in "
+                          f"{where})")
     return path
 
 
 def build_ds_config(cfg: RunConfig, stage: StageConfig, world_size: int) -> dict[str, Any]:
     """The ZeRO JSON completed with the keys the run config owns; a conflicting JSON value is an error."""
     path = ds_config_path(cfg)
-    ds = json.loads(path.read_text())
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
     owned = {
         "train_micro_batch_size_per_gpu": (stage.micro_batch, f"stages[{stage.name}].micro_batch"),
         "gradient_accumulation_steps": (stage.grad_accum, f"stages[{stage.name}].grad_accum"),
@@ -39,22 +62,22 @@ def build_ds_config(cfg: RunConfig, stage: StageConfig, world_size: int) -> dict
     }
     for key, (value, source) in owned.items():
         if key in ds and ds[key] != _AUTO and ds[key] != value:
-            raise ValueError(f"{path}: '{key}' = {ds[key]!r} conflicts with {source} = {value!r} in the run "
+            raise ConfigError(f"{path}: '{key}' = {ds[key]!r} conflicts with {source} = {value!r} in the run "
                              f"config; remove '{key}' from the JSON (the run config defines it)")
         ds[key] = value
     for section in ("optimizer", "scheduler"):
         if section in ds:
-            raise ValueError(f"{path}: remove the '{section}' section; the trainer builds AdamW and its LR "
+            raise ConfigError(f"{path}: remove the '{section}' section; the trainer builds AdamW and its LR "
                              f"schedule from the run config (optim.*, stages[].lr)")
     want = {"bf16": cfg.deepspeed.precision == "bf16", "fp16": False}
     for key, enabled in want.items():
         got = ds.get(key, {}).get("enabled", _AUTO)
         if got != _AUTO and bool(got) != enabled:
-            raise ValueError(f"{path}: '{key}.enabled' = {got!r} conflicts with deepspeed.precision = "
+            raise ConfigError(f"{path}: '{key}.enabled' = {got!r} conflicts with deepspeed.precision = "
                              f"{cfg.deepspeed.precision!r}; remove '{key}' from the JSON")
         ds[key] = {**ds.get(key, {}), "enabled": enabled}
     if "zero_optimization" not in ds or "stage" not in ds["zero_optimization"]:
-        raise ValueError(f"{path}: needs zero_optimization.stage")
+        raise ConfigError(f"{path}: needs zero_optimization.stage")
     return ds
 
 

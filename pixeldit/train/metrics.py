@@ -1,19 +1,22 @@
 """Logging of a training run: per-step JSONL, progress bar, wandb (offline by default), throughput and MFU.
 
 Rank 0 logs; other ranks only time their steps. Every optimizer step appends one line to
-``{run_dir}/losses.jsonl`` (step, stage, loss, flow, repa, lr, grad_norm, skipped, bucket, samples/s, mfu, the
-step-time breakdown ``time_{data,forward,backward,optimizer,checkpoint}_s`` (``StepPhases``), graph compilations):
-a resumed run appends the steps it re-runs again, so the file also shows that they are identical.
+``{run_dir}/losses.jsonl`` (step, stage, loss, flow, repa, lr, grad_norm, skipped, skip_reason, nonfinite_total,
+bucket, samples/s, mfu, the step-time breakdown ``time_{data,forward,backward,optimizer,checkpoint}_s``
+(``StepPhases``), graph compilations): a resumed run appends the steps it re-runs again, so the file also shows
+that they are identical. Every line is strict JSON: a non-finite number (the NaN loss of a skipped step, an
+infinite gradient norm) is written as ``null``; ``skip_reason`` says which it was.
 wandb runs in ``offline`` mode unless ``logging.wandb=online`` (``disabled`` turns it off); its run id is
 kept in ``{run_dir}/wandb_id.txt`` so a resumed run continues the same wandb run.
 
-MFU = model FLOPs of the step (3x forward per image from ``pixeldit.models.flops``; the recomputed forward
+MFU = model FLOPs of the step (``pixeldit.models.flops.train_flops``: 3x forward per image; the recomputed forward
 of activation checkpointing is not counted) / (step time x world size x peak FLOP/s per device).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 
 from pixeldit.models import ModelArgs
 from pixeldit.diffusion import to_uint8
-from pixeldit.models.flops import forward_flops
+from pixeldit.models.flops import train_flops
 from pixeldit.run_folder import LOSSES
 from pixeldit.storage import atomic_local_file
 
@@ -44,7 +47,7 @@ def device_peak_tflops(override: float = 0.0) -> float | None:
 
 
 class FlopCounter:
-    """Model FLOPs of training on one image of (height, width): 3x forward, cached per size."""
+    """Model FLOPs of training on one image of (height, width) (``train_flops``), cached per size."""
 
     def __init__(self, args: ModelArgs):
         self.args = args
@@ -52,8 +55,14 @@ class FlopCounter:
 
     def train_flops(self, height: int, width: int) -> int:
         if (height, width) not in self._cache:
-            self._cache[(height, width)] = 3 * forward_flops(self.args, height, width)
+            self._cache[(height, width)] = train_flops(self.args, height, width)
         return self._cache[(height, width)]
+
+
+def json_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with non-finite floats (NaN, inf) as None: JSON has no NaN, ``json.dumps`` would write a bare
+    ``NaN`` that strict readers reject."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 class MetricsLogger:
@@ -92,7 +101,7 @@ class MetricsLogger:
     def log_step(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps(json_record(record), allow_nan=False) + "\n")
         self.jsonl.flush()
         step = record["step"]
         if self.bar is not None:

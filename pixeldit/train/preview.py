@@ -54,7 +54,7 @@ def write_preview(cfg: RunConfig, bundle, ema: EMA, conditioner, stage: StageCon
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16"):
             images = generate(model, cond, null_cond, noise=noise, steps=cfg.logging.image_sample_steps,
                               sampler=cfg.logging.image_sampler, cfg_scale=cfg.logging.image_cfg_scale,
-                              shift=stage.shift)  # (N, 3, H, W) in [-1, 1]
+                              shift=cfg.stage_objective(stage).shift)  # (N, 3, H, W) in [-1, 1]
         grid = image_grid(images.float().cpu(), nrow=max(1, int(math.ceil(math.sqrt(n)))))
         path = preview_path(cfg.run_dir, step)
         metrics.log_images(step, grid, path)

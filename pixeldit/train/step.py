@@ -82,11 +82,8 @@ class StepOutcome:
     sizes: list[tuple[int, int]]  # (H, W) of each micro-batch
     buckets: list[str]
     phases: StepPhases
-    _grad_norm: Any = field(default=None, repr=False)  # _HostCopy, float or None
-
-    @property
-    def skipped(self) -> bool:
-        return not self.applied
+    skipped_grad_norm: float | None = None  # the gradient norm of an update DeepSpeed did not apply (read at once)
+    _grad_norm: Any = field(default=None, repr=False)  # an applied step's norm: _HostCopy, float or None
 
     def grad_norm(self) -> float | None:
         """The gradient norm DeepSpeed computed (None when skipped); waits for its copy, so read it late."""
@@ -144,10 +141,13 @@ def train_step(engine, batches: DevicePrefetcher, objective, teacher, *, device:
         batches.preload()  # the next step's first micro-batch, while the optimizer kernels run
     count = (dist.get_world_size() if dist.is_initialized() else 1) * accum
     loss, flow, repa = (float("nan") if nonfinite else float(stats[i]) / count for i in (LOSS, FLOW, REPA))
-    norm = engine.get_global_grad_norm() if applied else None
+    norm = engine.get_global_grad_norm()
+    if not applied:  # rare: reading the norm now (a host synchronisation) tells a non-finite gradient apart
+        skipped_norm = None if norm is None else float(norm)
+        return StepOutcome(applied, nonfinite, stop_agreed, loss, flow, repa, sizes, buckets, phases, skipped_norm)
     if isinstance(norm, torch.Tensor):
         norm = _HostCopy(norm.detach().reshape(()))
-    return StepOutcome(applied, nonfinite, stop_agreed, loss, flow, repa, sizes, buckets, phases, norm)
+    return StepOutcome(applied, nonfinite, stop_agreed, loss, flow, repa, sizes, buckets, phases, None, norm)
 
 
 def agree(flag: bool, device: torch.device) -> bool:

@@ -4,8 +4,12 @@
     result = run_training(cfg)          # under torchrun / SLURM (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)
 
 Outline:
- 1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1);
- 2. rank 0 saves the config into the run folder; find ``checkpoints/latest`` (auto-resume);
+ 0. ``preflight``: the config and every file it names are checked before anything starts;
+ 1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1); rank 0 takes the
+    run-folder lock (``run_lock``: one trainer per run folder) and every rank learns the outcome, so all
+    ranks stop together when another trainer holds it;
+ 2. rank 0 saves the config into the run folder; find the resume point (``checkpoints/latest``, checked; a
+    damaged one falls back to the newest intact step folder, said in one line);
  3. for each curriculum stage from the one the checkpoint is in: build the engine (engine.py; compiled per
     block on CUDA), the EMA, the loader; load the checkpoint (the same path serves a resume and a stage
     boundary, so both are exact); wrap the loader in the device prefetcher (prefetch.py); agree on the stop flag;
@@ -15,13 +19,18 @@ Outline:
     flag; optimizer step; EMA update if the step was applied; log (the record of a step is written one step
     later, when its device timings and gradient norm are ready without waiting); checkpoint every N steps and
     at the end of the stage; stop after the step if any rank asked to;
- 5. a non-finite loss skips the step on every rank (no update, counted, same data stream), and so does any
-    update DeepSpeed skips; ``max_consecutive_nonfinite`` in a row raises ``NonFiniteLossError``, leaving the
-    last good checkpoint as ``latest``.
+ 5. skipped steps (the contract, ``skip_reason``): a step counts as applied only when the optimizer applied
+    it. A non-finite loss (its NaN-gated last backward makes DeepSpeed drop the step's gradients), a
+    non-finite gradient norm, or an update DeepSpeed did not apply (its overflow check) is a skipped step:
+    counted in ``nonfinite_total``, logged with ``skipped: true`` and its ``skip_reason``, no EMA update, no
+    periodic checkpoint while the streak lasts; ``max_consecutive_nonfinite`` skipped steps in a row log the
+    last one and raise ``NonFiniteLossError`` naming that logged step, leaving the last good checkpoint as
+    ``latest``.
 """
 from __future__ import annotations
 
 import gc
+import math
 import os
 import socket
 import time
@@ -32,6 +41,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.distributed as dist
 
+from pixeldit.errors import CheckpointError
 from pixeldit.models import ModelArgs
 from pixeldit.run_folder import RUN_CONFIG, read_meta
 
@@ -43,13 +53,42 @@ from .ema import EMA
 from .engine import EngineBundle, build_engine
 from .loader import build_loader
 from .metrics import FlopCounter, MetricsLogger, StepPhases
+from .preflight import preflight
 from .prefetch import DevicePrefetcher
 from .preview import write_preview
-from .step import StepOutcome, agree, step_generator, train_step
+from .run_lock import RunFolderLocked, RunLock
+from .step import StepOutcome, agree, train_step
+
+# why a step was skipped (losses.jsonl "skip_reason"); see skip_reason
+SKIP_NONFINITE_LOSS = "nonfinite_loss"  # a micro-batch loss was NaN/inf on some rank: no update
+SKIP_NONFINITE_GRAD = "nonfinite_grad"  # the global gradient norm was NaN/inf: DeepSpeed skipped the update
+SKIP_NOT_APPLIED = "not_applied"  # DeepSpeed reported the update as not applied (its overflow check)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row; the run stops and keeps its last good checkpoint."""
+    """Too many skipped steps (non-finite loss or gradient) in a row; the run stops and keeps its last good
+    checkpoint."""
+
+
+def skip_reason(loss_finite: bool, applied: bool, grad_norm: float | None) -> str | None:
+    """Why a step counts as skipped, or None when the optimizer applied it (the skip contract).
+
+    ``loss_finite``: every micro-batch loss of the step was finite on every rank (else there was no optimizer
+    step, or one that dropped the gradients); ``applied``: ``engine.was_step_applied()`` after ``engine.step()``;
+    ``grad_norm``: ``engine.get_global_grad_norm()`` (None when DeepSpeed does not compute it).
+    A skipped step leaves the weights and the EMA unchanged and joins the non-finite streak. An update that
+    WAS applied with a non-finite gradient norm would have written NaN/inf into the weights: that is a
+    configuration error (DeepSpeed's overflow check is off), raised as RuntimeError.
+    """
+    if not loss_finite:
+        return SKIP_NONFINITE_LOSS
+    norm_finite = grad_norm is None or math.isfinite(grad_norm)
+    if applied and not norm_finite:
+        raise RuntimeError(f"DeepSpeed applied an update with gradient norm {grad_norm}: the weights are no longer "
+                           f"finite; remove 'check_grad_overflow: false' from the ZeRO JSON")
+    if not norm_finite:
+        return SKIP_NONFINITE_GRAD
+    return None if applied else SKIP_NOT_APPLIED
 
 
 @dataclass
@@ -97,7 +136,7 @@ def pick_free_port() -> int:
 def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[str, Any]:
     stage = cfg.stages[stage_index]
     return {"stage_index": stage_index, "stage_name": stage.name, "model_args": cfg.model.args().to_dict(),
-            "resolution": stage.resolution, "shift": stage.shift, "buckets": stage.buckets,
+            "resolution": stage.resolution, "shift": cfg.stage_objective(stage).shift, "buckets": stage.buckets,
             "bucket_align": stage.bucket_align, "text_encoder": cfg.conditioning.text_encoder,
             "system_prompt": resolved_system_prompt(cfg, cfg.model.args()), "zero": cfg.deepspeed.zero,
             "precision": cfg.deepspeed.precision, "world_size": world_size,
@@ -105,17 +144,59 @@ def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[
 
 
 def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
-    # 1-2. process group, run folder, resume point
+    # 0. nothing started yet: a bad config or a missing file leaves no process group, run folder or wandb run
+    preflight(cfg)
+    # 1. process group, run-folder lock
     info = init_distributed()
+    lock = None
+    try:
+        lock, lock_note = _take_run_lock(Path(cfg.run_dir), info.rank)
+        return _run(cfg, info, lock, lock_note, stop_requested)
+    finally:
+        if lock is not None:
+            lock.release()
+        if info.owns_group:  # also on errors, so the process exits cleanly
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
+
+
+def _take_run_lock(run_dir: Path, rank: int) -> tuple[RunLock | None, str | None]:
+    """Rank 0 takes the run-folder lock; every rank gets the outcome and raises the same error, so no rank
+    starts work on a folder another trainer holds. Returns (the lock on rank 0 else None, a takeover note)."""
+    lock, outcome, failure = None, [None], None
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir)
+            outcome = [("ok", lock.acquire())]
+        except Exception as err:  # noqa: BLE001 (sent to every rank first: all stop together)
+            failure = err
+            outcome = [("locked" if isinstance(err, RunFolderLocked) else "error", str(err))]
+    dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    kind, text = outcome[0]
+    if kind == "locked":
+        raise RunFolderLocked(text)
+    if kind == "error":
+        raise RuntimeError(f"rank 0 could not take the run-folder lock: {text}")
+    return lock, text
+
+
+def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | None,
+         stop_requested: Callable[[], bool] | None) -> TrainResult:
+    # 2. run folder, resume point
     rank, world = info.rank, info.world_size
     run_dir = Path(cfg.run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / RUN_CONFIG)
     dist.barrier()
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, rank, world)
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, rank, world, cfg.checkpoint.verify,
+                             cfg.checkpoint.fallback, lock)
     curriculum = Curriculum(cfg.stages)
-    latest, universal = ckpt.latest(), False
+    latest, resume_note = ckpt.resume_point()
+    universal = False
     if latest is None and cfg.checkpoint.resume_from:  # e.g. a universal checkpoint for a new world size
         latest, universal = Path(cfg.checkpoint.resume_from), cfg.checkpoint.load_universal
     meta = read_meta(latest) if latest is not None else {}
@@ -131,6 +212,9 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
     teacher = build_teacher(cfg, device)
     encoder = load_text_encoder(cfg, args, device)
     metrics = MetricsLogger(cfg, rank, world, step)
+    for note in (lock_note, resume_note):
+        if note:
+            metrics.write(f"note: {note}")
     flops = FlopCounter(args)
     losses: list[float] = []
     nonfinite = {"consecutive": 0, "total": 0}
@@ -140,7 +224,7 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
         while step < curriculum.total_steps and status == "finished":
             stage_index = curriculum.stage_of(step)
             span, stage = curriculum.span(stage_index), cfg.stages[stage_index]
-            objective = curriculum.objective(stage_index, cfg.objective)
+            objective = cfg.stage_objective(stage)
             conditioner = build_conditioner(cfg, args, device, stage_index, encoder)
             bundle = build_engine(cfg, stage_index, world, teacher.dim if teacher is not None else None, universal)
             ema = EMA(bundle.model, cfg.ema_decay, bundle.zero3, world, rank)
@@ -166,8 +250,11 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
                 nonlocal pending
                 if pending is not None:
                     record, done = pending
-                    metrics.log_step({**record, "grad_norm": done.grad_norm(), **done.phases.seconds()})
                     pending = None
+                    norm = done.grad_norm()
+                    if done.applied:
+                        skip_reason(True, True, norm)  # an update applied with a non-finite norm: raises
+                    metrics.log_step({**record, "grad_norm": norm, **done.phases.seconds()})
 
             def save() -> Path:
                 client_state = {"stage_index": stage_index, "step": step, "loader": batches.state_dict(),
@@ -183,17 +270,12 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
                 out = train_step(bundle.engine, batches, objective, teacher, device=bundle.device, seed=cfg.seed,
                                  rank=rank, step=step, stop=stop_requested is not None and stop_requested(),
                                  phases=phases)
-                # 5. skipped steps (a non-finite loss, or an update DeepSpeed skipped)
-                if out.skipped:
+                # 5. skipped steps: counted, no EMA update (skip_reason; an applied step's gradient norm is
+                # checked when its record is written, one step later, see flush)
+                reason = skip_reason(not out.nonfinite, out.applied, out.skipped_grad_norm)
+                if reason is not None:
                     nonfinite["consecutive"] += 1
                     nonfinite["total"] += 1
-                    if nonfinite["consecutive"] >= cfg.max_consecutive_nonfinite:
-                        flush()
-                        raise NonFiniteLossError(
-                            f"{nonfinite['consecutive']} non-finite losses in a row (last at step {step}, stage "
-                            f"{stage.name}); stopping. The last good checkpoint is "
-                            f"{ckpt.latest() or 'none (no checkpoint yet)'}; lower stages[{stage_index}].lr "
-                            f"or check the data, then resume")
                 else:
                     nonfinite["consecutive"] = 0
                     with phases.phase("optimizer"):
@@ -211,7 +293,8 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
                 model_flops = sum(flops.train_flops(h, w) for h, w in out.sizes) * stage.micro_batch * world
                 pending = ({
                     "step": step, "stage": stage_index, "loss": out.loss, "flow": out.flow, "repa": out.repa,
-                    "lr": lr, "skipped": out.skipped, "nonfinite_total": nonfinite["total"], "bucket": out.buckets[0],
+                    "lr": lr, "skipped": reason is not None, "skip_reason": reason,
+                    "nonfinite_total": nonfinite["total"], "bucket": out.buckets[0],
                     "samples_per_s": images / seconds, "samples_per_s_per_rank": images / seconds / world,
                     "mfu": metrics.mfu(model_flops, seconds), "step_time_s": seconds,
                     **(_compile_fields(bundle) if bundle.monitor is not None else {}),
@@ -220,6 +303,13 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
                     warning = bundle.monitor.over_budget(stage.name)
                     if warning:
                         metrics.write(warning)
+                if nonfinite["consecutive"] >= cfg.max_consecutive_nonfinite:
+                    flush()
+                    raise NonFiniteLossError(
+                        f"{nonfinite['consecutive']} skipped steps in a row (non-finite loss or gradient; the last "
+                        f"is step {step}, {reason}, stage {stage.name}); stopping. The last good "
+                        f"checkpoint is {_latest_or_none(ckpt)}; lower stages[{stage_index}].lr or check the "
+                        f"data, then resume")
                 if cfg.logging.image_every and step % cfg.logging.image_every == 0:
                     write_preview(cfg, bundle, ema, conditioner, stage, step, metrics, device)
                 periodic = step % cfg.checkpoint.every == 0 and nonfinite["consecutive"] == 0  # none mid-streak
@@ -230,7 +320,7 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
                     phases.add("checkpoint", time.perf_counter() - t_save)
                     flush()  # the save synchronised: write the record now
             flush()
-            if stop:
+            if stop and step < curriculum.total_steps:  # a stop asked during the run's last step changes nothing
                 if saved_at != step:
                     latest = save()
                 status = "stopped"
@@ -241,12 +331,15 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
         dist.barrier()
     finally:
         metrics.close()
-        if info.owns_group:  # also on errors, so the process exits cleanly
-            import deepspeed.comm
-
-            deepspeed.comm.destroy_process_group()
     final = ckpt.latest()
     return TrainResult(status, step, curriculum.stage_of(max(step - 1, 0)), str(final) if final else None, losses)
+
+
+def _latest_or_none(ckpt: CheckpointManager) -> str:
+    try:
+        return str(ckpt.latest() or "none (no checkpoint yet)")
+    except CheckpointError as err:
+        return f"unreadable ({err})"
 
 
 def _rescale_loader_state(state: dict, meta: dict, world_size: int) -> dict:

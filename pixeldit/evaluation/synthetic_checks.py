@@ -1,6 +1,6 @@
 """Does a generated image show the colour its prompt asks for? A simple check of prompt following.
 
-    python -m tools.check_colours --images runs/quickstart/samples
+    python -m pixeldit.evaluation.synthetic_checks --images runs/quickstart/samples
 
 The synthetic quickstart set (data_pipeline.synthetic) shows one coloured shape on a plain background.
 For an image, the background colour is the median of its border pixels; the shape is every pixel far from
@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.synthetic import COLOURS
+from pixeldit.errors import CliParser, cli_main
 
 PALETTE_NAMES = tuple(COLOURS)
 PALETTE = np.array([COLOURS[n] for n in PALETTE_NAMES], dtype=np.float32)  # (6, 3)
@@ -60,8 +61,11 @@ def colour_accuracy_of_folder(folder: str | Path, prompts_file: str | Path | Non
     return colour_accuracy(images, [e["prompt"] for e in entries])
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "python -m pixeldit.evaluation.synthetic_checks"
+
+
+def _main(argv: list[str]) -> None:
+    ap = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", required=True, help="folder of PNGs written by pixeldit-sample")
     ap.add_argument("--prompts", default=None, help="JSON list of {file, prompt} (default: {images}/prompts.json)")
     a = ap.parse_args(argv)
@@ -69,5 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"colour accuracy: {acc:.1%} (chance {1 / len(PALETTE_NAMES):.1%})")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(PROG, _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

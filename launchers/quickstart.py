@@ -22,8 +22,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import get_args
 
 import yaml
+
+from pixeldit.errors import CliParser, cli_main
+from pixeldit.train.config import Precision
+
+from .config import CLUSTERS, LaunchConfig
 
 STAGES = ("synthesise + serve", "ingest (img2dataset)", "bucket + shard", "text embeddings", "train", "release",
           "sample")
@@ -66,12 +72,16 @@ def run_config(a: argparse.Namespace, data_root: str, cache: str, text_dim: int)
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="pixeldit-quickstart", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    return cli_main("pixeldit-quickstart", _main, argv)
+
+
+def _main(argv: list[str]) -> None:
+    ap = CliParser(prog="pixeldit-quickstart", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/quickstart", help="everything local goes here")
     ap.add_argument("--data-root", default="", help="shard output: local folder (default {out}/data) or s3://bucket/prefix")
-    ap.add_argument("--cluster", choices=("local", "slurm"), default="local")
+    ap.add_argument("--cluster", choices=CLUSTERS, default=LaunchConfig.cluster)
     ap.add_argument("--images", type=int, default=600, help="synthetic images")
     ap.add_argument("--steps-per-stage", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=8, help="images per rank per step")
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="stage 1 (fixed crops) and stage 2 (aspect buckets) base resolutions")
     ap.add_argument("--stage2-steps", type=int, default=150, help="steps of stage 2 (0: --steps-per-stage)")
     ap.add_argument("--ema-decay", type=float, default=0.995)
-    ap.add_argument("--precision", choices=("bf16", "fp32"), default="fp32")
+    ap.add_argument("--precision", choices=get_args(Precision), default="fp32")
     ap.add_argument("--text-encoder", default="", help="transformers encoder folder (default: all-MiniLM-L6-v2)")
     ap.add_argument("--text-len", type=int, default=32)
     ap.add_argument("--sample-steps", type=int, default=20)
@@ -119,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = precompute_text_embeddings(data_root, encoder, text_embedding_dir(str(out)))
     say(3, f"{encoder.name} ({encoder.dim}-d) -> {cache}")
 
-    from launchers.config import LaunchConfig
-    from launchers.submit import job_result, submit
+    from .submit import job_result, submit
 
     cfg_path = out / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run_config(a, data_root, cache, encoder.dim), sort_keys=False))
@@ -144,12 +153,13 @@ def main(argv: list[str] | None = None) -> None:
 
     samples = out / "samples"
     args = ["--model", str(release), "--out", str(samples), "--steps", str(a.sample_steps), "--cfg-scale",
-            str(a.cfg_scale), "--height", str(a.resolutions[1]), "--width", str(a.resolutions[1]), "--num-per-prompt", "2"]
+            str(a.cfg_scale), "--height", str(a.resolutions[1]), "--width", str(a.resolutions[1]), "--num-per-prompt", "2",
+            "--text-encoder", a.text_encoder]
     for p in PROMPTS:
         args += ["--prompt", p]
-    sample_main(args)
+    sample_main(args)  # raises (a one-line error through the quickstart's own error policy) on failure
 
-    from tools.check_colours import colour_accuracy_of_folder
+    from pixeldit.evaluation.synthetic_checks import colour_accuracy_of_folder
 
     acc = colour_accuracy_of_folder(samples)
     say(6, f"grid {samples / 'grid.png'}; colour accuracy {acc:.0%} (chance 17%)")
@@ -159,4 +169,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

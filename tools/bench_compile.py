@@ -7,7 +7,8 @@
 One engine per case (``pixeldit.train.engine.build_engine``, 1 rank, fp32 on the CPU, bf16 autocast on a GPU),
 stepped by the trainer's own ``train_step`` on random images and class ids. The compiled forward and the eager
 one are swapped on the SAME engine between steps (eager, compiled, eager, ...), so both see the same weights,
-memory and machine load; the ratio is median compiled step / median eager step over ``--steps`` pairs after
+memory and machine load; the ratio is median compiled step / median eager step (wall, and process CPU seconds, which a shared machine
+skews less) over ``--steps`` pairs after
 ``--warmup`` pairs (the first compiled steps include compilation: "first compiled step" below).
 Strategies: ``blocks`` = ``pixeldit.train.compile`` (each block, the pixel embedding and the pixel head, one
 graph per class, compiled before DeepSpeed wraps the model); ``deepspeed`` = DeepSpeed's ``engine.compile()``
@@ -52,7 +53,6 @@ def run_case(case: Case, strategy: str, zero: str, steps: int, warmup: int) -> d
     from pixeldit.train.compile import CompileMonitor, compile_units
     from pixeldit.train.conditioning import ClassConditioner
     from pixeldit.train.config import RunConfig, StageConfig
-    from pixeldit.train.curriculum import Curriculum
     from pixeldit.train.engine import build_engine
     from pixeldit.train.metrics import StepPhases
     from pixeldit.train.prefetch import DevicePrefetcher
@@ -83,30 +83,33 @@ def run_case(case: Case, strategy: str, zero: str, steps: int, warmup: int) -> d
 
         def use(on: bool) -> None:
             engine.module._compiled_call_impl = compiled_call if on else None
-    objective = Curriculum(cfg.stages).objective(0, cfg.objective)
+    objective = cfg.stage_objective(stage)
     batches = DevicePrefetcher(RandomBatches(case, args.num_classes), device,
                                ClassConditioner(args.num_classes, device), remaining=10**9)
     times: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}  # process CPU seconds (robust to a shared machine)
     first_compiled = None
     for i in range(warmup + steps):
         for on in (False, True):
             use(on)
             if cuda:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             train_step(engine, batches, objective, None, device=device, seed=0, rank=0, step=2 * i + on, stop=False,
                        phases=StepPhases(device))
             if cuda:
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
+            seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
             if on and i == 0:
                 first_compiled = seconds
             if i >= warmup:
                 times[on].append(seconds)
+                cpu[on].append(cpu_s)
     eager_s, compiled_s = statistics.median(times[False]), statistics.median(times[True])
     engine.destroy()
     return {"case": str(case), "strategy": strategy, "zero": zero, "eager_s": eager_s, "compiled_s": compiled_s,
-            "ratio": compiled_s / eager_s, "first_compiled_s": first_compiled, "graphs": monitor.total}
+            "ratio": compiled_s / eager_s, "cpu_ratio": statistics.median(cpu[True]) / statistics.median(cpu[False]),
+            "first_compiled_s": first_compiled, "graphs": monitor.total}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,10 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{device}, strategy {a.strategy}, {a.zero}, median of {a.steps} steps each, load average "
           f"{os.getloadavg()[0]:.1f}\n")
-    print("| case | eager step (s) | compiled step (s) | compiled / eager | first compiled step (s) | graphs |")
-    print("|---|---|---|---|---|---|")
+    print("| case | eager step (s) | compiled step (s) | compiled / eager (wall) | compiled / eager (CPU s) | "
+          "first compiled step (s) | graphs |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['eager_s']:.3f} | {r['compiled_s']:.3f} | {r['ratio']:.2f}x | "
+        print(f"| {r['case']} | {r['eager_s']:.3f} | {r['compiled_s']:.3f} | {r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x | "
               f"{r['first_compiled_s']:.1f} | {r['graphs']} |")
     if a.json:
         with open(a.json, "w") as f:

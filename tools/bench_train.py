@@ -36,7 +36,6 @@ import torch
 
 from pixeldit.models.flops import train_flops
 from pixeldit.train.config import RunConfig, StageConfig
-from pixeldit.train.curriculum import Curriculum
 from pixeldit.train.ema import EMA
 from pixeldit.train.engine import build_engine
 from pixeldit.train.metrics import StepPhases, device_peak_tflops
@@ -120,7 +119,7 @@ def run_case(case: Case, zero: str, precision: str, compile_mode: str, steps: in
     cfg.model.size, cfg.deepspeed.zero, cfg.deepspeed.precision = case.size, zero, precision
     cfg.compile.enabled = {"on": True, "off": False, "auto": None}[compile_mode]
     args = cfg.model.args()
-    objective = Curriculum(cfg.stages).objective(0, cfg.objective)
+    objective = cfg.stage_objective(stage)
     baseline = reset_peak_memory()
     bundle = build_engine(cfg, 0, world, teacher_dim=None)
     device, engine = bundle.device, bundle.engine

@@ -80,12 +80,14 @@ class CompileMonitor:
         self.total = 0  # graphs compiled by this process
         self._stage_start = self._warm = 0
         self._warned = False
-        from torch._dynamo import lookup_backend
-
-        self._inductor = lookup_backend("inductor")
+        self._inductor = None  # looked up at the first compilation (importing inductor takes seconds)
 
     def backend(self, gm: torch.fx.GraphModule, example_inputs):
         self.total += 1
+        if self._inductor is None:
+            from torch._dynamo import lookup_backend
+
+            self._inductor = lookup_backend("inductor")
         return self._inductor(gm, example_inputs)
 
     def stage_started(self) -> None:
@@ -122,6 +124,10 @@ def apply_compile(model: nn.Module, plan: CompilePlan, monitor: CompileMonitor) 
     if not plan.enabled:
         return 0
     torch._dynamo.reset()
+    if plan.dynamic:  # a square bucket would otherwise tie H and W (H == W guard): a recompile per non-square one
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.use_duck_shape = False
     compiled: dict[type, object] = {}
     units = compile_units(model)
     for unit in units:

@@ -1,12 +1,11 @@
-"""Issue 13 pieces that need no compilation (cheap, in process): the compile switch's defaults, the recompile
-warning, the device prefetcher's data-stream contract, the step-time breakdown, the fused-optimizer switch, and
-activation checkpointing over an already replaced (compiled) forward.
-
-What the compiled engine itself costs on a CPU (minutes of compilation for the debug model) keeps it out of
-CI; see tools/BENCHMARKS.md (``python -m tools.bench_compile``).
+"""Issue 13, cheap and in process: the compile switch's defaults, the recompile warning, one graph per block
+class across the aspect buckets (dynamo capture with its "eager" backend: inductor's code generation costs
+minutes of CPU for the debug model, see tools/BENCHMARKS.md), the device prefetcher's data-stream contract, the
+step-time breakdown, the fused-optimizer switch, and activation checkpointing over a replaced (compiled) forward.
 """
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from pixeldit.errors import ConfigError
 from pixeldit.models import build_model, get_model_args
 from pixeldit.train.activation_checkpointing import apply_activation_checkpointing
-from pixeldit.train.compile import CompileMonitor, resolve_compile
+from pixeldit.train.compile import CompileMonitor, CompilePlan, apply_compile, resolve_compile
 from pixeldit.train.config import RunConfig, StageConfig, validate
 from pixeldit.train.metrics import StepPhases, breakdown_ms
 from pixeldit.train.optim import build_optimizer
@@ -53,6 +52,35 @@ def test_recompiles_count_after_the_first_step_and_warn_once_past_the_budget():
     assert monitor.over_budget("b") is None  # once per stage
     monitor.stage_started()  # the next stage counts afresh
     assert monitor.stage_graphs == monitor.recompiles == 0
+
+
+def test_one_graph_per_block_class_serves_every_aspect_bucket():
+    """Dynamic H/W: the graphs captured at the first bucket serve the others (no recompile), with activation
+    checkpointing around the compiled forwards as build_engine applies them; same loss and gradients as eager."""
+    torch.manual_seed(0)
+    model = build_model(get_model_args("debug"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # out of the zero init, so every gradient is non-trivial
+    eager = copy.deepcopy(model)
+    monitor = CompileMonitor(budget=0, compiler="eager")
+    assert apply_compile(model, CompilePlan(enabled=True, dynamic=True), monitor) == 5  # 2 + 1 blocks, embed, head
+    apply_activation_checkpointing(model, True)
+    for i, (h, w) in enumerate([(32, 32), (32, 64), (64, 32), (48, 32)]):  # buckets of >= 2 patches a side
+        x, t, y = torch.randn(2, 3, h, w), torch.rand(2), torch.tensor([1, 7])
+        losses = []
+        for m in (model, eager):
+            m.zero_grad()
+            loss = m(x, t, y=y).square().mean()
+            loss.backward()
+            losses.append(loss.detach())
+        assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0), (h, w)
+        for (name, a), b in zip(model.named_parameters(), eager.parameters()):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8), (h, w, name)
+        if i == 0:
+            monitor.first_step_done()  # a bucket stage's graphs: one per unit class (+1 PatchBlock re-capture)
+            assert monitor.total <= 5
+    assert monitor.recompiles == 0 and monitor.over_budget("aspect") is None
 
 
 class CountingLoader:

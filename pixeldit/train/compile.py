@@ -75,20 +75,21 @@ class CompileMonitor:
     when the recompiles of the stage pass ``budget``.
     """
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, compiler: str = "inductor"):
         self.budget = budget
+        self.compiler = compiler  # the dynamo backend that compiles each graph (tests: "eager", capture only)
         self.total = 0  # graphs compiled by this process
         self._stage_start = self._warm = 0
         self._warned = False
-        self._inductor = None  # looked up at the first compilation (importing inductor takes seconds)
+        self._compile_graph = None  # looked up at the first compilation (importing inductor takes seconds)
 
     def backend(self, gm: torch.fx.GraphModule, example_inputs):
         self.total += 1
-        if self._inductor is None:
+        if self._compile_graph is None:
             from torch._dynamo import lookup_backend
 
-            self._inductor = lookup_backend("inductor")
-        return self._inductor(gm, example_inputs)
+            self._compile_graph = lookup_backend(self.compiler)
+        return self._compile_graph(gm, example_inputs)
 
     def stage_started(self) -> None:
         self._stage_start = self._warm = self.total

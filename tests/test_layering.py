@@ -4,8 +4,9 @@ Import direction as README "Architecture" draws it (``LAYERS``, lowest first): a
 and the layers below it, never one above; nothing installed imports tools/. pixeldit/models imports torch and the standard
 library only (no deepspeed, no torch.distributed); data_pipeline never imports the model;
 pixeldit/run_folder.py (the run-folder format) imports torch, the standard library, pixeldit.storage and
-pixeldit.errors only; pixeldit.release and pixeldit.train never import each other, and inside pixeldit.release
-only zero.py uses deepspeed.
+pixeldit.errors only; pixeldit.release never imports pixeldit.train, pixeldit.train reads release folders in one
+module (warm_start.py, the fine-tuning start) through the release format modules only, and inside
+pixeldit.release only zero.py uses deepspeed.
 """
 from __future__ import annotations
 
@@ -59,6 +60,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("tools",),
 ]
 SIBLINGS_APART = ("pixeldit.release", "pixeldit.train")
+# the one crossing between the siblings: the warm start (checkpoint.init_from) reads a release folder through the
+# release format modules (test_train_reads_release_folders_in_one_module_through_the_format_modules)
+WARM_START = "pixeldit/train/warm_start.py"
+RELEASE_FORMAT_MODULES = ("pixeldit.release.config", "pixeldit.release.key_map", "pixeldit.release.safe_load")
+
+
+def reads_release_format(file: str, name: str) -> bool:
+    return file == WARM_START and any(name == m or name.startswith(m + ".") for m in RELEASE_FORMAT_MODULES)
 
 
 def imports_of(package_dir: Path) -> dict[str, set[str]]:
@@ -108,7 +117,7 @@ ABOVE_CONDITIONING = ("pixeldit.train", "pixeldit.release", "launchers", "tools"
                            "pixeldit.release", "launchers", "tools")),
         ("pixeldit/diffusion", ("pixeldit.conditioning", "pixeldit.train", "launchers", "tools", "deepspeed")),
         ("pixeldit/conditioning", ABOVE_CONDITIONING + ("deepspeed",)),
-        ("pixeldit/train", ("launchers", "tools", "pixeldit.release")),
+        ("pixeldit/train", ("launchers", "tools")),
         ("pixeldit/models", ("data_pipeline", "pixeldit.conditioning")),
         ("pixeldit/release", ("pixeldit.train", "launchers", "tools", "data_pipeline")),
         # clean-fid: only its torch-only modules (fid, features, utils import torchvision)
@@ -118,6 +127,17 @@ ABOVE_CONDITIONING = ("pixeldit.train", "pixeldit.release", "launchers", "tools"
 )
 def test_dependencies_flow_one_way(package, forbidden):
     assert offenders(package, forbidden) == []
+
+
+def test_train_reads_release_folders_in_one_module_through_the_format_modules():
+    """The warm start (checkpoint.init_from) reads a release folder's config.json and weights; nothing else of
+    training imports pixeldit.release, and nothing imports its writers, CLIs or the deepspeed-using zero.py."""
+    bad = []
+    for file, names in imports_of(ROOT / "pixeldit" / "train").items():
+        for name in sorted(n for n in names if n == "pixeldit.release" or n.startswith("pixeldit.release.")):
+            if not reads_release_format(file, name):
+                bad.append(f"{file}: imports {name}")
+    assert bad == []
 
 
 @pytest.mark.parametrize("module", ["pixeldit/storage.py", "pixeldit/errors.py"])
@@ -257,7 +277,8 @@ def layer_offenders() -> list[str]:
                 other = _layer(name)
                 if other is None or other[1] == own[1]:
                     continue
-                if other[0] > own[0] or {own[1], other[1]} == set(SIBLINGS_APART):
+                if other[0] > own[0] or ({own[1], other[1]} == set(SIBLINGS_APART)
+                                         and not reads_release_format(file, name)):
                     bad.append(f"{file} ({own[1]}) imports {name} ({other[1]})")
     return bad
 

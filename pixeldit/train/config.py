@@ -46,7 +46,7 @@ Precision = Literal["bf16", "fp32"]
 ZeroConfig = Literal["zero1", "zero2", "zero3", "zero3_offload"]  # the JSONs of ds_configs/ (checked in tests)
 WandbMode = Literal["offline", "online", "disabled"]
 TextMode = Literal["online", "cached"]
-OptimizerName = Literal["adamw"]
+OptimizerName = Literal["adamw", "came"]
 VerifyMode = Literal[VERIFY_MODES]  # pixeldit.run_folder.checkpoint_problem
 
 
@@ -85,16 +85,30 @@ class StageConfig:
     shift: float | None = None  # timestep shift (SD3-style resolution shift); None: objective.shift
     repa: bool = False  # REPA loss on in this stage
     grad_checkpointing: bool = False  # activation checkpointing of patch and PiT blocks
+    grad_clip: float | None = None  # gradient clipping of this stage (0 = off); None: optim.grad_clip
+
+    def clip(self, optim: "OptimConfig") -> float:
+        return optim.grad_clip if self.grad_clip is None else self.grad_clip
+
+
+@dataclass
+class CameSection:
+    """CAME's own settings (pixeldit.train.came); defaults of the paper and of the official PixelDiT recipe."""
+
+    betas: tuple[float, float, float] = (0.9, 0.999, 0.9999)  # first moment, squared gradient, instability
+    eps: tuple[float, float] = (1e-30, 1e-16)  # added to the squared gradient / to the instability
+    clip_threshold: float = 1.0  # the normalised update is scaled down to this RMS
 
 
 @dataclass
 class OptimConfig:
-    name: OptimizerName = "adamw"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 = off)
-    fused: bool | None = None  # torch's fused AdamW kernel; None: fused on CUDA, the foreach kernels elsewhere
+    name: OptimizerName = "adamw"  # adamw, or came (factored second moments, kept factored under ZeRO)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    eps: float = 1e-8  # AdamW
+    weight_decay: float = 0.0  # matrices only (both optimizers)
+    grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 = off); stages[].grad_clip overrides it per stage
+    fused: bool | None = None  # AdamW: torch's fused kernel; None: fused on CUDA, the foreach kernels elsewhere
+    came: CameSection = field(default_factory=CameSection)
 
 
 @dataclass
@@ -141,6 +155,8 @@ class CheckpointConfig:
     # false: stop with an error instead
     fallback: bool = True
     resume_from: str = ""  # a step folder to start from when the run has no checkpoint of its own yet
+    init_from: str = ""  # a release folder (ours, or an imported official model): when the run has no checkpoint
+    # of its own yet, the model and its EMA start from its weights with a fresh optimizer (pixeldit.train.warm_start)
     load_universal: bool = False  # resume_from is a DeepSpeed universal checkpoint (any world size)
 
 
@@ -384,7 +400,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.data_path is empty: set the dataset root written by data_pipeline")
         for key, ok, rule in (("lr", s.lr > 0, "> 0"), ("warmup_steps", s.warmup_steps >= 0, ">= 0"),
                               ("min_lr_ratio", 0.0 <= s.min_lr_ratio <= 1.0, "in [0, 1]"),
-                              ("shift", s.shift is None or s.shift > 0, "> 0")):
+                              ("shift", s.shift is None or s.shift > 0, "> 0"),
+                              ("grad_clip", s.grad_clip is None or s.grad_clip >= 0, ">= 0 (0 = off)")):
             if not ok:
                 raise ConfigError(f"{where}.{key}={getattr(s, key)} must be {rule}")
         if s.bucket_align % args.patch_size:
@@ -401,6 +418,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("conditioning.text_encoder is empty: a text-to-image model with text_mode=online needs it")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay={cfg.ema_decay} must be in (0, 1)")
+    came = cfg.optim.came
     for key, value, ok, rule in (
         ("checkpoint.every", cfg.checkpoint.every, cfg.checkpoint.every > 0, "> 0"),
         ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep > 0, "> 0"),
@@ -410,6 +428,16 @@ def validate(cfg: RunConfig) -> None:
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
         ("optim.grad_clip", cfg.optim.grad_clip, cfg.optim.grad_clip >= 0, ">= 0 (0 = off)"),
         ("compile.recompile_budget", cfg.compile.recompile_budget, cfg.compile.recompile_budget >= 0, ">= 0"),
+        ("optim.came.betas", list(came.betas), all(0.0 <= b < 1.0 for b in came.betas), "each in [0, 1)"),
+        ("optim.came.eps", list(came.eps), min(came.eps) > 0, "each > 0"),
+        ("optim.came.clip_threshold", came.clip_threshold, came.clip_threshold > 0, "> 0"),
     ):
         if not ok:
             raise ConfigError(f"{key}={value} must be {rule}")
+    if cfg.optim.name == "came" and cfg.checkpoint.load_universal:
+        raise ConfigError("optim.name=came with checkpoint.load_universal=true: CAME's row/column statistics have no "
+                          "DeepSpeed universal-checkpoint form; valid: load_universal with optim.name=adamw, or resume "
+                          "a CAME run on the world size it was saved with")
+    if cfg.checkpoint.init_from and cfg.checkpoint.resume_from:
+        raise ConfigError("checkpoint.init_from and checkpoint.resume_from are both set: init_from starts a run from "
+                          "release weights (fresh optimizer), resume_from continues a checkpoint; set one")

@@ -7,7 +7,8 @@
    folder (a stage has REPA) hold a transformers ``config.json``;
  - the caption-embedding cache of every stage (``text_mode=cached``) is complete and was made for this
    model's text width, caption length and system prompt;
- - ``checkpoint.resume_from`` exists when the run has no checkpoint of its own yet;
+ - ``checkpoint.resume_from`` exists when the run has no checkpoint of its own yet; so does the release folder of
+   ``checkpoint.init_from``, with its weights and the run config's architecture (``warm_start.check_init_release``);
  - the ZeRO JSON of ``deepspeed.zero`` is found and agrees with every stage at this world size.
 It reads a few small files (stat / HEAD requests on S3) and loads no network. ``pixeldit-train`` and
 ``run_training`` run it before joining the process group; ``pixeldit-submit`` runs it before submitting.
@@ -24,6 +25,7 @@ from pixeldit.errors import ConfigError
 from .conditioning import resolved_system_prompt
 from .config import RunConfig, validate
 from .ds_config import build_ds_config
+from .warm_start import check_init_release
 
 HF_CONFIG = "config.json"  # every transformers model folder has one
 
@@ -67,6 +69,8 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> None:
         if not os.path.isdir(cfg.checkpoint.resume_from):
             raise FileNotFoundError(f"checkpoint.resume_from={cfg.checkpoint.resume_from!r} not found (the run "
                                     f"{cfg.run_dir} has no checkpoint of its own yet, so it would start there)")
+    if cfg.checkpoint.init_from and not has_own:
+        check_init_release(cfg)
     for stage in cfg.stages:
         build_ds_config(cfg, stage, world_size)
 

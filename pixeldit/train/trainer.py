@@ -9,7 +9,8 @@ Outline:
     run-folder lock (``run_lock``: one trainer per run folder) and every rank learns the outcome, so all
     ranks stop together when another trainer holds it;
  2. rank 0 saves the config into the run folder; find the resume point (``checkpoints/latest``, checked; a
-    damaged one falls back to the newest intact step folder, said in one line);
+    damaged one falls back to the newest intact step folder, said in one line); a run with no checkpoint yet
+    and ``checkpoint.init_from`` starts from that release's weights (warm_start.py; checked in preflight);
  3. for each curriculum stage from the one the checkpoint is in: build the engine (engine.py; compiled per
     block on CUDA), the EMA, the loader; load the checkpoint (the same path serves a resume and a stage
     boundary, so both are exact); wrap the loader in the device prefetcher (prefetch.py); agree on the stop flag;
@@ -58,6 +59,7 @@ from .prefetch import DevicePrefetcher
 from .preview import write_preview
 from .run_lock import RunFolderLocked, RunLock
 from .step import StepOutcome, agree, train_step
+from .warm_start import read_init_weights
 
 # why a step was skipped (losses.jsonl "skip_reason"); see skip_reason
 SKIP_NONFINITE_LOSS = "nonfinite_loss"  # a micro-batch loss was NaN/inf on some rank: no update
@@ -140,7 +142,7 @@ def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[
             "bucket_align": stage.bucket_align, "text_encoder": cfg.conditioning.text_encoder,
             "system_prompt": resolved_system_prompt(cfg, cfg.model.args()), "zero": cfg.deepspeed.zero,
             "precision": cfg.deepspeed.precision, "world_size": world_size,
-            "ema_decay": cfg.ema_decay}
+            "ema_decay": cfg.ema_decay, "optimizer": cfg.optim.name, "init_from": cfg.checkpoint.init_from}
 
 
 def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
@@ -199,6 +201,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
     universal = False
     if latest is None and cfg.checkpoint.resume_from:  # e.g. a universal checkpoint for a new world size
         latest, universal = Path(cfg.checkpoint.resume_from), cfg.checkpoint.load_universal
+    init_state = read_init_weights(cfg) if latest is None and cfg.checkpoint.init_from else None
     meta = read_meta(latest) if latest is not None else {}
     step = meta["step"] if latest is not None else 0
     args = cfg.model.args()
@@ -226,8 +229,13 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
             span, stage = curriculum.span(stage_index), cfg.stages[stage_index]
             objective = cfg.stage_objective(stage)
             conditioner = build_conditioner(cfg, args, device, stage_index, encoder)
-            bundle = build_engine(cfg, stage_index, world, teacher.dim if teacher is not None else None, universal)
+            bundle = build_engine(cfg, stage_index, world, teacher.dim if teacher is not None else None, universal,
+                                  init_state)
             ema = EMA(bundle.model, cfg.ema_decay, bundle.zero3, world, rank)
+            if init_state is not None:  # weights only: the EMA starts there too; later stages load checkpoints
+                ema.load_full(init_state)
+                metrics.write(f"model and EMA initialised from {cfg.checkpoint.init_from} (fresh optimizer)")
+                init_state = None
             loader = build_loader(cfg, stage_index, rank, world,
                                   args.num_classes if args.conditioning == "class" else None)
             if latest is not None:

@@ -8,8 +8,9 @@ and the pixel head: the pixel pathway's many memory-bound element-wise kernels o
 (per-pixel AdaLN, RMSNorm, the pixel MLP) are what compilation fuses. The rest (timestep / label / text
 embeddings, RoPE tables, the loss with its generator draws) stays eager: it is a few small kernels per step.
 
-Why per block, before DeepSpeed wraps the model, and not DeepSpeed's ``engine.compile()`` (measured on CPU,
-``python -m tools.bench_compile``, tables in tools/BENCHMARKS.md):
+Why per block, before DeepSpeed wraps the model, and not DeepSpeed's ``engine.compile()`` (from how each
+traces; the measured comparison is ``python -m tools.bench_compile --strategy deepspeed`` vs ``--strategy
+blocks``, not run yet: on a CPU each compile costs minutes, see tools/BENCHMARKS.md):
  - ``engine.compile()`` compiles the whole ``TrainModule`` (``module.compile()``): the objective's draws from a
    ``torch.Generator`` are not traceable, so the graph breaks around them, and under ZeRO-3 every sub-module's
    parameter-gathering hook is a ``torch.compiler.disable`` call: one graph break per Linear;

@@ -24,8 +24,9 @@ How, with DeepSpeed's one synchronisation per step and none of ours:
     record is written, one step later (``StepOutcome.grad_norm``).
 If the stats say non-finite but DeepSpeed applied the step, its check is switched off in the ZeRO JSON:
 ``StepError`` names the key.
-Measured (CPU; GPU: ``python -m tools.bench_gpu``, tools/BENCHMARKS.md): the old step synchronised once per
-micro-batch plus three times per step.
+The step it replaces synchronised once per micro-batch (the finiteness all-reduce and ``.item()``) plus three
+times per step (the stop flag, the gradient norm, the host loss reduction), read from its code; the count on a
+GPU is ``python -m tools.bench_train --count-syncs`` (in ``tools.bench_gpu``; not measured yet, no device).
 """
 from __future__ import annotations
 

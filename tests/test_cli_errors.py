@@ -194,6 +194,7 @@ CLI_ERROR_CASES: list[tuple[str, list[str], Callable[[Path], None] | None, str]]
     ("eval-no-prompt-set", ["pixeldit-eval", "{tmp}/release", "--out", "{tmp}/e"], release, "--prompts"),
     ("eval-missing-target", ["pixeldit-eval", "{tmp}/nowhere", "--classes", "1", "--out", "{tmp}/e"], None,
      "{tmp}/nowhere"),
+    ("ledger-not-a-run-folder", ["pixeldit-ledger", "{tmp}/norun", "--step", "3"], None, "{tmp}/norun"),
     ("official-missing-checkpoint", ["pixeldit-official", "import", "{tmp}/x.ckpt", "{tmp}/out"], None, "x.ckpt"),
 ]
 

@@ -6,7 +6,9 @@ One concern per module, each with a ``build_*`` factory or a small stateful obje
 - ``preflight``: ``preflight(cfg, world_size)``, the files and JSON a run needs, checked before anything starts
 - ``ds_config``: ZeRO JSON of ``ds_configs/`` completed/checked from the run config
 - ``curriculum``: stage spans (the per-stage objective: ``RunConfig.stage_objective``)
-- ``bucket_sampler`` + ``loader``: rank-aligned bucket batches from samples.parquet, ``build_loader``
+- ``sources`` + ``bucket_sampler`` + ``loader``: the stage's dataset roots checked against their manifests,
+  the world-size independent plan of global batches (one bucket each), node-cached shard reads,
+  ``build_loader``; ``ledger``: ``pixeldit-ledger``
 - ``activation_checkpointing`` + ``engine``: ``build_engine`` (model + REPA projector -> DeepSpeed)
 - ``optim``: AdamW or CAME and the warmup + constant/cosine ``LRSchedule``; ``came``: CAME with factored second
   moments that stay factored under ZeRO (``zero_partitions``: which matrix rows/columns each flat ZeRO

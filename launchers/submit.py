@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pixeldit.cluster import make_executor
 from pixeldit.errors import ConfigError, UserError
 from pixeldit.storage import credential_keys
 
-from .config import LaunchConfig, executor_parameters
+from .config import LaunchConfig
 from .job import TrainJob
 from .registry import is_active, job_state, read_jobs, read_result, record_jobs
 
@@ -56,18 +57,6 @@ def new_submission_folder(parent: Path) -> Path:
     folder = parent / "slurm" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     folder.mkdir(parents=True, exist_ok=False)
     return folder
-
-
-def make_executor(launch: LaunchConfig, folder: Path):
-    """submitit executor for the config; the cluster is always named (AutoExecutor picks SLURM if srun exists)."""
-    import submitit
-
-    if launch.cluster == "local":
-        executor = submitit.LocalExecutor(folder=str(folder))
-    else:
-        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-    executor.update_parameters(**executor_parameters(launch))
-    return executor
 
 
 def check_not_busy(run_dir: Path) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import yaml
 
 from data_pipeline.captions import DEFAULT_CAPTION_TEMPERATURE
+from data_pipeline.filters import parse_filter
 from pixeldit.diffusion.objective import ObjectiveConfig
 from pixeldit.diffusion.samplers import SamplerName
 from pixeldit.errors import ConfigError
@@ -97,6 +98,10 @@ class StageConfig:
     repa: bool = False  # REPA loss on in this stage
     grad_checkpointing: bool = False  # activation checkpointing of patch and PiT blocks
     grad_clip: float | None = None  # gradient clipping of this stage (0 = off); None: optim.grad_clip
+    # train on the rows of data_path (or of every root of sources) where this holds, e.g. "aesthetic >= 6"
+    # (data_pipeline.filters: columns of samples.parquet, metadata included); "" = every row. Checked against the
+    # dataset before training starts; a plan input like dedupe (pixeldit.train.sources.selection_masks)
+    filter: str = ""
 
     def clip(self, optim: "OptimConfig") -> float:
         return optim.grad_clip if self.grad_clip is None else self.grad_clip
@@ -459,6 +464,11 @@ def validate(cfg: RunConfig) -> None:
         if s.resolution % s.bucket_align:
             raise ConfigError(f"{where}.resolution={s.resolution} must be a multiple of bucket_align="
                               f"{s.bucket_align} (itself a multiple of the patch size {args.patch_size})")
+        if s.filter:
+            try:
+                parse_filter(s.filter)
+            except ValueError as e:
+                raise ConfigError(f"{where}.filter: {e}") from None
     if cfg.uses_repa and not cfg.conditioning.repa_teacher:
         raise ConfigError("conditioning.repa_teacher is empty but a stage has repa: true (set the DINOv2 path)")
     if args.conditioning == "text":

@@ -127,6 +127,7 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW
     weight_decay: float = 0.0  # matrices only (both optimizers)
     grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 = off); stages[].grad_clip overrides it per stage
+    fused: bool | None = None  # AdamW: torch's fused kernel; None: fused on CUDA, the foreach kernels elsewhere
     came: CameSection = field(default_factory=CameSection)
 
 
@@ -135,6 +136,15 @@ class DeepSpeedSection:
     zero: ZeroConfig = "zero2"  # ds_configs/{zero}.json
     config_dir: str = ""  # folder of ZeRO JSON files; empty: the ones shipped as pixeldit.ds_configs
     precision: Precision = "bf16"
+
+
+@dataclass
+class CompileSection:
+    """torch.compile of the model's blocks (``pixeldit.train.compile``; why per block there)."""
+
+    enabled: bool | None = None  # None: on with CUDA, off on CPU (compiling costs minutes there; see BENCHMARKS)
+    dynamic: bool | None = None  # symbolic H/W; None: in aspect-bucket stages (one graph serves every bucket)
+    recompile_budget: int = 2  # graph compiles per stage after its first step before a warning
 
 
 @dataclass
@@ -225,6 +235,7 @@ class RunConfig:
     # repa_weight applies only where stages[i].repa is true
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    compile: CompileSection = field(default_factory=CompileSection)
     data: DataSection = field(default_factory=DataSection)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -499,6 +510,7 @@ def validate(cfg: RunConfig) -> None:
         ("validation.max_per_bucket", cfg.validation.max_per_bucket, cfg.validation.max_per_bucket >= 0,
          ">= 0 (0 = all)"),
         ("validation.batch_size", cfg.validation.batch_size, cfg.validation.batch_size >= 0, ">= 0 (0 = 2 x micro_batch)"),
+        ("compile.recompile_budget", cfg.compile.recompile_budget, cfg.compile.recompile_budget >= 0, ">= 0"),
         ("optim.came.betas", list(came.betas), all(0.0 <= b < 1.0 for b in came.betas), "each in [0, 1)"),
         ("optim.came.eps", list(came.eps), min(came.eps) > 0, "each > 0"),
         ("optim.came.clip_threshold", came.clip_threshold, came.clip_threshold > 0, "> 0"),

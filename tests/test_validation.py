@@ -72,7 +72,7 @@ def test_pixeldit_data_shard_carves_the_split(tmp_path, capsys):
                IngestConfig(label_col="label", threads=4, timeout=3, samples_per_shard=16))
     out = tmp_path / "out"
     assert data_main(["shard", str(tmp_path / "ing"), "--out", str(out), "--no-progress", "--holdout-fraction", "0.5",
-                      "--holdout-min-per-bucket", "1"]) == 0
+                      "--holdout-min-per-bucket", "1", "--min-side", "0"]) == 0  # the synthetic images are small
     samples = fmt.read_samples(str(out))
     by_hash = key_uniform(samples["key"].to_pylist()) < 0.5
     per_bucket: dict[str, list[bool]] = {}

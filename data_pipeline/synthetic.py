@@ -6,8 +6,8 @@
         ...
 
 Images are circles / squares / triangles in one of several colours on a plain background, at several
-aspect ratios (1:3 .. 3:1), with captions that describe them ("a large red circle on a white
-background"). The class label is shape * len(COLOURS) + colour (see CLASS_NAMES). Good images are
+aspect ratios (1:3 .. 3:1; the shape always inside the centred square, which a centre crop keeps), with
+captions that describe them ("a large red circle on a white background"). The class label is shape * len(COLOURS) + colour (see CLASS_NAMES). Good images are
 JPEG (3 of 4) or PNG (1 of 4). Everything depends on `seed` only.
 
 `bad_inputs=True` adds one item per bad-input case (see ZOO_CASES); each item's `expect` says what
@@ -126,9 +126,13 @@ def draw_shape(
     """An RGB image of one shape and its caption."""
     img = Image.new("RGB", (width, height), BACKGROUNDS[background])
     large = rng.random() < 0.5
-    r = min(width, height) * (0.4 if large else 0.22)
-    cx = rng.uniform(r, width - r)
-    cy = rng.uniform(r, height - r)
+    side = min(width, height)
+    r = side * (0.4 if large else 0.22)
+    # inside the centred side x side square: a centre crop to a square (fixed-size training buckets) keeps the
+    # whole shape, so the caption stays true (else ~13% of 32 px crops showed a cut shape)
+    left, top = (width - side) / 2, (height - side) / 2
+    cx = rng.uniform(left + r, left + side - r)
+    cy = rng.uniform(top + r, top + side - r)
     draw = ImageDraw.Draw(img)
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":

@@ -33,6 +33,7 @@ from typing import get_args
 
 import yaml
 
+from data_pipeline.synthetic import SIZES
 from pixeldit.errors import CliParser, cli_main
 from pixeldit.train.config import Precision
 
@@ -97,6 +98,8 @@ def build_parser() -> CliParser:
     ap.add_argument("--data-root", default="", help="shard output: local folder (default {out}/data) or s3://bucket/prefix")
     ap.add_argument("--cluster", choices=CLUSTERS, default=LaunchConfig.cluster)
     ap.add_argument("--images", type=int, default=600, help="synthetic images")
+    ap.add_argument("--shape-sizes", nargs="+", choices=SIZES, default=["large"],
+                    help="shape sizes of the synthetic set (large: nearly centred, the prompts' size)")
     ap.add_argument("--steps-per-stage", type=int, default=3000, help="steps of stage 1")
     ap.add_argument("--stage2-steps", type=int, default=200, help="steps of stage 2")
     ap.add_argument("--batch", type=int, default=8, help="images per rank per step")
@@ -134,7 +137,8 @@ def run_quickstart(a: argparse.Namespace) -> dict:
     from data_pipeline.shard import ShardConfig, build_shards
 
     say(0, f"{a.images} images + the bad-input zoo -> {out / 'synth'}")
-    ds = make_synthetic_dataset(str(out / "synth"), num_images=a.images, seed=a.seed, bad_inputs=True)
+    ds = make_synthetic_dataset(str(out / "synth"), num_images=a.images, seed=a.seed, bad_inputs=True,
+                                sizes=tuple(a.shape_sizes))
     with serve_folder(ds.images_dir) as base_url:
         url_list = ds.write_url_list(base_url, str(out / "synth" / "urls.parquet"))
         say(1, f"{url_list} served at {base_url} -> {out / 'ingest'}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.synthetic import ASPECTS, BACKGROUNDS, COLOURS, SHAPES, _size_for, draw_shape
+from data_pipeline.synthetic import ASPECTS, BACKGROUNDS, COLOURS, SHAPES, _size_for, draw_shape, make_synthetic_dataset
+from pixeldit.evaluation.prompt_following import side_by_side
 from pixeldit.evaluation.synthetic_checks import (PROTOTYPES, classify_shape, colour_accuracy, dominant_colour,
                                                   prompt_colour, prompt_shape, shape_accuracy, shape_features)
 
@@ -85,3 +87,28 @@ def test_speckled_shape_is_still_recognised():
         flip = noise.random(arr.shape[:2]) < 0.05
         arr[flip] = noise.integers(0, 256, (int(flip.sum()), 3))
         assert classify_shape(arr) == shape
+
+
+def test_one_shape_size_keeps_the_rest_of_the_set():
+    """sizes=("large",) changes only the sizes: same shapes, colours, backgrounds in the same order."""
+    both = [draw_shape(64, 48, "circle", "red", "white", random.Random(i))[1] for i in range(40)]
+    large = [draw_shape(64, 48, "circle", "red", "white", random.Random(i), sizes=("large",))[1] for i in range(40)]
+    assert {c.split()[1] for c in both} == {"large", "small"} and {c.split()[1] for c in large} == {"large"}
+    assert [c.split()[2:] for c in both] == [c.split()[2:] for c in large]
+    with pytest.raises(ValueError, match="valid sizes: large, small"):
+        make_synthetic_dataset("unused", sizes=("huge",))
+
+
+def test_side_by_side_puts_each_folder_in_its_half(tmp_path):
+    prompts = ["a large red circle", "a large red circle", "a large blue square", "a large blue square"]
+    for name, value in (("left", 0), ("right", 255)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(len(prompts)):
+            Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(folder / f"{i:04d}.png")
+        (folder / "prompts.json").write_text(json.dumps([{"file": f"{i:04d}.png", "prompt": p}
+                                                         for i, p in enumerate(prompts)]))
+    grid = np.asarray(Image.open(side_by_side(tmp_path / "left", tmp_path / "right", tmp_path / "pair.png",
+                                              ("random init", "trained"), scale=2, gap=4)))
+    assert grid.shape == (14 + 2 * 32, 2 * 2 * 32 + 4, 3)  # title, 2 prompts x (2 images of 32 px) per half
+    assert (grid[14:, :64] == 0).all() and (grid[14:, 68:] == 255).all()

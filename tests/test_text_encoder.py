@@ -41,17 +41,9 @@ def save_gemma_like_tokenizer(path: Path):
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
     """A 2-layer random Gemma2ForCausalLM checkpoint (as gemma-2-2b-it is) + tokenizer in one folder."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     path = tmp_path_factory.mktemp("gemma2")
     tok = save_gemma_like_tokenizer(path)
-    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-                       pad_token_id=0, bos_token_id=2, eos_token_id=1)
-    torch.manual_seed(0)
-    lm = Gemma2ForCausalLM(cfg).eval()
-    lm.save_pretrained(path)
-    return path, tok, lm
+    return path, tok, save_gemma2(path, tok)
 
 
 def full_states(lm, tok, text: str) -> torch.Tensor:

@@ -100,8 +100,8 @@ def build_parser() -> CliParser:
     ap.add_argument("--images", type=int, default=600, help="synthetic images")
     ap.add_argument("--shape-sizes", nargs="+", choices=SIZES, default=["large"],
                     help="shape sizes of the synthetic set (large: nearly centred, the prompts' size)")
-    ap.add_argument("--steps-per-stage", type=int, default=3000, help="steps of stage 1")
-    ap.add_argument("--stage2-steps", type=int, default=200, help="steps of stage 2")
+    ap.add_argument("--steps-per-stage", type=int, default=1500, help="steps of stage 1")
+    ap.add_argument("--stage2-steps", type=int, default=150, help="steps of stage 2")
     ap.add_argument("--batch", type=int, default=8, help="images per rank per step")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak LR of stage 1 (stage 2: a tenth)")

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pixeldit.storage import exists, fs_and_path, join, read_bytes, write_bytes_atomic, write_json_atomic
+from pixeldit.storage import exists, file_sizes, fs_and_path, join, read_bytes, write_bytes_atomic, write_json_atomic
 
 SAMPLES = "samples.parquet"
 MANIFEST = "manifest.parquet"
@@ -246,6 +246,32 @@ def require_committed(root: str, storage_options: dict[str, Any] | None = None) 
         format_version(pq.read_schema(f), root)
 
 
+@dataclass(frozen=True)
+class ShardProblem:
+    """A committed shard that does not match manifest.parquet."""
+
+    shard: str  # relative to the root
+    problem: str  # "missing" or "N bytes, the manifest says M"
+
+
+def check_shards(root: str, manifest: pa.Table, storage_options: dict[str, Any] | None = None,
+                 shards: set[str] | None = None) -> list[ShardProblem]:
+    """Every shard the manifest lists (or only ``shards``) against the stored files: present, same size.
+
+    One recursive listing of ``{root}/shards`` (S3: one LIST request per 1000 objects), no shard is read."""
+    stored = file_sizes(join(root, SHARDS_DIR), storage_options)
+    problems = []
+    for row in table_rows(manifest, ShardRow):
+        if shards is not None and row.shard not in shards:
+            continue
+        size = stored.get(row.shard.removeprefix(SHARDS_DIR + "/"))
+        if size is None:
+            problems.append(ShardProblem(row.shard, "missing"))
+        elif size != row.bytes:
+            problems.append(ShardProblem(row.shard, f"{size} bytes, the manifest says {row.bytes}"))
+    return problems
+
+
 def read_samples(root: str, storage_options: dict[str, Any] | None = None) -> pa.Table | None:
     """samples.parquet of ``root`` (SAMPLES_SCHEMA), or None when there is none."""
     return _read_table(join(root, SAMPLES), storage_options)
@@ -347,6 +373,8 @@ class SampleIndex:
     label: np.ndarray  # (N,) int64, NO_LABEL when none
     captions: pa.Array
     keys: pa.Array
+    manifest: pa.Table  # MANIFEST_SCHEMA: one row per committed shard
+    shard_bytes: np.ndarray  # (num shards,) int64: size of each shard (from the manifest)
 
     def __len__(self) -> int:
         return len(self.shard_id)
@@ -355,12 +383,15 @@ class SampleIndex:
 def read_sample_index(root: str, storage_options: dict[str, Any] | None = None) -> SampleIndex:
     """Read ``{root}/samples.parquet``; the dataset must be committed (manifest written last)."""
     require_committed(root, storage_options)
+    manifest = read_manifest(root, storage_options)
     c = SAMPLE_COLUMNS
     columns = [c.key, c.shard, c.ratio_key, c.sample_index, c.image_offset, c.image_size, c.caption, c.label]
     table = _read_table(join(root, SAMPLES), storage_options, columns=columns)
     if table is None:
         raise FileNotFoundError(f"{join(root, SAMPLES)} not found although the manifest is: rebuild the root")
-    table = table.combine_chunks()
+    listed = {r.shard: r.bytes for r in table_rows(manifest, ShardRow)}
+    committed = pa.array(list(listed), pa.string())
+    table = table.filter(pc.is_in(table[c.shard], committed)).combine_chunks()  # rows of a crashed rerun: out
     if table.num_rows == 0:
         raise ValueError(f"{join(root, SAMPLES)} has no rows")
     shard_codes = pc.dictionary_encode(table[c.shard]).combine_chunks()  # compact for 10^8 rows
@@ -370,15 +401,17 @@ def read_sample_index(root: str, storage_options: dict[str, Any] | None = None) 
         return table[name].to_numpy().astype(np.int64)
 
     captions = table[c.caption].fill_null("")
+    shards = [str(s) for s in shard_codes.dictionary.to_pylist()]
     return SampleIndex(
-        root=root, shards=[str(s) for s in shard_codes.dictionary.to_pylist()],
+        root=root, shards=shards,
         shard_id=shard_codes.indices.to_numpy().astype(np.int64), sample_index=col(c.sample_index),
         image_offset=col(c.image_offset), image_size=col(c.image_size),
         ratio_keys=[str(k) for k in ratio_codes.dictionary.to_pylist()],
         ratio_id=ratio_codes.indices.to_numpy().astype(np.int64),
         label=table[c.label].fill_null(NO_LABEL).to_numpy().astype(np.int64),
         captions=captions.chunk(0) if captions.num_chunks else pa.array([], pa.string()),
-        keys=table[c.key].chunk(0),
+        keys=table[c.key].chunk(0), manifest=manifest,
+        shard_bytes=np.array([int(listed[s]) for s in shards], dtype=np.int64),
     )  # fmt: skip
 
 

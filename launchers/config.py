@@ -14,6 +14,8 @@ from typing import Any, Literal, get_args
 
 from pixeldit.storage import write_text_atomic
 
+from pixeldit.storage import credential_env_names
+
 Cluster = Literal["local", "slurm"]
 CLUSTERS: tuple[str, ...] = get_args(Cluster)
 LOCAL_MAX_REQUEUES = 5  # submitit's local controller starts a job at most 6 times
@@ -56,6 +58,11 @@ class LaunchConfig:
         for name in ("gpus_per_node", "tasks_per_node", "time_min", "max_requeues", "signal_delay_s", "mem_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"launch config: {name} must be >= 0, got {getattr(self, name)}")
+        secret_env = credential_env_names(self.env)
+        if secret_env:
+            raise ValueError(f"launch config: env sets {secret_env}, which look like credentials; launch.json and the "
+                             f"job pickle are saved with the run, so export them in the submitting shell instead "
+                             f"(the job inherits the environment)")
         if not 0 <= self.master_port < 65536:
             raise ValueError(f"launch config: master_port must be in 0..65535 (0: from the job id), "
                              f"got {self.master_port}")

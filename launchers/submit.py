@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pixeldit.errors import UserError
+from pixeldit.errors import ConfigError, UserError
+from pixeldit.storage import credential_keys
 
 from .config import LaunchConfig, executor_parameters
 from .job import TrainJob
@@ -88,6 +89,12 @@ def prepare_run(config_path: str | None, overrides: list[str], launch: LaunchCon
     from pixeldit.train.preflight import preflight
 
     cfg = load_config(config_path, overrides)
+    secrets_found = credential_keys(cfg.data.storage_options)
+    if secrets_found:
+        raise ConfigError(f"run config {config_path or '(defaults)'}: data.storage_options.{secrets_found[0]} holds a "
+                          f"credential; a submission saves the run config and pickles the job, so credentials never "
+                          f"travel with it: export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (or "
+                          f"AWS_PROFILE) in the submitting shell, the job inherits the environment")
     preflight(cfg, launch.world_size)
     if not cfg.run_dir:
         raise ValueError(f"run config {config_path or '(defaults)'}: run_dir is empty; set it in the file or "

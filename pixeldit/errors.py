@@ -43,6 +43,12 @@ class CheckpointError(UserError, RuntimeError):
     """A missing, damaged or incompatible checkpoint or release folder."""
 
 
+class StorageError(UserError):
+    """Remote storage (S3) could not be reached or kept failing after the configured retries; the message names
+    the object, the endpoint and the setting to change (``pixeldit.storage.S3Settings``). Deliberately not an
+    ``OSError``: code that skips a damaged sample on ``OSError`` must not skip an unreachable bucket."""
+
+
 # what a console script reports in one line; OSError subclasses that a user causes by naming a wrong path
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, NotADirectoryError,
                                                 IsADirectoryError, PermissionError, FileExistsError)

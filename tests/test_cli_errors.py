@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from cli_helpers import console_scripts, debug_run_config, entry_point
+from train_helpers import write_tiny_dataset
 from pixeldit import run_folder
 from pixeldit.models import build_model, get_model_args
 from pixeldit.release import CONFIG_FILE, SINGLE_FILE, ReleaseConfig
@@ -113,6 +114,18 @@ def step_of_unknown_size(tmp: Path) -> Path:
     return step_dir
 
 
+def run_yaml_with_data(tmp: Path) -> None:
+    """{tmp}/run.yaml of RUN_YAML and a dataset at {tmp}/data, so preflight gets past the data to the checkpoints."""
+    RUN_YAML(tmp)
+    write_tiny_dataset(tmp / "data", {"1.00": 2})
+
+
+def run_yaml_with_text_release(tmp: Path) -> None:
+    """run_yaml_with_data and {tmp}/release: a release of another architecture (debug-T2I) than the run's (debug)."""
+    run_yaml_with_data(tmp)
+    release(tmp, "debug-T2I")
+
+
 RUN_YAML = _run_yaml()
 SAMPLE = ["pixeldit-sample", "--out", "{tmp}/samples", "--model"]
 TRAIN = ["pixeldit-train", "--config", "{tmp}/run.yaml"]
@@ -129,6 +142,10 @@ CLI_ERROR_CASES: list[tuple[str, list[str], Callable[[Path], None] | None, str]]
     ("train-unknown-override-key", [*TRAIN, "optim.lrr=1"], RUN_YAML, "optim.lrr"),
     ("train-unknown-model-size", [*TRAIN, "model.size=XXL"], RUN_YAML, "XXL"),
     ("train-wrong-value-type", [*TRAIN, "stages.0.steps=many"], RUN_YAML, "stages.0.steps"),
+    ("train-missing-init-from", [*TRAIN, "checkpoint.init_from={tmp}/norelease"], run_yaml_with_data,
+     "checkpoint.init_from='{tmp}/norelease' not found"),
+    ("train-init-from-other-architecture", [*TRAIN, "checkpoint.init_from={tmp}/release"], run_yaml_with_text_release,
+     "checkpoint.init_from={tmp}/release: the release's architecture differs"),
     ("train-missing-config-file", ["pixeldit-train", "--config", "{tmp}/nope.yaml"], None, "nope.yaml"),
     ("train-bad-flag", ["pixeldit-train", "--frobnicate"], None, "--frobnicate"),
     ("data-bad-choice", ["pixeldit-data", "run", "{tmp}/u.parquet", "--out", "{tmp}/o", "--resize", "huge"], None,
@@ -177,6 +194,7 @@ CLI_ERROR_CASES: list[tuple[str, list[str], Callable[[Path], None] | None, str]]
     ("eval-no-prompt-set", ["pixeldit-eval", "{tmp}/release", "--out", "{tmp}/e"], release, "--prompts"),
     ("eval-missing-target", ["pixeldit-eval", "{tmp}/nowhere", "--classes", "1", "--out", "{tmp}/e"], None,
      "{tmp}/nowhere"),
+    ("ledger-not-a-run-folder", ["pixeldit-ledger", "{tmp}/norun", "--step", "3"], None, "{tmp}/norun"),
     ("official-missing-checkpoint", ["pixeldit-official", "import", "{tmp}/x.ckpt", "{tmp}/out"], None, "x.ckpt"),
 ]
 
@@ -215,6 +233,13 @@ def test_missing_data_is_found_before_anything_starts(tmp_path, capsys, monkeypa
     assert not (tmp_path / "run").exists() and not dist.is_initialized()
     code, _, err = run_case("submit-missing-data-path", tmp_path, capsys)
     assert code == 2 and not (tmp_path / "run").exists()  # nothing submitted, no launcher folder
+
+
+def test_warm_start_release_is_checked_before_anything_starts(tmp_path, capsys):
+    """checkpoint.init_from: a missing release folder stops the run in preflight, like a missing dataset."""
+    code, _, err = run_case("train-missing-init-from", tmp_path, capsys)
+    assert code == 2 and f"{tmp_path}/norelease" in err
+    assert not (tmp_path / "run").exists() and not dist.is_initialized()
 
 
 def test_traceback_switch_shows_the_traceback(tmp_path, capsys, monkeypatch):

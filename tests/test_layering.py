@@ -1,11 +1,13 @@
 """The shape of the codebase: dependencies flow one way, no import cycles, one owner per on-disk name.
 
 Import direction as README "Architecture" draws it (``LAYERS``, lowest first): a module imports its own layer
-and the layers below it, never one above; nothing installed imports tools/. pixeldit/models imports torch and the standard
+and the layers below it, never one above; nothing installed imports tools/. Inside the bottom layer:
+pixeldit.errors <- pixeldit.storage <- pixeldit.node_cache. pixeldit/models imports torch and the standard
 library only (no deepspeed, no torch.distributed); data_pipeline never imports the model;
 pixeldit/run_folder.py (the run-folder format) imports torch, the standard library, pixeldit.storage and
-pixeldit.errors only; pixeldit.release and pixeldit.train never import each other, and inside pixeldit.release
-only zero.py uses deepspeed.
+pixeldit.errors only; pixeldit.release never imports pixeldit.train, pixeldit.train reads release folders in one
+module (warm_start.py, the fine-tuning start) through the release format modules only, and inside
+pixeldit.release only zero.py uses deepspeed.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def imports_in(path: Path) -> set[str]:
 
 # README "Architecture": a module imports its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("pixeldit.storage", "pixeldit.errors"),
+    ("pixeldit.storage", "pixeldit.errors", "pixeldit.node_cache"),
     ("data_pipeline",),
     ("pixeldit.models",),
     ("pixeldit.diffusion",),
@@ -59,6 +61,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("tools",),
 ]
 SIBLINGS_APART = ("pixeldit.release", "pixeldit.train")
+# the one crossing between the siblings: the warm start (checkpoint.init_from) reads a release folder through the
+# release format modules (test_train_reads_release_folders_in_one_module_through_the_format_modules)
+WARM_START = "pixeldit/train/warm_start.py"
+RELEASE_FORMAT_MODULES = ("pixeldit.release.config", "pixeldit.release.key_map", "pixeldit.release.safe_load")
+
+
+def reads_release_format(file: str, name: str) -> bool:
+    return file == WARM_START and any(name == m or name.startswith(m + ".") for m in RELEASE_FORMAT_MODULES)
 
 
 def imports_of(package_dir: Path) -> dict[str, set[str]]:
@@ -108,7 +118,7 @@ ABOVE_CONDITIONING = ("pixeldit.train", "pixeldit.release", "launchers", "tools"
                            "pixeldit.release", "launchers", "tools")),
         ("pixeldit/diffusion", ("pixeldit.conditioning", "pixeldit.train", "launchers", "tools", "deepspeed")),
         ("pixeldit/conditioning", ABOVE_CONDITIONING + ("deepspeed",)),
-        ("pixeldit/train", ("launchers", "tools", "pixeldit.release")),
+        ("pixeldit/train", ("launchers", "tools")),
         ("pixeldit/models", ("data_pipeline", "pixeldit.conditioning")),
         ("pixeldit/release", ("pixeldit.train", "launchers", "tools", "data_pipeline")),
         # clean-fid: only its torch-only modules (fid, features, utils import torchvision)
@@ -120,10 +130,24 @@ def test_dependencies_flow_one_way(package, forbidden):
     assert offenders(package, forbidden) == []
 
 
-@pytest.mark.parametrize("module", ["pixeldit/storage.py", "pixeldit/errors.py"])
-def test_foundations_import_no_project_module(module):
+def test_train_reads_release_folders_in_one_module_through_the_format_modules():
+    """The warm start (checkpoint.init_from) reads a release folder's config.json and weights; nothing else of
+    training imports pixeldit.release, and nothing imports its writers, CLIs or the deepspeed-using zero.py."""
+    bad = []
+    for file, names in imports_of(ROOT / "pixeldit" / "train").items():
+        for name in sorted(n for n in names if n == "pixeldit.release" or n.startswith("pixeldit.release.")):
+            if not reads_release_format(file, name):
+                bad.append(f"{file}: imports {name}")
+    assert bad == []
+
+
+@pytest.mark.parametrize("module,allowed", [("pixeldit/errors.py", ()), ("pixeldit/storage.py", ("pixeldit.errors",)),
+                                            ("pixeldit/node_cache.py", ("pixeldit.errors", "pixeldit.storage"))])
+def test_foundations_import_only_lower_foundations(module, allowed):
+    """errors <- storage (its S3 errors are UserErrors) <- node_cache; nothing else of the project."""
     names = imports_in(ROOT / module)
-    assert sorted(n for n in names if n.split(".")[0] in PACKAGES) == []
+    project = {n for n in names if n.split(".")[0] in PACKAGES}
+    assert sorted(n for n in project if not any(n == a or n.startswith(a + ".") for a in allowed)) == []
 
 
 def test_data_pipeline_uses_only_storage_and_errors_from_pixeldit():
@@ -257,7 +281,8 @@ def layer_offenders() -> list[str]:
                 other = _layer(name)
                 if other is None or other[1] == own[1]:
                     continue
-                if other[0] > own[0] or {own[1], other[1]} == set(SIBLINGS_APART):
+                if other[0] > own[0] or ({own[1], other[1]} == set(SIBLINGS_APART)
+                                         and not reads_release_format(file, name)):
                     bad.append(f"{file} ({own[1]}) imports {name} ({other[1]})")
     return bad
 

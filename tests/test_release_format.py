@@ -225,3 +225,44 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("300KiB") == 300 * 1024 and parse_size("17") == 17
     with pytest.raises(Exception, match="use a number"):
         parse_size("5 parsecs")
+
+
+def guided_times(interval: tuple[float, float], steps: int = 100) -> list[float]:
+    """Times (ours, t = 1 noise) at which ``generate`` runs the guided (doubled) batch: a stand-in model
+    records the batch size of every call."""
+    from pixeldit.diffusion import generate
+
+    calls = []
+
+    def model(x, t, y):
+        calls.append((float(t[0]), x.shape[0]))
+        return torch.zeros_like(x)
+
+    generate(model, {"y": torch.tensor([3])}, {"y": torch.tensor([10])}, height=8, width=8, steps=steps,
+             sampler="euler", cfg_scale=3.25, cfg_interval=interval, seed=0)
+    return [round(t, 6) for t, batch in calls if batch == 2]  # the samplers pass float32 times
+
+
+def official_guided_times(steps: int = 100) -> list[float]:
+    """The official class sampler's rule for the published [0.1, 1.0] (c2i/src/diffusion.py,
+    FlowDPMSolverSampler: its time runs from noise at 0 to data at 1; guidance iff 0.1 < t_official < 1.0),
+    on our grid: t_official = 1 - t."""
+    from pixeldit.diffusion.flow import time_grid
+
+    return [round(float(t), 6) for t in time_grid(steps)[:-1] if 0.1 < 1.0 - float(t) < 1.0]
+
+
+def test_class_cfg_interval_default_follows_the_official_time_convention():
+    """Our default guides the steps the official sampler guides (off over the first 10% from noise, on to the
+    end), plus at most the boundary step t = 0.9 (our interval is closed, theirs open); the pre-fix default
+    (0.10, 1.00), the official numbers read in our time, guided the opposite end."""
+    from pixeldit.models import get_model_args
+    from pixeldit.release.config import CLASS_CFG_INTERVAL, default_sampler
+
+    sampler = default_sampler(get_model_args("debug"))
+    assert sampler.cfg_interval == CLASS_CFG_INTERVAL == (0.0, 0.9) and sampler.cfg_scale == 3.25
+    ours, official = set(guided_times(sampler.cfg_interval)), set(official_guided_times())
+    assert official <= ours and ours - official == {0.9}
+    assert max(ours) == 0.9 and min(ours) == pytest.approx(0.01)  # near data guided, near noise not
+    reversed_default = set(guided_times((0.10, 1.00)))
+    assert len(reversed_default ^ official) == 20 and 1.0 in reversed_default

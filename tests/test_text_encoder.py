@@ -14,6 +14,7 @@ from data_pipeline.dataset_format import (CAPTIONS_SCHEMA, NO_LABEL, CaptionRow,
 from pixeldit.conditioning import (OFFICIAL_SYSTEM_PROMPT, TextEmbeddingCache, TextEncoder, precompute_text_embeddings,
                                    resolve_system_prompt)
 from pixeldit.conditioning.text_cache import read_shard_header, shard_file
+from pixeldit.node_cache import NodeCache
 from pixeldit.storage import join
 
 WORDS = ("a an the red blue green circle square triangle photo picture of cat dog bowl soup describe image in "
@@ -349,6 +350,15 @@ def test_cache_on_s3(tmp_path, gemma, monkeypatch):
         emb, mask = cache.lookup(["shards/2.00/2.00-000000.tar", "shards/1.00/1.00-000000.tar"], [1, 2])
         ref, ref_mask = enc.encode(["a photo of a cat", "a very long prompt of a green dog and a cat"])
         assert torch.equal(mask, ref_mask) and torch.allclose(emb, ref, atol=2e-2)
+        # through the node cache (the loader's path): one whole-file fetch per shard file, then local reads
+        node = NodeCache(str(tmp_path / "node"), 1 << 30, options)
+        cached = TextEmbeddingCache(url, expect=enc.fingerprint(), storage_options=options, node_cache=node)
+        again, again_mask = cached.lookup(["shards/2.00/2.00-000000.tar", "shards/1.00/1.00-000000.tar"], [1, 2])
+        assert torch.equal(again, emb) and torch.equal(again_mask, mask)
+        cached.lookup("shards/1.00/1.00-000000.tar", [0, 1])
+        assert node.fetched_files == 2 and len(node.entries()) == 2
+        shard = "shards/1.00/1.00-000000.tar"
+        assert cached.remote_file(shard).url == f"{url}/{shard_file(shard)}"
     finally:
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import typing
 from importlib import resources
@@ -10,6 +11,7 @@ from importlib import resources
 import pytest
 
 from pixeldit.diffusion.samplers import SAMPLERS
+from pixeldit.errors import ConfigError
 from pixeldit.train.config import LoggingConfig, RunConfig, StageConfig, ZeroConfig, load_config, save_config
 from pixeldit.train.ds_config import DS_CONFIGS_PACKAGE, build_ds_config, ds_config_path
 from pixeldit.train.optim import LRSchedule
@@ -187,3 +189,55 @@ def test_stop_flag_is_raised_by_the_stop_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_official_recipe_config_per_stage_clipping_and_came(tmp_path):
+    """t2i_official.yaml: CAME with the official betas / eps, warm-up 2000 in every stage, clipping 0.2 then 0.1
+    at 1024, the imported official architecture; each stage's DeepSpeed JSON carries its own clipping."""
+    from pathlib import Path
+
+    from pixeldit.models import get_model_args
+
+    path = Path(__file__).resolve().parents[1] / "pixeldit" / "train" / "configs" / "t2i_official.yaml"
+    cfg = load_config(path)
+    assert cfg.optim.name == "came" and cfg.optim.came.betas == (0.9, 0.999, 0.9999)
+    assert cfg.optim.came.eps == (1e-30, 1e-16) and cfg.optim.weight_decay == 0.0
+    assert [s.warmup_steps for s in cfg.stages] == [2000] * 3 and [s.lr for s in cfg.stages] == [1e-4, 1e-4, 2e-5]
+    assert [s.repa for s in cfg.stages] == [True, False, False] and [s.micro_batch for s in cfg.stages] == [8, 8, 3]
+    clips = [build_ds_config(cfg, s, world_size=8)["gradient_clipping"] for s in cfg.stages]
+    assert clips == [0.2, 0.2, 0.1]
+    assert all(build_ds_config(cfg, s, 8)["zero_allow_untested_optimizer"] is True for s in cfg.stages)
+    official = get_model_args("T2I", layer_style="official", text_padding="unmasked")  # what the import infers
+    assert cfg.model.args() == official
+
+
+@pytest.mark.parametrize("override, message", [
+    (["optim.name=sgd"], "valid values: adamw, came"),
+    (["optim.name=came", "checkpoint.load_universal=true", "checkpoint.resume_from=/x"],
+     "optim.name=came with checkpoint.load_universal=true"),
+    (["optim.came.betas=[0.9, 0.999]"], "expected a list of 3 values"),
+    (["optim.came.eps=[0.0, 1e-16]"], "optim.came.eps=[0.0, 1e-16] must be each > 0"),
+    (["optim.came.betas=[0.9, 0.999, 1.0]"], "optim.came.betas=[0.9, 0.999, 1.0] must be each in [0, 1)"),
+    (["stages.1.grad_clip=-1"], "stages.1 (b).grad_clip=-1"),
+    (["checkpoint.init_from=/r", "checkpoint.resume_from=/c"], "init_from and checkpoint.resume_from are both set"),
+])
+def test_came_and_clipping_settings_are_checked(tmp_path, override, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(YAML.format(run_dir=tmp_path / "run"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path, override)
+
+
+@pytest.mark.parametrize("ds, key", [
+    ({"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}, "zero_optimization.elastic_checkpoint"),
+    ({"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}, "data_types.grad_accum_dtype"),
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}, "zero_optimization.zero_hpz_partition_size"),
+    ({"zero_allow_untested_optimizer": False}, "zero_allow_untested_optimizer"),
+])
+def test_came_refuses_zero_layouts_it_cannot_map(tmp_path, ds, key):
+    cfg = _cfg(tmp_path, **ds)
+    cfg.optim.name = "came"
+    with pytest.raises(ConfigError, match=f"zero2.json: '{key}'"):
+        build_ds_config(cfg, cfg.stages[0], world_size=2)
+    cfg.optim.name = "adamw"
+    build_ds_config(cfg, cfg.stages[0], world_size=2)  # the same JSON is fine for AdamW

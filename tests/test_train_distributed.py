@@ -8,7 +8,14 @@
   every resume re-hashes the checkpoint on both ranks (checkpoint.verify=full) and takes over the lock the
   killed trainer left;
 - every checkpoint's manifest lists (and checksums) the files of every rank;
-- gradient checkpointing on and off give the same losses.
+- gradient checkpointing on and off give the same losses;
+- a universal checkpoint of the 2-rank run resumes on 1 rank with the same fp32 weights and EMA, and with the
+  same global batch (micro_batch doubled) continues the identical sample sequence; the ledger of the run lists
+  exactly the keys the ranks recorded;
+- the same run reading its dataset from S3 through a faulty endpoint (a moto server behind
+  ``s3_faults.FaultProxy``: 5 ms per request, 10% of requests answered 503 SlowDown, 5% of connections reset
+  before the request or mid-body) consumes the same sample keys with bit-identical losses; a secret planted in
+  ``data.storage_options`` appears in no file the run, a release or a submission writes, nor in the wandb config.
 """
 from __future__ import annotations
 
@@ -57,13 +64,13 @@ def write_config(path: Path, run_dir: Path, data: Path, zero: str = "zero2", ver
     return path
 
 
-def launch(config: Path, log: Path) -> subprocess.Popen:
+def launch(config: Path, log: Path, **env_extra: str) -> subprocess.Popen:
     cmd, env = torchrun(config)
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, env={**env, **env_extra}, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT)
 
 
-def run_to_end(config: Path, log: Path, timeout: float = 120) -> None:
-    proc = launch(config, log)
+def run_to_end(config: Path, log: Path, timeout: float = 600, **env_extra: str) -> None:
+    proc = launch(config, log, **env_extra)
     if proc.wait(timeout=timeout) != 0:
         raise AssertionError(f"training failed (rc {proc.returncode}); log tail:\n{log.read_text()[-4000:]}")
 
@@ -90,7 +97,7 @@ def process_tree(pid: int) -> list[int]:
 def run_and_kill(config: Path, log: Path, run_dir: Path, kill_after_step: int) -> None:
     """Launch, and SIGKILL every process of the job as soon as step ``kill_after_step`` is logged."""
     proc = launch(config, log)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # start-up (imports, process group) alone can take minutes on a loaded machine
     while max((r["step"] for r in records(run_dir)), default=0) < kill_after_step:
         assert proc.poll() is None, f"run ended before step {kill_after_step}:\n{log.read_text()[-3000:]}"
         assert time.time() < deadline, "run too slow to reach the kill step"
@@ -115,7 +122,8 @@ def final_state(run_dir: Path) -> tuple[dict, dict]:
 def reference(dataset, tmp_path_factory) -> Path:
     """Uninterrupted ZeRO-2 run, shared by the resume and checkpointing tests."""
     tmp = tmp_path_factory.mktemp("ref")
-    run_to_end(write_config(tmp / "run.yaml", tmp / "run", dataset), tmp / "log.txt")
+    run_to_end(write_config(tmp / "run.yaml", tmp / "run", dataset), tmp / "log.txt",
+               PIXELDIT_RECORD_KEYS=str(tmp / "run" / "recorded_keys"))
     return tmp / "run"
 
 
@@ -208,7 +216,9 @@ def test_universal_checkpoint_resumes_on_another_world_size(reference, tmp_path,
     src = reference / "checkpoints" / "step_00000006"
     universal = to_universal(src, tmp_path / "universal" / "step_00000006")
     cfg = load_config(reference / "config.yaml", [f"run_dir={tmp_path / 'run'}", f"checkpoint.resume_from={universal}",
-                                                  "checkpoint.load_universal=true", "data.num_workers=0"])
+                                                  "checkpoint.load_universal=true", "data.num_workers=0",
+                                                  "stages.1.micro_batch=4"])  # same global batch on 1 rank
+    monkeypatch.setenv("PIXELDIT_RECORD_KEYS", str(tmp_path / "keys"))
     result = run_training(cfg, stop_requested=lambda: True)  # load, then save at once in the new run
     assert result.status == "stopped" and result.step == 6
     saved = tmp_path / "run" / "checkpoints" / "step_00000006"
@@ -218,3 +228,83 @@ def test_universal_checkpoint_resumes_on_another_world_size(reference, tmp_path,
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     result = run_training(cfg)  # resumes from its own checkpoint now
     assert result.status == "finished" and result.step == sum(STAGE_STEPS) and len(result.losses) == 1
+    # step 7 on 1 rank drew the global batch that step 7 drew on 2 ranks
+    assert recorded_steps(tmp_path / "keys") == [recorded_steps(reference / "recorded_keys")[-1]]
+
+
+def recorded_steps(folder: Path) -> list[list[str]]:
+    """Per optimizer step (in order), the sorted keys every rank drew (the loader's PIXELDIT_RECORD_KEYS hook)."""
+    steps: dict[tuple, list[str]] = {}
+    for path in sorted(folder.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            steps.setdefault((r["stage"], r["epoch"], r["batch"]), []).extend(r["key"])
+    return [sorted(keys) for keys in steps.values()]
+
+
+def test_ledger_lists_exactly_the_recorded_keys(reference):
+    from pixeldit.train.ledger import ledger
+
+    by_step: dict[int, list[str]] = {}
+    for step, root, key, _ in ledger(reference, sum(STAGE_STEPS)):
+        by_step.setdefault(step, []).append(key)
+    assert sorted(by_step) == list(range(1, sum(STAGE_STEPS) + 1))
+    assert [sorted(v) for _, v in sorted(by_step.items())] == recorded_steps(reference / "recorded_keys")
+    assert [len(v) for v in by_step.values()] == [4] * STAGE_STEPS[0] + [8] * STAGE_STEPS[1]  # G per stage
+
+
+SECRET = "PLANTED-s3cr3t-9f27c1d0"  # noqa: S105 (a test value)
+FAULTY = {"PIXELDIT_S3_MAX_ATTEMPTS": "12", "PIXELDIT_S3_BACKOFF_S": "0.02", "PIXELDIT_S3_BACKOFF_MAX_S": "0.2",
+          "PIXELDIT_S3_READ_TIMEOUT_S": "10"}
+
+
+def files_containing(folder: Path, needle: bytes) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and needle in p.read_bytes())
+
+
+def test_run_through_faulty_s3_matches_the_local_run_and_saves_no_secret(reference, dataset, tmp_path, monkeypatch):
+    from data_fixtures import moto_s3
+    from launchers.config import LaunchConfig
+    from launchers.submit import submit
+    from pixeldit.errors import ConfigError
+    from pixeldit.release.export import export_release
+    from pixeldit.storage import fs_and_path
+    from s3_faults import FaultProxy
+
+    with moto_s3("bkt") as base:
+        fs, _ = fs_and_path(base)
+        fs.put(str(dataset) + "/", "bkt/data/", recursive=True)
+        with FaultProxy(os.environ["AWS_ENDPOINT_URL"], latency_s=0.005, slowdown=0.1, reset=0.05, seed=7) as proxy:
+            remote = tmp_path / "remote"
+            config = write_config(tmp_path / "remote.yaml", remote / "run", Path("unused"))
+            cfg = yaml.safe_load(config.read_text())
+            for stage in cfg["stages"]:
+                stage["data_path"] = f"{base}/data"
+            cfg["data"].update(storage_options={"endpoint_url": proxy.url, "key": "testing", "secret": SECRET},
+                               cache_dir=str(tmp_path / "node_cache"), cache_max_gb=0.001)
+            cfg["logging"]["wandb"] = "offline"
+            config.write_text(yaml.safe_dump(cfg))
+            run_to_end(config, tmp_path / "remote.log", timeout=900, PIXELDIT_RECORD_KEYS=str(remote / "keys"),
+                       WANDB_MODE="offline", **FAULTY)
+            faults = dict(proxy.faults)
+
+            # the same samples in the same order as the local reference run, and bit-identical losses
+            assert recorded_steps(remote / "keys") == recorded_steps(reference / "recorded_keys")
+            assert len(recorded_steps(remote / "keys")) == sum(STAGE_STEPS)
+            assert [r["loss"] for r in records(remote / "run")] == [r["loss"] for r in records(reference)]
+            assert faults.get("slowdown", 0) > 0 and faults.get("reset-before", 0) + faults.get("reset-mid", 0) > 0
+
+            # the secret was used (the run read S3 with it) but saved nowhere
+            release = tmp_path / "release"
+            export_release(remote / "run", release)
+            monkeypatch.chdir(tmp_path)
+            with pytest.raises(ConfigError, match="data.storage_options.key holds a credential") as err:
+                submit(str(config), LaunchConfig(cluster="local"))
+            assert SECRET not in str(err.value)
+    wandb_runs = list((remote / "run").glob("wandb/*/run-*.wandb"))  # offline: the config is in the run file
+    assert wandb_runs and all(b"<redacted>" in p.read_bytes() for p in wandb_runs), "the config did not reach wandb"
+    assert (remote / "run" / "config.yaml").read_text().count("<redacted>") == 2
+    for folder in (remote / "run", release, tmp_path / "node_cache"):
+        assert files_containing(folder, SECRET.encode()) == [], folder
+    assert SECRET not in (tmp_path / "remote.log").read_text()
+    assert not (remote / "run" / "slurm").exists() and not (remote / "run" / "launcher").exists()

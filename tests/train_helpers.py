@@ -80,8 +80,14 @@ def set_single_rank(monkeypatch) -> None:
 
 def torchrun(config: Path, nproc: int = 2) -> tuple[list[str], dict[str, str]]:
     """Command and environment of ``pixeldit-train`` under torchrun on CPU ranks (gloo) for ``config``."""
+    return torchrun_command(["-m", "pixeldit.train.cli", "--config", str(config)], nproc)
+
+
+def torchrun_command(target: list[str], nproc: int = 2) -> tuple[list[str], dict[str, str]]:
+    """Command and environment of ``target`` (a script and its arguments, or ``-m module ...``) under torchrun
+    on CPU ranks (gloo)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "pixeldit.train.cli", "--config", str(config)]
+           "127.0.0.1", "--master_port", str(free_port()), *target]
     return cmd, env

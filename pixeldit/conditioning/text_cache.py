@@ -19,9 +19,11 @@ caches (one caption per sample, no caption_counts) still load: caption index 0 o
 
 A caption's mask is always a prefix of ones (right padding), so only its ``length`` valid states are
 stored (captions are mostly far shorter than max_length = 300: ~5x less disk). ``lookup`` reads the
-shard header once (one small ranged read, then cached) and then exactly each sample's byte range,
-concurrently on object stores (``fs.cat_ranges``): random access over many shards costs one small read
-per sample, never a whole shard.
+shard header once (then cached) and then exactly each sample's byte range. A cache on S3 is read through
+the node-local cache of the loader (``pixeldit.node_cache``, given as ``node_cache``): one file per data
+shard, fetched whole (coalesced ranged GETs, with the S3 timeouts and retries of ``pixeldit.storage``), usually
+ahead of time by the loader's prefetcher (``remote_file``), then read locally. Without a node cache each
+lookup reads the samples' byte ranges concurrently (``fs.cat_ranges``), one small GET per sample.
 
 ``precompute_text_embeddings`` reads the dataset's caption sets per shard (``dataset_format.caption_sets_by_shard``),
 encodes them shard by shard (resumable: shards already written with the same fingerprint and captions are skipped;
@@ -33,9 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load as st_load
@@ -43,7 +46,8 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from data_pipeline.dataset_format import SAMPLES, caption_sets_by_shard, text_embedding_dir
-from pixeldit.storage import fs_and_path, join, write_bytes_atomic, write_json_atomic
+from pixeldit.node_cache import NodeCache, RemoteFile
+from pixeldit.storage import fs_and_path, is_local, join, write_bytes_atomic, write_json_atomic
 
 from .text_encoder import TextEncoder
 
@@ -86,10 +90,15 @@ class ShardHeader:
 
 def read_shard_header(fs, path: str) -> ShardHeader:
     """Parse the safetensors header of a shard file (one ranged read, two for very large shards)."""
-    head = fs.cat_file(path, start=0, end=_HEADER_PROBE)
+    return parse_shard_header(lambda start, end: fs.cat_file(path, start=start, end=end), path)
+
+
+def parse_shard_header(read: Callable[[int, int], bytes], path: str) -> ShardHeader:
+    """The header of a shard file given ``read(start, end) -> bytes`` of it (``path`` names it in errors)."""
+    head = read(0, _HEADER_PROBE)
     n = int.from_bytes(head[:8], "little")
     if 8 + n > len(head):
-        head = fs.cat_file(path, start=0, end=8 + n)
+        head = read(0, 8 + n)
     header = json.loads(head[8:8 + n])
     meta, emb = header.get("__metadata__", {}), header.get("emb")
     if emb is None or "lengths" not in meta:
@@ -210,14 +219,18 @@ class TextEmbeddingCache:
     """
 
     def __init__(self, cache_dir: str, expect: dict | None = None, storage_options: dict | None = None,
-                 max_headers: int = 4096):
+                 max_headers: int = 4096, node_cache: NodeCache | None = None):
         self.url = str(cache_dir)
         self.fs, self.root = fs_and_path(cache_dir, storage_options)
+        self.local = is_local(self.url)
+        self.node_cache = None if self.local else node_cache
         meta_path = f"{self.root}/{META}"
         if not self.fs.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: the text-embedding cache is missing or incomplete; "
                                     "run precompute_text_embeddings for this dataset (every part)")
-        self.meta = json.loads(self.fs.cat_file(meta_path))
+        raw_meta = self.fs.cat_file(meta_path)
+        self.version = hashlib.sha256(raw_meta).hexdigest()[:16]  # a rebuilt cache gets new node-cache copies
+        self.meta = json.loads(raw_meta)
         if self.meta.get("format") not in READ_FORMATS:
             raise ValueError(f"{meta_path}: cache format {self.meta.get('format')!r}, this code reads formats "
                              f"{', '.join(map(str, READ_FORMATS))}; rebuild the cache with precompute_text_embeddings")
@@ -232,13 +245,38 @@ class TextEmbeddingCache:
         self._headers: OrderedDict[str, ShardHeader] = OrderedDict()
         self.max_headers = max_headers
         self._null: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._files: OrderedDict[str, object] = OrderedDict()  # open local copies (local cache or node cache)
+
+    def remote_file(self, shard: str) -> RemoteFile | None:
+        """The file of a data shard as the node cache fetches it (None for a local cache or without one)."""
+        if self.node_cache is None:
+            return None
+        return RemoteFile(join(self.url, shard_file(shard)), None, self.version)
+
+    def _read(self, shard: str, start: int, end: int) -> bytes:
+        if self.node_cache is None and not self.local:
+            return self.fs.cat_file(f"{self.root}/{shard_file(shard)}", start=start, end=end)
+        handle = self._files.get(shard)
+        if handle is None:
+            if self.local:
+                handle = open(f"{self.root}/{shard_file(shard)}", "rb")
+            else:
+                handle = self.node_cache.open(self.remote_file(shard))
+            self._files[shard] = handle
+            while len(self._files) > 64:
+                self._files.popitem(last=False)[1].close()
+        self._files.move_to_end(shard)
+        return os.pread(handle.fileno(), end - start, start)
 
     def _header(self, shard: str) -> ShardHeader:
         if shard not in self._headers:
             if shard not in self.num_samples:
                 raise KeyError(f"shard {shard!r} is not in the text-embedding cache {self.url}; rebuild the cache "
                                "for this dataset")
-            header = read_shard_header(self.fs, f"{self.root}/{shard_file(shard)}")
+            stale = self._files.pop(shard, None)  # a header read afresh opens the file afresh
+            if stale is not None:
+                stale.close()
+            header = parse_shard_header(lambda a, b: self._read(shard, a, b), f"{self.root}/{shard_file(shard)}")
             if header.fingerprint != self.fingerprint:
                 raise ValueError(f"{header.path} was written by another encoder setup than meta.json "
                                  f"({header.fingerprint} vs {self.fingerprint}); rebuild the cache")
@@ -272,7 +310,10 @@ class TextEmbeddingCache:
             caps.append(k)
             starts.append(h.data_start + h.offsets[k] * row)
             ends.append(h.data_start + h.offsets[k + 1] * row)
-        blobs = self.fs.cat_ranges([h.path for h in headers], starts, ends, on_error="raise") if headers else []
+        if self.node_cache is None and not self.local:  # one small concurrent GET per sample
+            blobs = self.fs.cat_ranges([h.path for h in headers], starts, ends, on_error="raise") if headers else []
+        else:
+            blobs = [self._read(shard, a, b) for shard, a, b in zip(shards, starts, ends)]
         emb = torch.zeros(len(idx), self.max_length, self.dim)  # (B, T, C)
         mask = torch.zeros(len(idx), self.max_length, dtype=torch.bool)  # (B, T)
         for b, (blob, h, k) in enumerate(zip(blobs, headers, caps)):

@@ -1,7 +1,7 @@
 """Generate images from a PixelDiT: starting noise + sampler + classifier-free guidance + time grid in one call.
 
     images = generate(model, {"y": labels}, model.null_condition(len(labels)), height=256, width=256,
-                      steps=100, sampler="flow_dpm", cfg_scale=3.25, cfg_interval=(0.10, 1.00), seed=0)
+                      steps=100, sampler="flow_dpm", cfg_scale=3.25, cfg_interval=(0.0, 0.9), seed=0)
 
 This is the library function behind the sampling CLI and the training previews.
 """

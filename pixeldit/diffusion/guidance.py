@@ -1,12 +1,14 @@
 """Classifier-free guidance as a wrapper around the model function, with a guidance interval.
 
-    model_fn = cfg_model_fn(model, cond, null_cond, scale=3.25, interval=(0.10, 1.00))
+    model_fn = cfg_model_fn(model, cond, null_cond, scale=3.25, interval=(0.0, 0.9))
     x = sampler(model_fn, noise, timesteps)
 
 Inside the interval (t_lo <= t <= t_hi, in the time of ``pixeldit.diffusion.flow``: t = 1 noise, t = 0
 data) the velocity is v_uncond + scale * (v_cond - v_uncond), from one batched forward of [cond; uncond];
 outside it the conditional velocity alone (one forward of half the size). scale = 1 disables guidance.
-The paper's settings: 3.25 on [0.10, 1.00] (early checkpoints), 2.75 on [0.10, 0.90] (long training).
+The paper's settings, 3.25 on [0.1, 1.0] (early checkpoints) and 2.75 on [0.1, 0.9] (long training), are in the
+official time (t = 0 noise): here 3.25 on [0.0, 0.9] and 2.75 on [0.1, 0.9] (pixeldit.release.config
+CLASS_CFG_INTERVAL). The interval is closed; the official sampler's is open.
 """
 from __future__ import annotations
 

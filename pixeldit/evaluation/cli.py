@@ -2,7 +2,7 @@
 
     pixeldit-eval releases/xl --classes 0-999 --images-per-prompt 50 --metrics fid fd_dinov2 \\
         --reference /data/imagenet-val --inception weights/inception-2015-12-05.pt --dinov2 weights/dinov2-large \\
-        --sampler flow_unipc --steps 32 --cfg-scale 3.25 --cfg-interval 0.1 1.0 --out evals/xl
+        --sampler flow_unipc --steps 32 --cfg-scale 3.25 --cfg-interval 0.0 0.9 --out evals/xl
     pixeldit-eval runs/t2i --prompts prompts.txt --metrics clip_score --clip weights/clip-vit-large-patch14 --out e/
     pixeldit-eval releases/t2i --geneval geneval/prompts/evaluation_metadata.jsonl --images-per-prompt 4 --out e/
     pixeldit-eval releases/t2i --dpg-bench ELLA/dpg_bench/prompts --images-per-prompt 4 --out e/

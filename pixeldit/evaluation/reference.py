@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from data_pipeline.dataset_format import MANIFEST, SAMPLES, read_sample_index
 from pixeldit.diffusion import to_uint8
 from pixeldit.storage import exists, join, read_bytes, write_bytes_atomic
-from pixeldit.train.loader import BucketBatchDataset, decode_and_crop
+from pixeldit.train.loader import BatchDataset, decode_and_crop
+from pixeldit.train.sources import SourceSet
 
 from .frechet import FeatureStats, StatsAccumulator
 
@@ -45,7 +46,9 @@ class _Images(torch.utils.data.Dataset):
 
     def __init__(self, ref: "ReferenceSet", resolution: int):
         self.ref, self.resolution = ref, resolution
-        self._data = BucketBatchDataset(ref.index) if ref.index is not None else None
+        self._data = None  # the training loader's reader (one per worker): a local shard's file or a ranged GET
+        if ref.index is not None:
+            self._data = BatchDataset(SourceSet([ref.root], [1.0], [ref.index], {}), None)
 
     def __len__(self) -> int:
         return len(self.ref.rows)
@@ -53,7 +56,7 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> np.ndarray:
         row = int(self.ref.rows[i])
         if self._data is not None:
-            data, name = self._data.read_image_bytes(row), f"sample {self.ref.index.keys[row].as_py()}"
+            data, name = self._data.reader.read(row), f"sample {self.ref.index.keys[row].as_py()}"
         else:
             data, name = self.ref.files[row].read_bytes(), str(self.ref.files[row])
         try:
@@ -69,7 +72,7 @@ class ReferenceSet:
     root: str
     rows: np.ndarray  # selected row (dataset) or file (folder) indices
     digest: str  # identity of the data
-    index: object | None = None  # pixeldit.train.loader.SampleIndex for a dataset root
+    index: object | None = None  # data_pipeline.dataset_format.SampleIndex for a dataset root
     files: list[Path] | None = None  # for an image folder
 
     @classmethod

@@ -7,7 +7,8 @@
 A release folder holds config.json, model.safetensors (or shards + model.safetensors.index.json) and a
 model card README.md; load it with ``pixeldit.release.from_pretrained`` or sample with ``pixeldit-sample``.
 Sampler defaults stored in config.json: the paper's (FlowDPM-Solver; class models 100 steps, CFG 3.25 on
-[0.1, 1.0]; text models 25 steps, CFG 4.5) with the stage's time shift, unless the flags below say otherwise.
+t in [0.0, 0.9], t = 1 noise: the official [0.1, 1.0] in its reversed time; text models 25 steps, CFG 4.5)
+with the stage's time shift, unless the flags below say otherwise.
 A user error (no checkpoint, a damaged file, a bad flag) is one line and exit code 2; --traceback (or
 PIXELDIT_TRACEBACK=1) shows the traceback.
 """

@@ -34,6 +34,13 @@ WEIGHTS: tuple[str, ...] = get_args(Weights)
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_WEIGHTS: Weights = "ema"
 DEFAULT_DTYPE = "bf16"
+# The paper's CFG interval for class-conditional models, in OUR time (t = 1 noise, pixeldit.diffusion.flow).
+# The official sampler (c2i/src/diffusion.py, FlowDPMSolverSampler) runs its own time from noise at 0 to data
+# at 1 and guides when guidance_interval_min < t < guidance_interval_max, i.e. 0.1 < t_official < 1.0 for the
+# published [0.1, 1.0]: t_ours = 1 - t_official in (0.0, 0.9). Guidance is off over the first 10% of the
+# trajectory from noise and on until the end. (The boundary step at t = 0.9 exactly is guided here, not in the
+# official sampler: our interval is closed, theirs open.) The 320-epoch checkpoint's [0.1, 0.9] maps to itself.
+CLASS_CFG_INTERVAL = (0.0, 0.9)
 
 
 @dataclass
@@ -72,10 +79,11 @@ class SamplerDefaults:
 
 
 def default_sampler(args: ModelArgs, shift: float = 1.0) -> SamplerDefaults:
-    """The paper's inference defaults: FlowDPM-Solver, 100 steps and CFG 3.25 on t in [0.10, 1.00] for
-    class-conditional models; 25 steps and CFG 4.5 everywhere for text-to-image (``SamplerDefaults()``)."""
+    """The paper's inference defaults: FlowDPM-Solver, 100 steps and CFG 3.25 on our t in [0.0, 0.9]
+    (``CLASS_CFG_INTERVAL``: the official [0.1, 1.0] in its reversed time) for class-conditional models; 25 steps
+    and CFG 4.5 everywhere for text-to-image (``SamplerDefaults()``)."""
     if args.conditioning == "class":
-        return SamplerDefaults(steps=100, cfg_scale=3.25, cfg_interval=(0.10, 1.00), shift=shift)
+        return SamplerDefaults(steps=100, cfg_scale=3.25, cfg_interval=CLASS_CFG_INTERVAL, shift=shift)
     return SamplerDefaults(shift=shift)
 
 

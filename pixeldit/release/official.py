@@ -57,6 +57,7 @@ from pixeldit.errors import CliParser, cli_main
 from pixeldit.storage import atomic_local_file
 
 from . import DTYPES, ReleaseConfig, SamplerDefaults, from_pretrained
+from .config import CLASS_CFG_INTERVAL
 from .safe_load import UnsafeCheckpointError, safe_load
 from .writer import DEFAULT_MAX_SHARD_BYTES, save_release
 
@@ -350,7 +351,7 @@ def official_sampler(args: ModelArgs, resolution: int) -> SamplerDefaults:
     """
     if args.conditioning == "class":
         big = resolution >= 512
-        return SamplerDefaults("flow_dpm", 100, 3.5 if big else 3.25, (0.0, 0.9), 2.0 if big else 1.0)
+        return SamplerDefaults("flow_dpm", 100, 3.5 if big else 3.25, CLASS_CFG_INTERVAL, 2.0 if big else 1.0)
     return SamplerDefaults("flow_dpm", 50, 3.5, (0.0, 1.0), 4.0 if resolution >= 1024 else 3.0)
 
 

@@ -2,7 +2,7 @@
 
     pixeldit-sample --model releases/t2i --prompt "a red circle on a white background" --prompt "a blue square" \\
         --num-per-prompt 4 --out samples/ --seed 0
-    pixeldit-sample --model runs/imagenet_xl --class-id 207 360 --cfg-scale 3.25 --cfg-interval 0.1 1.0 --steps 100
+    pixeldit-sample --model runs/imagenet_xl --class-id 207 360 --cfg-scale 3.25 --cfg-interval 0.0 0.9 --steps 100
     pixeldit-sample --model runs/imagenet_xl/checkpoints/step_00400000 --class-id 1 --sampler heun --steps 50
 
 ``--model``: a release folder (config.json), a training run folder (uses checkpoints/latest) or a step

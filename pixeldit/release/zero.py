@@ -12,7 +12,8 @@ release never imports it.
   ``checkpoints/universal_step_N`` (outside the ``step_*`` names that keep-k pruning deletes), copying
   meta.json (+ ``universal: true``), the EMA files and the RNG files along. Resume it on any number of ranks
   in a new run folder with ``checkpoint.resume_from=... checkpoint.load_universal=true``; the trainer
-  re-partitions the EMA and rescales the loader position.
+  re-partitions the EMA and rescales the loader position. AdamW runs only (meta.json ``optimizer``): CAME's
+  row/column statistics have no universal form.
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def to_universal(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | Non
     step_dir = run_folder.resolve_checkpoint(checkpoint, verify=verify)
     if run_folder.is_universal_checkpoint(step_dir):
         raise CheckpointError(f"{step_dir} is already a universal checkpoint: resume from it directly")
+    optimizer = run_folder.read_meta(step_dir).get("optimizer", "adamw")
+    if optimizer != "adamw":
+        raise CheckpointError(f"{step_dir} was trained with optimizer {optimizer!r}, whose factored statistics have "
+                              f"no universal-checkpoint form (universal checkpoints: adamw runs only); resume it on "
+                              f"the world size it was saved with, or release its weights and start a new run from "
+                              f"them (checkpoint.init_from)")
     out = Path(out_dir) if out_dir else step_dir.with_name(run_folder.universal_dirname(step_dir))
     tmp = Path(tmp_path(out))
     try:

@@ -6,9 +6,14 @@ One concern per module, each with a ``build_*`` factory or a small stateful obje
 - ``preflight``: ``preflight(cfg, world_size)``, the files and JSON a run needs, checked before anything starts
 - ``ds_config``: ZeRO JSON of ``ds_configs/`` completed/checked from the run config
 - ``curriculum``: stage spans (the per-stage objective: ``RunConfig.stage_objective``)
-- ``bucket_sampler`` + ``loader``: rank-aligned bucket batches from samples.parquet, ``build_loader``
+- ``sources`` + ``bucket_sampler`` + ``loader``: the stage's dataset roots checked against their manifests,
+  the world-size independent plan of global batches (one bucket each), node-cached shard reads,
+  ``build_loader``; ``ledger``: ``pixeldit-ledger``
 - ``activation_checkpointing`` + ``engine``: ``build_engine`` (model + REPA projector -> DeepSpeed)
-- ``optim``: AdamW and the warmup + constant/cosine ``LRSchedule``
+- ``optim``: AdamW or CAME and the warmup + constant/cosine ``LRSchedule``; ``came``: CAME with factored second
+  moments that stay factored under ZeRO (``zero_partitions``: which matrix rows/columns each flat ZeRO
+  partition holds)
+- ``warm_start``: start a run from a release folder's weights (``checkpoint.init_from``: fine-tuning)
 - ``ema``: ``EMA`` under every ZeRO stage (its file format and ``consolidate_ema``: ``pixeldit.run_folder``)
 - ``checkpoint``: ``CheckpointManager`` (atomic, checksummed step folders, ``latest`` pointer, keep-k, the
   resume point with its fallback; the names, ``meta.json`` and the manifest: ``pixeldit.run_folder``),
@@ -19,5 +24,6 @@ One concern per module, each with a ``build_*`` factory or a small stateful obje
 - ``signals``: ``StopFlag``, the one stop-signal mechanism (the CLI's and the launcher job's)
 - ``trainer``: ``run_training(cfg, stop_requested) -> TrainResult``; ``cli``: ``pixeldit-train``
 
-Training never imports ``pixeldit.release``; releases are made from the checkpoints on disk.
+Releases are made from the checkpoints on disk; training reads a release folder only in ``warm_start``, through
+the release format modules (``pixeldit.release.config``, ``safe_load``, ``key_map``).
 """

@@ -19,7 +19,7 @@ import yaml
 
 from pixeldit.errors import CliParser, cli_main
 
-from .config import load_config, to_dict
+from .config import load_config, to_saved_dict
 from .preflight import preflight
 from .signals import StopFlag
 
@@ -38,7 +38,7 @@ def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(yaml.safe_dump(to_saved_dict(cfg), sort_keys=False))
         return 0
     preflight(cfg)  # before deepspeed is even imported: a mistake costs no process group, run folder or wandb run
     from .trainer import run_training

@@ -4,8 +4,11 @@
  - class-conditional: ``{"y": (B,) class ids}`` from the ``label`` column; null = the null class id;
  - text-to-image, ``conditioning.text_mode=online``: the frozen ``TextEncoder`` encodes the captions of
    every batch: ``{"context": (B, T, C), "context_mask": (B, T) bool}``; null = the empty-prompt embedding;
- - text-to-image, ``text_mode=cached``: embeddings precomputed per shard (``TextEmbeddingCache``, checked
-   against the encoder fingerprint) looked up by (shard, sample_index); null = the cache's null embedding.
+ - text-to-image, ``text_mode=cached``: embeddings precomputed per shard (``TextEmbeddingCache``, one per
+   dataset root of the stage, checked against the encoder fingerprint) looked up by (source, shard,
+   sample_index, caption_index: the caption the loader drew); null = the cache's null embedding. A cache on
+   S3 is read through the node cache, and ``TextConditioner.prefetch_files`` lets the loader fetch each
+   shard's embeddings with the shard.
    The encoder is loaded only if ``conditioning.text_encoder`` is set (for the preview prompts); without
    it, previews use the captions of the first batch.
 ``build_teacher`` loads the frozen DINOv2 teacher when any stage uses REPA (else None).
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
+from pixeldit.errors import ConfigError
 from pixeldit.models import ModelArgs
 
 from .config import RunConfig
@@ -38,12 +43,15 @@ class ClassConditioner:
 
 
 class TextConditioner:
-    """Captions -> text-encoder states, online (``encoder``) or from the embedding cache (``cache``)."""
+    """Captions -> text-encoder states, online (``encoder``) or from the embedding caches (``caches``: one per
+    dataset root of the stage, indexed by the batch's ``source``)."""
 
-    def __init__(self, device: torch.device, encoder=None, cache=None, preview_prompts: list[str] | None = None):
-        if encoder is None and cache is None:
+    def __init__(self, device: torch.device, encoder=None, caches: list | None = None,
+                 preview_prompts: list[str] | None = None):
+        if encoder is None and not caches:
             raise ValueError("text conditioning needs a text encoder or an embedding cache")
-        self.device, self.encoder, self.cache = device, encoder, cache
+        self.device, self.encoder, self.caches = device, encoder, list(caches or [])
+        self.cache = self.caches[0] if self.caches else None
         self.preview_prompts = preview_prompts or []
         self._first: Cond | None = None  # first batch's condition: preview fallback without an encoder
 
@@ -55,9 +63,49 @@ class TextConditioner:
         emb, mask = source.null(batch_size) if source is self.cache else source.encode_null(batch_size)
         return self._pack(emb, mask)
 
+    def prefetch_files(self, source: int, shard: str) -> list:
+        """Files of the node cache to fetch together with a data shard (its caption embeddings)."""
+        f = self.caches[source].remote_file(shard) if self.caches else None
+        return [f] if f is not None else []
+
+    def check_captions(self, sources) -> None:
+        """Every root whose samples have several captions (``pixeldit.train.sources.SourceSet.caption_sets``)
+        needs an embedding cache holding all of them: per shard, as many captions in the cache's meta.json as in
+        captions.parquet. Raises ``ConfigError`` naming the cache and a shard; nothing to check when online."""
+        if not self.caches:
+            return
+        for s, sets in enumerate(sources.caption_sets):
+            if sets is None:
+                continue
+            index, cache = sources.indexes[s], self.caches[s]
+            want = np.bincount(index.shard_id, weights=np.diff(sets.offsets), minlength=len(index.shards))
+            held = cache.meta.get("captions") or cache.num_samples  # format 2: one caption per sample
+            wrong = [(shard, held.get(shard), int(n)) for shard, n in zip(index.shards, want) if held.get(shard) != n]
+            if wrong:
+                shard, have, need = wrong[0]
+                raise ConfigError(f"caption-embedding cache {cache.url} holds {have} captions of shard {shard} where "
+                                  f"{sources.roots[s]} draws among {need} ({len(wrong)} such shards): rebuild the "
+                                  f"cache after the score stage (precompute_text_embeddings) or use text_mode=online")
+
+    def _lookup(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        sources = batch.get("source") or [0] * len(batch["shard"])
+        captions = batch.get("caption_index")  # the caption drawn for each sample (None: caption 0)
+        if len(set(sources)) == 1:
+            return self.caches[sources[0]].lookup(batch["shard"], batch["sample_index"], captions)
+        emb = mask = None
+        for s in sorted(set(sources)):
+            idx = [i for i, x in enumerate(sources) if x == s]
+            e, m = self.caches[s].lookup([batch["shard"][i] for i in idx], batch["sample_index"][idx],
+                                         None if captions is None else captions[idx])
+            if emb is None:
+                emb = e.new_zeros((len(sources),) + e.shape[1:])  # (B, T, C)
+                mask = m.new_zeros((len(sources),) + m.shape[1:])  # (B, T)
+            emb[idx], mask[idx] = e, m
+        return emb, mask
+
     def __call__(self, batch: dict[str, Any]) -> tuple[Cond, Cond]:
-        if self.cache is not None:
-            cond = self._pack(*self.cache.lookup(batch["shard"], batch["sample_index"]))
+        if self.caches:
+            cond = self._pack(*self._lookup(batch))
         else:
             cond = self._pack(*self.encoder.encode(batch["caption"]))
         if self._first is None:
@@ -102,12 +150,14 @@ def load_text_encoder(cfg: RunConfig, args: ModelArgs, device: torch.device):
     return encoder
 
 
-def build_conditioner(cfg: RunConfig, args: ModelArgs, device: torch.device, stage_index: int, encoder=None):
-    """Conditioner of stage ``stage_index`` (the embedding cache belongs to the stage's dataset)."""
+def build_conditioner(cfg: RunConfig, args: ModelArgs, device: torch.device, stage_index: int, encoder=None,
+                      node_cache=None):
+    """Conditioner of stage ``stage_index`` (the embedding caches belong to the stage's dataset roots;
+    ``node_cache``: where caches on S3 are read through)."""
     if args.conditioning == "class":
         return ClassConditioner(args.num_classes, device)
     c = cfg.conditioning
-    cache = None
+    caches = []
     if c.text_mode == "cached" and args.text_padding == "unmasked":
         raise ValueError("model text_padding=unmasked sees the encoder's padding states, which the embedding cache "
                          "does not store; set conditioning.text_mode=online")
@@ -117,9 +167,14 @@ def build_conditioner(cfg: RunConfig, args: ModelArgs, device: torch.device, sta
 
         expect = encoder.fingerprint() if encoder is not None else {
             "system_prompt": resolved_system_prompt(cfg, args), "max_length": args.text_len, "dim": args.text_dim}
-        root = c.embedding_cache or text_embedding_dir(cfg.stages[stage_index].data_path)
-        cache = TextEmbeddingCache(root, expect=expect, storage_options=cfg.data.storage_options)
-    return TextConditioner(device, encoder, cache, cfg.logging.image_prompts)
+        roots = [src.path for src in cfg.stages[stage_index].data_sources()]
+        if c.embedding_cache and len(roots) > 1:
+            raise ValueError(f"conditioning.embedding_cache names one cache but stage {stage_index} has {len(roots)} "
+                             f"dataset roots; leave it empty (each root's {text_embedding_dir('ROOT')})")
+        caches = [TextEmbeddingCache(c.embedding_cache or text_embedding_dir(root), expect=expect,
+                                     storage_options=cfg.data.storage_options, node_cache=node_cache)
+                  for root in roots]
+    return TextConditioner(device, encoder, caches, cfg.logging.image_prompts)
 
 
 def build_teacher(cfg: RunConfig, device: torch.device):

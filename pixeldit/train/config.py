@@ -18,8 +18,9 @@ Example (YAML)::
       - {name: s512-fixed, steps: 100000, data_path: s3://bkt/data, resolution: 512, buckets: fixed,
          micro_batch: 32, lr: 1.0e-4, warmup_steps: 2000, shift: 3.0, repa: true}
       - {name: s512-aspect, steps: 50000, data_path: s3://bkt/data, resolution: 512, buckets: aspect, shift: 3.0}
-      - {name: s1024, steps: 30000, data_path: s3://bkt/data, resolution: 1024, buckets: aspect,
-         micro_batch: 8, lr: 5.0e-5, shift: 4.0, grad_checkpointing: true}
+      - {name: s1024, steps: 30000, resolution: 1024, buckets: aspect, micro_batch: 8, lr: 5.0e-5, shift: 4.0,
+         grad_checkpointing: true, sources: [{path: s3://bkt/data, weight: 3}, {path: s3://bkt/hq, weight: 1}]}
+    data: {num_workers: 8, cache_dir: /local/nvme/pixeldit-cache, cache_max_gb: 500, s3: {read_timeout_s: 30}}
 """
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ from typing import Any, Literal
 
 import yaml
 
+from data_pipeline.captions import DEFAULT_CAPTION_TEMPERATURE
 from pixeldit.diffusion.objective import ObjectiveConfig
 from pixeldit.diffusion.samplers import SamplerName
 from pixeldit.errors import ConfigError
 from pixeldit.models import MODEL_SIZES, ModelArgs, get_model_args
 from pixeldit.run_folder import VERIFY_MODES
-from pixeldit.storage import write_text_atomic
+from pixeldit.storage import REDACTED, redact_options, resolve_s3_settings, write_text_atomic
 
 BucketMode = Literal["fixed", "aspect"]
 Schedule = Literal["constant", "cosine"]
@@ -46,7 +48,7 @@ Precision = Literal["bf16", "fp32"]
 ZeroConfig = Literal["zero1", "zero2", "zero3", "zero3_offload"]  # the JSONs of ds_configs/ (checked in tests)
 WandbMode = Literal["offline", "online", "disabled"]
 TextMode = Literal["online", "cached"]
-OptimizerName = Literal["adamw"]
+OptimizerName = Literal["adamw", "came"]
 VerifyMode = Literal[VERIFY_MODES]  # pixeldit.run_folder.checkpoint_problem
 
 
@@ -67,12 +69,21 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One dataset root of a stage and its mixing weight."""
+
+    path: str = ""  # dataset root written by data_pipeline (local folder or s3://bucket/prefix)
+    weight: float = 1.0  # share of every epoch's draws (normalised over the stage's sources)
+
+
+@dataclass
 class StageConfig:
     """One curriculum stage: the trainer runs ``steps`` optimizer steps, then moves to the next stage."""
 
     name: str = "stage0"
     steps: int = 1000
-    data_path: str = ""  # dataset root written by data_pipeline (local folder or s3://bucket/prefix)
+    data_path: str = ""  # dataset root written by data_pipeline (local folder or s3://bucket/prefix), or:
+    sources: list[DataSource] = field(default_factory=list)  # several roots with mixing weights (no data_path)
     resolution: int = 256  # base resolution of the bucket table
     buckets: BucketMode = "fixed"  # fixed: every image center-cropped to resolution^2; aspect: ratio buckets
     bucket_align: int = 32  # bucket sides are multiples of this (bucket_table(resolution, bucket_align))
@@ -85,15 +96,33 @@ class StageConfig:
     shift: float | None = None  # timestep shift (SD3-style resolution shift); None: objective.shift
     repa: bool = False  # REPA loss on in this stage
     grad_checkpointing: bool = False  # activation checkpointing of patch and PiT blocks
+    grad_clip: float | None = None  # gradient clipping of this stage (0 = off); None: optim.grad_clip
+
+    def clip(self, optim: "OptimConfig") -> float:
+        return optim.grad_clip if self.grad_clip is None else self.grad_clip
+
+    def data_sources(self) -> list[DataSource]:
+        """The stage's dataset roots with their weights (``data_path`` is one root of weight 1)."""
+        return list(self.sources) if self.sources else [DataSource(self.data_path, 1.0)]
+
+
+@dataclass
+class CameSection:
+    """CAME's own settings (pixeldit.train.came); defaults of the paper and of the official PixelDiT recipe."""
+
+    betas: tuple[float, float, float] = (0.9, 0.999, 0.9999)  # first moment, squared gradient, instability
+    eps: tuple[float, float] = (1e-30, 1e-16)  # added to the squared gradient / to the instability
+    clip_threshold: float = 1.0  # the normalised update is scaled down to this RMS
 
 
 @dataclass
 class OptimConfig:
-    name: OptimizerName = "adamw"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 = off)
+    name: OptimizerName = "adamw"  # adamw, or came (factored second moments, kept factored under ZeRO)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    eps: float = 1e-8  # AdamW
+    weight_decay: float = 0.0  # matrices only (both optimizers)
+    grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 = off); stages[].grad_clip overrides it per stage
+    came: CameSection = field(default_factory=CameSection)
 
 
 @dataclass
@@ -105,9 +134,26 @@ class DeepSpeedSection:
 
 @dataclass
 class DataSection:
+    """How the loader reads the stages' datasets (pixeldit/train/loader.py)."""
+
     num_workers: int = 4  # DataLoader workers per rank (0: load in the training process)
     prefetch_factor: int = 2
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (e.g. s3 endpoint_url)
+    # fsspec options (e.g. s3 endpoint_url). Credentials (key, secret, token) are redacted wherever the config
+    # is saved and refused by the launcher: give them as AWS_* environment variables or an AWS profile
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    s3: dict[str, float] = field(default_factory=dict)  # S3 timeouts/retries: pixeldit.storage.S3Settings fields
+    cache_dir: str = ""  # node-local cache of remote shards (flock-shared by the node); "": $TMPDIR/pixeldit-cache
+    cache_max_gb: float = 100.0  # size bound of the cache (LRU eviction); 0: no cache, one ranged GET per image
+    prefetch_batches: int = 8  # global batches ahead of the training step whose shards are fetched
+    fetch_threads: int = 4  # concurrent shard downloads per rank
+    shuffle_block_shards: int = 16  # shards shuffled together per bucket (>= nodes keeps reads node-local)
+    max_bad_samples: int = 100  # per rank and stage: undecodable samples skipped and counted, then the run fails
+    skip_damaged_shards: bool = False  # shards missing or of the wrong size: fail (default) or leave them out
+    worker_timeout_s: float = 600.0  # a DataLoader worker silent this long is an error (0: wait forever)
+    target_mfu: float = 0.4  # the MFU the stage-start data-rate line sizes the data rate for
+    # roots with several captions per sample (captions.parquet): each draw picks caption i with probability
+    # softmax(score / T)_i (data_pipeline.captions); small T: nearly always the best-scored caption
+    caption_temperature: float = DEFAULT_CAPTION_TEMPERATURE
 
 
 @dataclass
@@ -131,6 +177,8 @@ class CheckpointConfig:
     # false: stop with an error instead
     fallback: bool = True
     resume_from: str = ""  # a step folder to start from when the run has no checkpoint of its own yet
+    init_from: str = ""  # a release folder (ours, or an imported official model): when the run has no checkpoint
+    # of its own yet, the model and its EMA start from its weights with a fresh optimizer (pixeldit.train.warm_start)
     load_universal: bool = False  # resume_from is a DeepSpeed universal checkpoint (any world size)
 
 
@@ -349,9 +397,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return cfg
 
 
+def to_saved_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as it may be written anywhere (config.yaml, launcher files, wandb): credentials in
+    ``data.storage_options`` replaced by ``pixeldit.storage.REDACTED``."""
+    tree = to_dict(cfg)
+    tree["data"]["storage_options"] = redact_options(tree["data"]["storage_options"])
+    return tree
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Write the config as YAML atomically (``pixeldit.storage.write_text_atomic``)."""
-    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the config (credentials redacted) as YAML atomically (``pixeldit.storage.write_text_atomic``)."""
+    write_text_atomic(path, yaml.safe_dump(to_saved_dict(cfg), sort_keys=False))
 
 
 def validate(cfg: RunConfig) -> None:
@@ -369,11 +425,21 @@ def validate(cfg: RunConfig) -> None:
         for key in ("steps", "micro_batch", "grad_accum", "resolution", "bucket_align"):
             if getattr(s, key) <= 0:
                 raise ConfigError(f"{where}.{key}={getattr(s, key)} must be positive")
-        if not s.data_path:
+        if s.data_path and s.sources:
+            raise ConfigError(f"{where}: set data_path (one root) or sources (several roots with weights), not both")
+        if not s.data_path and not s.sources:
             raise ConfigError(f"{where}.data_path is empty: set the dataset root written by data_pipeline")
+        for j, src in enumerate(s.sources):
+            if not src.path or not src.weight > 0:
+                raise ConfigError(f"{where}.sources.{j}: needs a path and a weight > 0, got {src.path!r}, "
+                                  f"{src.weight}")
+        paths = [src.path for src in s.data_sources()]
+        if len(set(paths)) != len(paths):
+            raise ConfigError(f"{where}.sources: a root appears twice ({paths}); give it one weight")
         for key, ok, rule in (("lr", s.lr > 0, "> 0"), ("warmup_steps", s.warmup_steps >= 0, ">= 0"),
                               ("min_lr_ratio", 0.0 <= s.min_lr_ratio <= 1.0, "in [0, 1]"),
-                              ("shift", s.shift is None or s.shift > 0, "> 0")):
+                              ("shift", s.shift is None or s.shift > 0, "> 0"),
+                              ("grad_clip", s.grad_clip is None or s.grad_clip >= 0, ">= 0 (0 = off)")):
             if not ok:
                 raise ConfigError(f"{where}.{key}={getattr(s, key)} must be {rule}")
         if s.bucket_align % args.patch_size:
@@ -390,14 +456,46 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("conditioning.text_encoder is empty: a text-to-image model with text_mode=online needs it")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay={cfg.ema_decay} must be in (0, 1)")
+    d = cfg.data
+    came = cfg.optim.came
     for key, value, ok, rule in (
         ("checkpoint.every", cfg.checkpoint.every, cfg.checkpoint.every > 0, "> 0"),
         ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep > 0, "> 0"),
         ("max_consecutive_nonfinite", cfg.max_consecutive_nonfinite, cfg.max_consecutive_nonfinite > 0, "> 0"),
         ("logging.log_every", cfg.logging.log_every, cfg.logging.log_every > 0, "> 0"),
         ("logging.image_every", cfg.logging.image_every, cfg.logging.image_every >= 0, ">= 0 (0 = off)"),
-        ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.prefetch_factor", d.prefetch_factor, d.prefetch_factor > 0, "> 0"),
+        ("data.prefetch_batches", d.prefetch_batches, d.prefetch_batches > 0, "> 0"),
+        ("data.fetch_threads", d.fetch_threads, d.fetch_threads > 0, "> 0"),
+        ("data.shuffle_block_shards", d.shuffle_block_shards, d.shuffle_block_shards > 0, "> 0"),
+        ("data.cache_max_gb", d.cache_max_gb, d.cache_max_gb >= 0, ">= 0 (0 = no node cache)"),
+        ("data.max_bad_samples", d.max_bad_samples, d.max_bad_samples >= 0, ">= 0"),
+        ("data.worker_timeout_s", d.worker_timeout_s, d.worker_timeout_s >= 0, ">= 0 (0 = wait forever)"),
+        ("data.target_mfu", d.target_mfu, 0.0 < d.target_mfu <= 1.0, "in (0, 1]"),
+        ("data.caption_temperature", d.caption_temperature, d.caption_temperature > 0, "> 0"),
         ("optim.grad_clip", cfg.optim.grad_clip, cfg.optim.grad_clip >= 0, ">= 0 (0 = off)"),
+        ("optim.came.betas", list(came.betas), all(0.0 <= b < 1.0 for b in came.betas), "each in [0, 1)"),
+        ("optim.came.eps", list(came.eps), min(came.eps) > 0, "each > 0"),
+        ("optim.came.clip_threshold", came.clip_threshold, came.clip_threshold > 0, "> 0"),
     ):
         if not ok:
             raise ConfigError(f"{key}={value} must be {rule}")
+    if cfg.optim.name == "came" and cfg.checkpoint.load_universal:
+        raise ConfigError("optim.name=came with checkpoint.load_universal=true: CAME's row/column statistics have no "
+                          "DeepSpeed universal-checkpoint form; valid: load_universal with optim.name=adamw, or resume "
+                          "a CAME run on the world size it was saved with")
+    if cfg.checkpoint.init_from and cfg.checkpoint.resume_from:
+        raise ConfigError("checkpoint.init_from and checkpoint.resume_from are both set: init_from starts a run from "
+                          "release weights (fresh optimizer), resume_from continues a checkpoint; set one")
+    resolve_s3_settings(d.s3)  # unknown keys and bad values named here (ConfigError), before anything starts
+    if any(v == REDACTED for v in _leaves(d.storage_options)):
+        raise ConfigError(f"data.storage_options holds {REDACTED!r} values: this config was read back from a run "
+                          f"folder, where credentials are never saved; remove them and give the credentials as AWS_* "
+                          f"environment variables or an AWS profile")
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    return [tree]

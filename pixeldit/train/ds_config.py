@@ -6,8 +6,10 @@ in pyproject.toml) and are read with ``importlib.resources``, so a wheel install
 
 Micro batch, gradient accumulation, train batch size, precision and gradient clipping are defined once, in
 the run config; ``build_ds_config`` fills them in and raises a ConfigError naming the file and key when the
-JSON sets a different value ("auto" counts as unset). ``optimizer``/``scheduler`` sections are refused:
-the trainer builds AdamW and the LR schedule (optim.py).
+JSON sets a different value ("auto" counts as unset). Gradient clipping is per stage (``stages[].grad_clip``,
+else ``optim.grad_clip``): each stage builds its own engine. ``optimizer``/``scheduler`` sections are refused:
+the trainer builds the optimizer and the LR schedule (optim.py). With ``optim.name=came`` the JSON must keep
+the partition layouts ``pixeldit.train.zero_partitions`` knows (``CAME_REFUSED``).
 """
 from __future__ import annotations
 
@@ -25,6 +27,16 @@ if TYPE_CHECKING:
 
 DS_CONFIGS_PACKAGE = "pixeldit.ds_configs"
 _AUTO = "auto"
+# ZeRO JSON settings under which CAME's flat partitions cannot be mapped back to matrices:
+# (path in the JSON, refused(value, whole JSON), why)
+CAME_REFUSED = (
+    (("zero_optimization", "elastic_checkpoint"), lambda v, ds: bool(v),
+     "elastic checkpoints re-slice optimizer states by position"),
+    (("zero_optimization", "zero_hpz_partition_size"), lambda v, ds: v not in (0, 1), "hierarchical partitions"),
+    (("zero_optimization", "mics_shard_size"), lambda v, ds: v not in (-1, 0), "MiCS shards"),
+    (("data_types", "grad_accum_dtype"), lambda v, ds: v in ("fp32", "float32") and zero_stage(ds) == 1,
+     "ZeRO-1 with fp32 gradient accumulation runs through BF16_Optimizer"),
+)
 
 
 def ds_config_path(cfg: RunConfig) -> Traversable:
@@ -58,17 +70,20 @@ def build_ds_config(cfg: RunConfig, stage: StageConfig, world_size: int) -> dict
         "gradient_accumulation_steps": (stage.grad_accum, f"stages[{stage.name}].grad_accum"),
         "train_batch_size": (stage.micro_batch * stage.grad_accum * world_size,
                              "micro_batch x grad_accum x world size"),
-        "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
+        "gradient_clipping": (stage.clip(cfg.optim), f"stages[{stage.name}].grad_clip"
+                              if stage.grad_clip is not None else "optim.grad_clip"),
     }
+    if cfg.optim.name == "came":  # DeepSpeed only runs optimizers outside its own list with this flag
+        owned["zero_allow_untested_optimizer"] = (True, "optim.name=came")
     for key, (value, source) in owned.items():
         if key in ds and ds[key] != _AUTO and ds[key] != value:
             raise ConfigError(f"{path}: '{key}' = {ds[key]!r} conflicts with {source} = {value!r} in the run "
-                             f"config; remove '{key}' from the JSON (the run config defines it)")
+                              f"config; remove '{key}' from the JSON (the run config defines it)")
         ds[key] = value
     for section in ("optimizer", "scheduler"):
         if section in ds:
-            raise ConfigError(f"{path}: remove the '{section}' section; the trainer builds AdamW and its LR "
-                             f"schedule from the run config (optim.*, stages[].lr)")
+            raise ConfigError(f"{path}: remove the '{section}' section; the trainer builds the optimizer and its "
+                              f"LR schedule from the run config (optim.*, stages[].lr)")
     want = {"bf16": cfg.deepspeed.precision == "bf16", "fp16": False}
     for key, enabled in want.items():
         got = ds.get(key, {}).get("enabled", _AUTO)
@@ -78,6 +93,15 @@ def build_ds_config(cfg: RunConfig, stage: StageConfig, world_size: int) -> dict
         ds[key] = {**ds.get(key, {}), "enabled": enabled}
     if "zero_optimization" not in ds or "stage" not in ds["zero_optimization"]:
         raise ConfigError(f"{path}: needs zero_optimization.stage")
+    if cfg.optim.name == "came":
+        for keys, refused, why in CAME_REFUSED:
+            node: Any = ds
+            for k in keys:
+                node = node.get(k) if isinstance(node, dict) else None
+            if node is not None and refused(node, ds):
+                raise ConfigError(f"{path}: '{'.'.join(keys)}' = {node!r} with optim.name=came ({why}); valid "
+                                  f"combinations: came with the ZeRO-1/2/3 layouts of ds_configs/ (remove the key), "
+                                  f"or optim.name=adamw")
     return ds
 
 

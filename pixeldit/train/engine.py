@@ -6,9 +6,12 @@
     (the DINOv2 teacher and the text encoder are frozen and stay outside the engine);
  2. ``apply_activation_checkpointing`` on the patch and PiT blocks if the stage asks for it (the model stays
     a plain nn.Module: only block ``forward`` attributes are wrapped, state-dict keys are unchanged);
- 3. AdamW over the TrainModule (``pixeldit.train.optim``);
+ 3. AdamW or CAME over the TrainModule (``pixeldit.train.optim``);
  4. ``deepspeed.initialize`` with the ZeRO JSON of ``ds_configs/`` completed from the run config
-    (``build_ds_config``: micro batch, accumulation, precision, clipping are defined once, in the run config).
+    (``build_ds_config``: micro batch, accumulation, precision, clipping are defined once, in the run config);
+    CAME is then given the layout of the flat partitions ZeRO hands it (``came.bind_zero``).
+A warm start (``init_state``: release weights, ``pixeldit.train.warm_start``) loads them into the model between
+1 and 2 and writes their exact fp32 values into the ZeRO master partitions after 4.
 A stage boundary rebuilds the engine (new micro batch / checkpointing) and loads the boundary checkpoint,
 exactly like a resume, so an uninterrupted run and a resumed one follow the same code path.
 """
@@ -26,7 +29,9 @@ from pixeldit.diffusion import REPAProjector
 from pixeldit.diffusion.objective import ObjectiveConfig, compute_loss
 from pixeldit.models import PixelDiT, build_model
 
+from . import warm_start
 from .activation_checkpointing import apply_activation_checkpointing
+from .came import bind_zero
 from .config import RunConfig
 from .ds_config import build_ds_config, zero_stage
 from .optim import LRSchedule, build_optimizer
@@ -68,9 +73,10 @@ class EngineBundle:
 
 
 def build_engine(cfg: RunConfig, stage_index: int, world_size: int, teacher_dim: int | None,
-                 load_universal: bool = False) -> EngineBundle:
+                 load_universal: bool = False, init_state: dict[str, torch.Tensor] | None = None) -> EngineBundle:
     """Steps 1-4 of the module docstring for ``cfg.stages[stage_index]``; ``load_universal`` makes the
-    engine load a DeepSpeed universal checkpoint (written for any world size) next."""
+    engine load a DeepSpeed universal checkpoint (written for any world size) next; ``init_state`` (model
+    weights in fp32) starts the model from a release."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -81,6 +87,8 @@ def build_engine(cfg: RunConfig, stage_index: int, world_size: int, teacher_dim:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (overwritten when resuming)
     model = build_model(args)
+    if init_state is not None:
+        warm_start.load_into_model(model, init_state)
     projector = None
     if cfg.uses_repa:
         if teacher_dim is None:
@@ -93,6 +101,9 @@ def build_engine(cfg: RunConfig, stage_index: int, world_size: int, teacher_dim:
     optimizer = build_optimizer(module, cfg.optim, stage.lr)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=copy.deepcopy(ds_config),
                                            dist_init_required=False)
+    bind_zero(optimizer, engine, module)
+    if init_state is not None:
+        warm_start.write_fp32_masters(engine, module, init_state)
     device = torch.device(get_accelerator().current_device_name())
     return EngineBundle(engine=engine, module=module, model=model, schedule=LRSchedule.for_stage(stage),
                         ds_config=ds_config, zero3=zero_stage(ds_config) == 3, device=device)

@@ -1,196 +1,564 @@
-"""The training loader: bucketed shards (local folder or S3) -> rank-aligned micro-batches of pixels.
+"""The training loader: a stage's dataset roots (local folders or S3) -> rank-aligned micro-batches of pixels.
 
 Stages of the stream (what it holds at each point):
- 1. ``read_sample_index`` (``data_pipeline.dataset_format``, which owns the dataset layout): the root's
-    samples table -> one row per sample: shard, ratio key, byte offset/size of the image member inside its
-    tar, caption, label. No tar is scanned.
- 2. ``EpochPlan`` (bucket_sampler.py): per epoch, seeded by (seed, stage, epoch), the list of this rank's
-    micro-batches, each from one bucket, the same bucket on every rank at every position.
- 3. ``PlanSampler`` -> torch DataLoader (``batch_size=None``, ``num_workers`` workers, each worker builds
-    whole micro-batches): ranged read of every image (``fs.cat_file(path, start, end)``, fsspec; the
-    filesystem, e.g. s3fs, is created lazily inside each worker), PIL decode to RGB, resize so the image
-    covers the bucket, center crop to the bucket's (height, width).
- 4. batch dict: ``x0`` (B, 3, H, W) float32 in [-1, 1], ``caption`` list[str], ``label`` (B,) int64
-    (-1 when none), ``shard`` list[str] + ``sample_index`` (B,) int64 (to look up cached text embeddings),
-    ``key`` list[str], ``bucket`` str.
-``TrainLoader`` keeps (epoch, position) as its state: the position is the number of micro-batches of the
-epoch already handed to the trainer, so a checkpoint restores the stream exactly mid-epoch.
-Class-conditional data (image + class id in the ``label`` column) goes through the same loader.
+ 1. ``open_sources`` (sources.py): per dataset root of the stage (each with a mixing weight), its
+    samples.parquet (one row per sample: shard, byte range of its image inside the tar, caption, label) and
+    manifest. Before the first step every shard is checked against manifest.parquet (present, same size): all
+    damaged shards are named in one error, or, with ``data.skip_damaged_shards``, their samples left out;
+ 2. ``StagePlan`` (bucket_sampler.py): the global batches of every epoch, one bucket each, the same for any
+    world size with the same global batch; ``TrainLoader`` walks it from its state (epoch, global batch,
+    micro step) and gives rank r its slice of each global batch (``BatchSpec``);
+ 3. ``ShardPrefetcher`` (remote roots): a thread per rank that fetches the whole shards (and their caption-
+    embedding files) of the next ``data.prefetch_batches`` global batches of this rank into the node cache
+    (``pixeldit.node_cache``: one folder per node shared by its ranks and workers, size-bounded, LRU);
+ 4. torch DataLoader (``num_workers`` workers, each builds whole micro-batches; ``data.worker_timeout_s``
+    turns a stuck worker into an error): each image's bytes by offset from its shard (the cached copy; a
+    local root's own file; with ``data.cache_max_gb=0`` one ranged GET per image), PIL decode to RGB, resize
+    to cover the bucket, center crop. An undecodable sample is replaced by another sample of its micro-batch
+    and counted; more than ``data.max_bad_samples`` per rank stop the run with the samples named;
+ 5. batch dict: ``x0`` (B, 3, H, W) float32 in [-1, 1], ``caption`` list[str] (the caption drawn for this use:
+    ``SourceSet.draw_captions``), ``caption_index`` (B,) int64 (which of the sample's captions), ``label`` (B,)
+    int64 (-1 when none), ``source`` list[int] (index of the root), ``shard`` list[str] + ``sample_index`` (B,)
+    int64 (to look up cached text embeddings), ``key`` list[str], ``bucket`` str, ``bad`` list[str] (samples
+    replaced).
+S3 reads use the timeouts and retries of ``pixeldit.storage.S3Settings`` (``data.s3``). The loader draws
+nothing from the global RNGs (the DataLoader gets its own generator), so saved RNG states survive a resume.
+``PIXELDIT_RECORD_KEYS=DIR`` (a test hook) appends every micro-batch's keys to ``DIR/rank{r}.jsonl``.
 """
 from __future__ import annotations
 
+import collections
 import io
+import json
+import math
 import os
-from typing import Any
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from data_pipeline.buckets import bucket_table
-from data_pipeline.dataset_format import SAMPLES, SampleIndex, read_sample_index
-from pixeldit.storage import fs_and_path, join
+from data_pipeline.captions import DEFAULT_CAPTION_TEMPERATURE
+from data_pipeline.dataset_format import SAMPLES, ShardProblem
+from pixeldit.errors import DataError, StorageError, UserError
+from pixeldit.node_cache import NodeCache, RemoteFile
+from pixeldit.storage import read_range
 
-from .bucket_sampler import BatchSpec, EpochPlan, PlanSampler, stable_salt
+from .bucket_sampler import FIXED_BUCKET, BatchSpec, StagePlan, stable_salt
 from .config import RunConfig
+from .sources import SourceSet, open_sources
 
-FIXED_BUCKET = "fixed"
+RECORD_KEYS_ENV = "PIXELDIT_RECORD_KEYS"
+OPEN_SHARDS = 16  # open shard files per reader (process)
+
+
+def decode_to_bucket(data: bytes, height: int, width: int) -> torch.Tensor:
+    """Encoded image bytes -> (3, height, width) uint8 RGB: resized to cover the bucket, center crop.
+
+    Only the centred box that survives the crop is resized (antialiased bicubic on uint8, the algorithm of
+    PIL's resize), and a JPEG far larger than the bucket is decoded at 1/2, 1/4 or 1/8 size by the decoder."""
+    with Image.open(io.BytesIO(data)) as im:
+        scale = max(height / im.height, width / im.width)
+        if scale < 0.5:  # JPEG draft: the decoder downscales by a power of two, staying >= the cover size
+            im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+        if im.mode == "RGB":  # the pipeline stores RGB: skip convert's copy
+            im.load()
+            img = im
+        else:
+            img = im.convert("RGB")
+    src_w, src_h = img.size
+    scale = max(height / src_h, width / src_w)
+    box_w, box_h = min(src_w, max(1, round(width / scale))), min(src_h, max(1, round(height / scale)))
+    left, top = (src_w - box_w) // 2, (src_h - box_h) // 2
+    with warnings.catch_warnings():  # PIL's buffer is read-only; nothing below writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        arr = torch.from_numpy(np.asarray(img))[top:top + box_h, left:left + box_w]  # (h', w', 3)
+    x = arr.permute(2, 0, 1)  # (3, h', w')
+    if (box_h, box_w) != (height, width):
+        x = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bicubic", antialias=True)[0]
+    return x.contiguous()  # (3, H, W)
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (x / 127.5 - 1), any shape."""
+    return pixels.float().div_(127.5).sub_(1.0)  # (faster than one mixed-dtype op on CPU)
 
 
 def decode_and_crop(data: bytes, height: int, width: int) -> torch.Tensor:
-    """Encoded image bytes -> (3, height, width) float32 in [-1, 1]: RGB, resize to cover, center crop."""
-    with Image.open(io.BytesIO(data)) as im:
-        img = im.convert("RGB")
-    scale = max(height / img.height, width / img.width)
-    new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
-    if (new_w, new_h) != img.size:
-        img = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    img = img.crop((left, top, left + width, top + height))
-    arr = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
-    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
+    """Encoded image bytes -> (3, height, width) float32 in [-1, 1] (``decode_to_bucket``, then scaled)."""
+    return to_unit_range(decode_to_bucket(data, height, width))
 
 
-class BucketBatchDataset(torch.utils.data.Dataset):
-    """Map-style dataset indexed by BatchSpec: returns a whole micro-batch (see module docstring, step 4)."""
+# ---- 4. reading and decoding (inside DataLoader workers) --------------------------------------------------------
 
-    def __init__(self, index: SampleIndex, storage_options: dict[str, Any] | None = None):
-        self.index = index
-        self.storage_options = dict(storage_options or {})
-        self._fs = None
-        self._pid = -1
 
-    @property
-    def fs(self):
-        if self._fs is None or self._pid != os.getpid():  # s3fs is not fork-safe: one per process/worker
-            self._fs, self._base = fs_and_path(self.index.root, self.storage_options)
-            self._pid = os.getpid()
-        return self._fs
+class SampleReader:
+    """Image bytes of a row: from the node cache's copy of its shard, a local shard file, or (no cache) one
+    ranged GET. One per process: open files and s3fs are not shared across fork."""
 
-    def read_image_bytes(self, row: int) -> bytes:
-        ix = self.index
-        fs = self.fs
-        path = f"{self._base}/{ix.shards[ix.shard_id[row]]}"
-        start, size = int(ix.image_offset[row]), int(ix.image_size[row])
-        data = fs.cat_file(path, start=start, end=start + size)
+    def __init__(self, sources: SourceSet, cache: NodeCache | None):
+        self.sources, self.cache = sources, cache
+        self._files: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self.bytes_read = 0
+
+    def read(self, row: int) -> bytes:
+        src = self.sources
+        shard, start, size = int(src.shard[row]), int(src.image_offset[row]), int(src.image_size[row])
+        if src.remote[int(src.shard_source[shard])] and self.cache is None:
+            data = read_range(src.shard_url(shard), start, start + size, src.storage_options)
+        else:
+            data = os.pread(self._file(shard).fileno(), size, start)
         if len(data) != size:
-            raise IOError(f"{path}: short read for sample {ix.keys[row].as_py()} ({len(data)} of {size} bytes at "
-                          f"offset {start}); the shard does not match {SAMPLES}")
+            raise ValueError(f"short read: {len(data)} of {size} bytes at offset {start} of {src.shard_url(shard)}; "
+                             f"the shard does not match {SAMPLES}")
+        self.bytes_read += size
         return data
 
-    def __getitem__(self, spec: BatchSpec) -> dict[str, Any]:
-        ix = self.index
-        images = []
-        for row in spec.rows:
+    def _file(self, shard: int):
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        src = self.sources
+        if src.remote[int(src.shard_source[shard])]:
+            handle = self.cache.open(src.shard_file(shard))
+        else:
+            handle = open(src.shard_url(shard), "rb")
+        self._files[shard] = handle
+        while len(self._files) > OPEN_SHARDS:
+            self._files.popitem(last=False)[1].close()
+        return handle
+
+    def close(self) -> None:
+        while self._files:
+            self._files.popitem()[1].close()
+
+
+@dataclass
+class WorkerError:
+    """A user-facing error raised inside a worker, carried to the main process as a value (a raised one
+    would come back wrapped in the worker's traceback text)."""
+
+    kind: type
+    message: str
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset indexed by BatchSpec: returns a whole micro-batch (module docstring, step 5)."""
+
+    def __init__(self, sources: SourceSet, cache: NodeCache | None):
+        self.sources, self.cache = sources, cache
+        self._reader: SampleReader | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reader": None, "_pid": -1}
+
+    @property
+    def reader(self) -> SampleReader:
+        if self._reader is None or self._pid != os.getpid():
+            self._reader, self._pid = SampleReader(self.sources, self.cache), os.getpid()
+        return self._reader
+
+    def __getitem__(self, spec: BatchSpec) -> dict[str, Any] | WorkerError:
+        try:
+            return self._batch(spec)
+        except UserError as err:
+            return WorkerError(type(err), str(err))
+
+    def _batch(self, spec: BatchSpec) -> dict[str, Any]:
+        src, rows = self.sources, list(spec.rows)
+        caps = list(spec.captions) or [0] * len(rows)
+        images: list[torch.Tensor | None] = []
+        bad = []
+        for row in rows:
             try:
-                images.append(decode_and_crop(self.read_image_bytes(row), spec.height, spec.width))
-            except (OSError, ValueError) as e:
-                raise IOError(f"cannot load sample {ix.keys[row].as_py()} from shard {ix.shards[ix.shard_id[row]]} "
-                              f"of {ix.root}: {e}") from e
-        rows = np.asarray(spec.rows, dtype=np.int64)
+                images.append(decode_to_bucket(self.reader.read(row), spec.height, spec.width))
+            except UserError:  # storage unreachable, a shard changed since the check: not a bad sample
+                raise
+            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:  # PIL raises all three
+                images.append(None)
+                bad.append(f"{src.key(row)} ({src.shard_url(int(src.shard[row]))}: {' '.join(str(e).split())[:200]})")
+        if bad:
+            good = [i for i, im in enumerate(images) if im is not None]
+            if not good:
+                raise DataError(f"every sample of a micro-batch is undecodable: {'; '.join(bad)}")
+            for i, im in enumerate(images):
+                if im is None:  # the donor's image, caption, label: a consistent sample
+                    rows[i], caps[i] = rows[good[0]], caps[good[0]]
+                    images[i] = images[good[0]]
+        r = np.asarray(rows, dtype=np.int64)
+        shards = src.shard[r]
         return {
-            "x0": torch.stack(images),  # (B, 3, H, W)
-            "caption": [ix.captions[r].as_py() for r in spec.rows],
-            "label": torch.from_numpy(ix.label[rows]),  # (B,)
-            "shard": [ix.shards[ix.shard_id[r]] for r in spec.rows],
-            "sample_index": torch.from_numpy(ix.sample_index[rows]),  # (B,)
-            "key": [ix.keys[r].as_py() for r in spec.rows],
+            "x0": to_unit_range(torch.stack(images)),  # (B, 3, H, W) float32
+            "caption": [src.caption(x, c) for x, c in zip(rows, caps)],
+            "caption_index": torch.tensor(caps, dtype=torch.int64),  # (B,)
+            "label": torch.from_numpy(src.label[r]),  # (B,)
+            "source": src.shard_source[shards].tolist(),
+            "shard": [src.shard_rel[g] for g in shards],
+            "sample_index": torch.from_numpy(src.sample_index[r]),  # (B,)
+            "key": [src.key(x) for x in rows],
             "bucket": spec.bucket,
+            "bad": bad,
         }
 
     def __len__(self) -> int:  # not used by the sampler; the number of samples
-        return len(self.index)
+        return len(self.sources)
+
+
+# ---- 3. prefetching --------------------------------------------------------------------------------------------
+
+
+class ShardPrefetcher:
+    """A thread that keeps the node cache ``horizon`` global batches ahead of this rank's consumption.
+
+    ``batches``: this rank's upcoming global batches, each as the remote files it reads, starting at the
+    batch the loader is at; ``consumed()`` is called once per finished global batch."""
+
+    def __init__(self, cache: NodeCache, batches: Iterator[list[RemoteFile]], horizon: int, threads: int):
+        self.cache, self.batches, self.horizon = cache, batches, horizon
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-fetch")
+        self.error: BaseException | None = None
+        self._scheduled = self._consumed = 0
+        self._stop = False
+        self._cond = threading.Condition()
+        self._recent: collections.OrderedDict[RemoteFile, Future] = collections.OrderedDict()
+        self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
+        self._thread.start()
+
+    def consumed(self) -> None:
+        with self._cond:
+            self._consumed += 1
+            self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            for files in self.batches:
+                with self._cond:
+                    while not self._stop and self._scheduled - self._consumed >= self.horizon:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    self._scheduled += 1
+                for f in files:
+                    if f not in self._recent:
+                        future = self.pool.submit(self.cache.fetch, f)
+                        future.add_done_callback(self._check)
+                        self._recent[f] = future
+                        while len(self._recent) > 4 * self.horizon + 64:
+                            self._recent.popitem(last=False)
+        except BaseException as err:  # noqa: BLE001 (handed to the training thread, which raises it)
+            self.error = self.error or err
+
+    def _check(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is not None and self.error is None:
+            self.error = future.exception()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---- 2. the stateful loader ------------------------------------------------------------------------------------
+
+
+class TrainLoader:
+    """Stateful loader of one stage: ``next()`` returns this rank's next micro-batch; epochs roll over.
+
+    State: (epoch, global batch, micro step), identical on every rank; ``state_dict`` also saves the global
+    batch size G, so a resume on another world size with the same G continues the same sequence exactly."""
+
+    def __init__(self, dataset: BatchDataset, plan: StagePlan, *, rank: int, world_size: int, micro_batch: int,
+                 grad_accum: int, seed: int, num_workers: int = 0, prefetch_factor: int = 2,
+                 worker_timeout_s: float = 0.0, max_bad_samples: int = 0, prefetch_batches: int = 8,
+                 fetch_threads: int = 4, extra_files: Callable[[int, str], list[RemoteFile]] | None = None,
+                 stage_index: int = 0, caption_temperature: float = DEFAULT_CAPTION_TEMPERATURE):
+        if plan.G != world_size * micro_batch * grad_accum:
+            raise ValueError(f"plan global batch {plan.G} != {world_size} ranks x {micro_batch} x {grad_accum}")
+        self.dataset, self.plan = dataset, plan
+        self.rank, self.world_size, self.micro_batch, self.accum = rank, world_size, micro_batch, grad_accum
+        self.seed, self.num_workers, self.prefetch_factor = seed, num_workers, prefetch_factor
+        self.worker_timeout_s, self.max_bad_samples = worker_timeout_s, max_bad_samples
+        self.prefetch_batches, self.fetch_threads, self.extra_files = prefetch_batches, fetch_threads, extra_files
+        self.stage_index, self.caption_temperature = stage_index, caption_temperature
+        self.notes: list[str] = []  # what the stage start prints about the data (damaged shards left out)
+        self.epoch = self.batch = self.micro = 0
+        self.bad_samples: list[str] = []
+        self._lock = threading.Lock()  # the plan's epoch cache is shared with the prefetch thread
+        self._iter = None
+        self._prefetcher: ShardPrefetcher | None = None
+        self._record = os.environ.get(RECORD_KEYS_ENV, "")
+
+    # ---- the plan --------------------------------------------------------------------------------------------
+
+    def epoch_plan(self, epoch: int):
+        with self._lock:
+            return self.plan.epoch(epoch)
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch on every rank (epoch 0; mixing keeps it nearly constant)."""
+        return len(self.epoch_plan(self.epoch)) * self.accum
+
+    def spec(self, epoch: int, b: int, m: int) -> BatchSpec:
+        ep = self.epoch_plan(epoch)
+        rows = ep.rank_rows(b, self.rank, self.world_size)[m * self.micro_batch:(m + 1) * self.micro_batch]
+        start = self.rank * (self.plan.G // self.world_size) + m * self.micro_batch
+        captions = self.dataset.sources.draw_captions(rows, ep.positions(b, start, len(rows)),
+                                                      seed=self.plan.draw_seed, epoch=epoch,
+                                                      temperature=self.caption_temperature)
+        bucket = ep.bucket(b)
+        h, w = self.plan.sizes[bucket]
+        return BatchSpec(tuple(int(r) for r in rows), bucket, h, w, epoch, b, m, tuple(int(c) for c in captions))
+
+    def _positions(self, epoch: int, b: int) -> Iterator[tuple[int, int]]:
+        """(epoch, global batch) from the given one on, forever."""
+        while True:
+            n = len(self.epoch_plan(epoch))
+            if n == 0:
+                raise DataError(f"stage {self.stage_index}: epoch {epoch} has no global batch of {self.plan.G}")
+            for i in range(b, n):
+                yield epoch, i
+            epoch, b = epoch + 1, 0
+
+    def _specs(self, epoch: int, batch: int, micro: int) -> Iterator[BatchSpec]:
+        start_micro = micro
+        for epoch, b in self._positions(epoch, batch):
+            for m in range(start_micro, self.accum):
+                yield self.spec(epoch, b, m)
+            start_micro = 0
+
+    def _upcoming_files(self, epoch: int, batch: int) -> Iterator[list[RemoteFile]]:
+        src = self.dataset.sources
+        for epoch, b in self._positions(epoch, batch):
+            rows = self.epoch_plan(epoch).rank_rows(b, self.rank, self.world_size)
+            files = []
+            for g in np.unique(src.shard[rows]):
+                if src.remote[int(src.shard_source[g])]:
+                    files.append(src.shard_file(int(g)))
+                if self.extra_files is not None:
+                    files.extend(self.extra_files(int(src.shard_source[g]), src.shard_rel[g]))
+            yield files
+
+    # ---- iteration -------------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs = {"prefetch_factor": self.prefetch_factor, "timeout": self.worker_timeout_s}
+        dl = torch.utils.data.DataLoader(
+            self.dataset, sampler=self._specs(self.epoch, self.batch, self.micro), batch_size=None,
+            collate_fn=_identity, num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed), **kwargs)  # own generator: global RNG untouched
+        self._iter = iter(dl)  # forks the workers: start the prefetch thread only after
+        cache = self.dataset.cache
+        if cache is not None and any(self.dataset.sources.remote):
+            upcoming = self._upcoming_files(self.epoch, self.batch)
+            self._prefetcher = ShardPrefetcher(cache, upcoming, self.prefetch_batches, self.fetch_threads)
+
+    def next(self) -> dict[str, Any]:
+        if self._iter is None:
+            self._start()
+        if self._prefetcher is not None and self._prefetcher.error is not None:
+            raise self._prefetcher.error
+        try:
+            out = next(self._iter)
+        except RuntimeError as err:
+            if "timed out" not in str(err):
+                raise
+            raise StorageError(f"stage {self.stage_index}: no micro-batch from the DataLoader workers within "
+                               f"data.worker_timeout_s={self.worker_timeout_s:g} s: a read is stuck (check the "
+                               f"storage), or raise data.worker_timeout_s") from None
+        if isinstance(out, WorkerError):
+            raise out.kind(out.message)
+        self._count_bad(out["bad"])
+        if self._record:
+            self._write_record(out)
+        self.micro += 1
+        if self.micro == self.accum:
+            self.micro, self.batch = 0, self.batch + 1
+            if self._prefetcher is not None:
+                self._prefetcher.consumed()
+            if self.batch == len(self.epoch_plan(self.epoch)):
+                self.epoch, self.batch = self.epoch + 1, 0
+        return out
+
+    def _count_bad(self, bad: list[str]) -> None:
+        if not bad:
+            return
+        self.bad_samples.extend(bad)
+        for item in bad:
+            print(f"[loader rank {self.rank}] skipped undecodable sample {item} "
+                  f"({len(self.bad_samples)}/{self.max_bad_samples} allowed)", flush=True)
+        if len(self.bad_samples) > self.max_bad_samples:
+            raise DataError(f"stage {self.stage_index}: {len(self.bad_samples)} undecodable samples on rank "
+                            f"{self.rank}, more than data.max_bad_samples={self.max_bad_samples} (last: "
+                            f"{self.bad_samples[-1]}); check the dataset or raise data.max_bad_samples")
+
+    def _write_record(self, out: dict[str, Any]) -> None:
+        os.makedirs(self._record, exist_ok=True)
+        line = {"stage": self.stage_index, "epoch": self.epoch, "batch": self.batch, "micro": self.micro,
+                "rank": self.rank, "source": out["source"], "key": out["key"],
+                "caption_index": out["caption_index"].tolist()}
+        with open(os.path.join(self._record, f"rank{self.rank:05d}.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    # ---- state -----------------------------------------------------------------------------------------------
+
+    def segment(self, step: int) -> dict[str, Any]:
+        """What the ledger needs to replay this loader from optimizer step ``step`` on (checkpoint metadata):
+        stage, start state, global batch, the roots' fingerprints, shards left out as damaged, the caption
+        temperature."""
+        src = self.dataset.sources
+        return {"stage": self.stage_index, "step": step, **self.state_dict(), "sources": src.fingerprints(),
+                "left_out": src.left_out, "caption_temperature": self.caption_temperature}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch, "micro": self.micro, "global_batch": self.plan.G,
+                "grad_accum": self.accum}
+
+    def load_state_dict(self, state: dict[str, int]) -> str | None:
+        """Continue from a saved state; returns a note when the continuation is not exact."""
+        self.close()
+        epoch = int(state["epoch"])
+        saved_g = state.get("global_batch")
+        if saved_g == self.plan.G:
+            self.epoch, self.batch, self.micro = epoch, int(state["batch"]), int(state["micro"])
+            return None
+        if saved_g is None:  # a checkpoint of the loader before global batches (another plan altogether)
+            self.epoch, self.batch, self.micro = epoch, 0, 0
+            return (f"stage {self.stage_index}: the checkpoint's loader state predates the global-batch plan; "
+                    f"continuing at the start of epoch {epoch}")
+        per_micro = int(saved_g) // int(state.get("grad_accum", 1))
+        consumed = int(state["batch"]) * int(saved_g) + int(state["micro"]) * per_micro
+        n = len(self.epoch_plan(epoch))
+        self.epoch, self.batch, self.micro = epoch, min(n, consumed // self.plan.G), 0
+        if self.batch == n:
+            self.epoch, self.batch = epoch + 1, 0
+        return (f"stage {self.stage_index}: global batch changed from {saved_g} to {self.plan.G} samples: the "
+                f"plan differs, continuing epoch {epoch} after about the same number of samples (not the same "
+                f"sequence; keep world_size x micro_batch x grad_accum to continue exactly)")
+
+    # ---- probe and cleanup -----------------------------------------------------------------------------------
+
+    def probe(self, max_samples: int = 32) -> dict[str, float]:
+        """Read and decode up to ``max_samples`` samples of this rank's next micro-batches in this process:
+        {"images_per_s", "bytes_per_s", "samples", "seconds"} (first reads include fetching whole shards)."""
+        reader = SampleReader(self.dataset.sources, self.dataset.cache)
+        n, start = 0, time.perf_counter()
+        try:
+            for spec in self._specs(self.epoch, self.batch, self.micro):
+                for row in spec.rows:
+                    decode_to_bucket(reader.read(row), spec.height, spec.width)
+                    n += 1
+                    if n >= max_samples:
+                        break
+                if n >= max_samples:
+                    break
+        finally:
+            reader.close()
+        seconds = max(time.perf_counter() - start, 1e-9)
+        return {"images_per_s": n / seconds, "bytes_per_s": reader.bytes_read / seconds, "samples": n,
+                "seconds": seconds}
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
+        self._iter = None  # lets the DataLoader shut its workers down
 
 
 def _identity(batch):
     return batch
 
 
-class TrainLoader:
-    """Stateful loader of one stage: ``next()`` returns this rank's next micro-batch, epochs roll over."""
-
-    def __init__(self, dataset: BucketBatchDataset, groups: dict[str, np.ndarray], sizes: dict[str, tuple[int, int]],
-                 *, seed: int, salt: int, rank: int, world_size: int, micro_batch: int, num_workers: int = 0,
-                 prefetch_factor: int = 2):
-        self.dataset, self.groups, self.sizes = dataset, groups, sizes
-        self.seed, self.salt, self.rank, self.world_size = seed, salt, rank, world_size
-        self.micro_batch, self.num_workers, self.prefetch_factor = micro_batch, num_workers, prefetch_factor
-        self.epoch, self.position = 0, 0
-        self._plan: EpochPlan | None = None
-        self._iter = None
-
-    def plan(self, epoch: int) -> EpochPlan:
-        ix = self.dataset.index
-        plan = EpochPlan(self.groups, ix.shard_id, ix.sample_index, self.sizes, seed=self.seed, salt=self.salt,
-                         epoch=epoch, world_size=self.world_size, rank=self.rank, micro_batch=self.micro_batch)
-        if len(plan) == 0:
-            counts = {b: len(r) for b, r in self.groups.items()}
-            raise ValueError(f"{ix.root}: no bucket has {self.world_size} ranks x {self.micro_batch} samples "
-                             f"(samples per bucket: {counts}); use a smaller micro_batch or more data")
-        return plan
-
-    def __len__(self) -> int:
-        """Micro-batches per epoch on every rank."""
-        if self._plan is None:
-            self._plan = self.plan(self.epoch)
-        return len(self._plan)
-
-    def _start(self) -> None:
-        if self._plan is None:
-            self._plan = self.plan(self.epoch)
-        kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
-        dl = torch.utils.data.DataLoader(self.dataset, sampler=PlanSampler(self._plan, self.position),
-                                         batch_size=None, collate_fn=_identity, num_workers=self.num_workers, **kwargs)
-        self._iter = iter(dl)
-
-    def next(self) -> dict[str, Any]:
-        if self._iter is None:
-            self._start()
-        try:
-            batch = next(self._iter)
-        except StopIteration:
-            self.epoch, self.position, self._plan = self.epoch + 1, 0, None
-            self._start()
-            batch = next(self._iter)
-        self.position += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.close()
-        self.epoch, self.position, self._plan = int(state["epoch"]), int(state["position"]), None
-
-    def close(self) -> None:
-        self._iter = None  # lets the DataLoader shut its workers down
+def default_cache_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), f"pixeldit-cache-{os.getuid()}")
 
 
-def build_loader(cfg: RunConfig, stage_index: int, rank: int, world_size: int,
-                 num_classes: int | None = None) -> TrainLoader:
-    """Loader of ``cfg.stages[stage_index]``; ``num_classes`` set for class-conditional models (labels checked)."""
+def build_node_cache(cfg: RunConfig) -> NodeCache | None:
+    """The node cache of the run (None with data.cache_max_gb=0)."""
+    d = cfg.data
+    if d.cache_max_gb <= 0:
+        return None
+    return NodeCache(d.cache_dir or default_cache_dir(), int(d.cache_max_gb * 2**30), d.storage_options,
+                     lock_timeout_s=d.worker_timeout_s or 3600.0)
+
+
+def build_plan(cfg: RunConfig, stage_index: int, sources: SourceSet, selection: np.ndarray,
+               global_batch: int) -> StagePlan:
+    """The stage's plan for a global batch (world size x micro_batch x grad_accum) of ``global_batch``."""
     stage = cfg.stages[stage_index]
-    index = read_sample_index(stage.data_path, cfg.data.storage_options)
-    if num_classes is not None:
-        bad = (index.label < 0) | (index.label >= num_classes)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{join(stage.data_path, SAMPLES)}: sample {index.keys[row].as_py()} has label "
-                             f"{index.label[row]} outside 0..{num_classes - 1} ({int(bad.sum())} such rows); "
-                             f"a class-conditional model needs a class id for every sample")
-    rows = np.arange(len(index), dtype=np.int64)
     if stage.buckets == "fixed":
-        groups = {FIXED_BUCKET: rows}
         sizes = {FIXED_BUCKET: (stage.resolution, stage.resolution)}
     else:
         table = bucket_table(stage.resolution, stage.bucket_align)
-        unknown = [k for k in index.ratio_keys if k not in table]
+        unknown = [k for k in sources.ratio_keys if k not in table]
         if unknown:
-            raise ValueError(f"{stage.data_path}: ratio keys {unknown} are not in the bucket table "
+            raise ValueError(f"{', '.join(sources.roots)}: ratio keys {unknown} are not in the bucket table "
                              f"(valid: {sorted(table)})")
-        groups = {k: rows[index.ratio_id == i] for i, k in enumerate(index.ratio_keys)}
-        sizes = {k: table[k] for k in index.ratio_keys}
-    return TrainLoader(BucketBatchDataset(index, cfg.data.storage_options), groups, sizes, seed=cfg.seed,
-                       salt=stable_salt(f"{stage_index}:{stage.name}"), rank=rank, world_size=world_size,
-                       micro_batch=stage.micro_batch, num_workers=cfg.data.num_workers,
-                       prefetch_factor=cfg.data.prefetch_factor)
+        sizes = {k: table[k] for k in sources.ratio_keys}
+    plan = StagePlan(sources.table(), sizes, global_batch=global_batch, seed=cfg.seed,
+                     salt=stable_salt(f"{stage_index}:{stage.name}"), block_shards=cfg.data.shuffle_block_shards,
+                     fixed=stage.buckets == "fixed", selection=selection)
+    if len(plan.epoch(0)) == 0:
+        counts = plan.bucket_counts()
+        raise DataError(f"stage {stage_index} ({stage.name}): {int(selection.sum())} samples in all (per bucket: "
+                        f"{counts}) do not fill one global batch of {global_batch} (world size x micro_batch "
+                        f"{stage.micro_batch} x grad_accum {stage.grad_accum}); use a smaller batch or more data")
+    return plan
+
+
+def build_loader(cfg: RunConfig, stage_index: int, rank: int, world_size: int, num_classes: int | None = None, *,
+                 problems: dict[str, list[ShardProblem]] | None = None, cache: NodeCache | None = None,
+                 extra_files: Callable[[int, str], list[RemoteFile]] | None = None) -> TrainLoader:
+    """Loader of ``cfg.stages[stage_index]``; ``num_classes`` set for class-conditional models (labels
+    checked). ``problems``: ``check_stage_data`` already run by the caller; ``extra_files``: (source, shard) ->
+    more files to prefetch with a shard (its caption embeddings)."""
+    stage = cfg.stages[stage_index]
+    sources, selection, notes = open_sources(cfg, stage_index, num_classes, problems)
+    plan = build_plan(cfg, stage_index, sources, selection, world_size * stage.micro_batch * stage.grad_accum)
+    if cache is None and any(sources.remote):
+        cache = build_node_cache(cfg)
+    loader = TrainLoader(BatchDataset(sources, cache), plan, rank=rank, world_size=world_size,
+                         micro_batch=stage.micro_batch, grad_accum=stage.grad_accum, seed=cfg.seed,
+                         num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+                         worker_timeout_s=cfg.data.worker_timeout_s, max_bad_samples=cfg.data.max_bad_samples,
+                         prefetch_batches=cfg.data.prefetch_batches, fetch_threads=cfg.data.fetch_threads,
+                         extra_files=extra_files, stage_index=stage_index,
+                         caption_temperature=cfg.data.caption_temperature)
+    loader.notes = notes
+    return loader
+
+
+def data_rate_line(cfg: RunConfig, stage_index: int, loader: TrainLoader, flops, world_size: int,
+                   peak_tflops: float | None) -> str:
+    """The stage-start line: the data rate the run needs (FLOP model, data.target_mfu, world size) against a
+    short probe of this process's reading + decoding (``TrainLoader.probe``)."""
+    stage, d = cfg.stages[stage_index], cfg.data
+    src = loader.dataset.sources
+    mean_bytes = float(np.mean(src.image_size[loader.plan.selected_rows]))
+    per_image = flops.train_flops(stage.resolution, stage.resolution)
+    probe = loader.probe(min(32, 2 * stage.micro_batch))
+    workers = max(1, d.num_workers)
+    estimate = probe["images_per_s"] * workers * world_size
+    got = (f"probe: {probe['images_per_s']:.0f} img/s ({probe['bytes_per_s'] / 1e6:.1f} MB/s) read + decoded in one "
+           f"process ({probe['samples']} images in {probe['seconds']:.2f} s, first shard fetches included) -> about "
+           f"{estimate:.0f} img/s with {workers} workers x {world_size} ranks")
+    if peak_tflops is None:
+        return (f"data rate: the need is unknown (no peak FLOP/s known for this device; set logging.peak_tflops); "
+                f"{got}")
+    need = d.target_mfu * peak_tflops * 1e12 * world_size / per_image
+    verdict = "enough" if estimate >= need else (f"SHORT by {need / max(estimate, 1e-9):.1f}x: more data.num_workers, "
+                                                 f"CPU per rank, or a closer data copy")
+    return (f"data rate: the run needs {need:.0f} img/s ({need * mean_bytes / 1e6:.1f} MB/s at "
+            f"{mean_bytes / 1e3:.0f} kB per image) for {100 * d.target_mfu:.0f}% MFU on {world_size} ranks of "
+            f"{peak_tflops:g} TFLOP/s ({per_image / 1e12:.3g} TFLOP per image per step at {stage.resolution}px); "
+            f"{got}: {verdict}")

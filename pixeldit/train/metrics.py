@@ -28,7 +28,7 @@ from pixeldit.models.flops import train_flops
 from pixeldit.run_folder import LOSSES
 from pixeldit.storage import atomic_local_file
 
-from .config import RunConfig, to_dict
+from .config import RunConfig, to_saved_dict
 
 # dense bf16 peak TFLOP/s per device, matched against torch.cuda.get_device_name()
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -89,7 +89,7 @@ class MetricsLogger:
         id_file.write_text(run_id)
         return wandb.init(project=self.cfg.logging.project, name=self.cfg.logging.run_name or self.run_dir.name,
                           id=run_id, resume="allow", dir=str(self.run_dir), mode=self.cfg.logging.wandb,
-                          config=to_dict(self.cfg))
+                          config=to_saved_dict(self.cfg))  # credentials redacted
 
     def mfu(self, flops: float, seconds: float) -> float | None:
         if self.peak is None or seconds <= 0:

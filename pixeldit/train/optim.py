@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule.
 
-``build_optimizer`` makes AdamW over the trainable parameters (model + REPA projector); DeepSpeed wraps
-it (ZeRO partitions its states). ``LRSchedule`` is a pure function of the step inside a stage: linear
+``build_optimizer`` makes AdamW or CAME (``pixeldit.train.came``) over the trainable parameters (model + REPA
+projector); DeepSpeed wraps it (ZeRO partitions its states; CAME is then told its partitions' layout by
+``came.bind_zero``). ``LRSchedule`` is a pure function of the step inside a stage: linear
 warmup over ``warmup_steps``, then constant or cosine down to ``lr * min_lr_ratio``. Because it has no
 hidden state, a resumed run gets exactly the same LR; the trainer writes it into the parameter groups
 before every optimizer step (``apply``), and its ``state_dict`` goes into the checkpoint for reference.
@@ -14,17 +15,18 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .came import CAME
 from .config import OptimConfig, StageConfig
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW over ``module``'s trainable parameters.
+    """AdamW or CAME over ``module``'s trainable parameters.
 
     Weight decay (if any) applies to matrices only; biases, norms and embeddings' 1-D parameters are not
     decayed.
     """
-    if cfg.name != "adamw":
-        raise ValueError(f"optim.name={cfg.name!r}; valid values: adamw")
+    if cfg.name not in ("adamw", "came"):
+        raise ValueError(f"optim.name={cfg.name!r}; valid values: adamw, came")
     decay, no_decay = [], []
     for _, p in module.named_parameters():
         if not p.requires_grad:
@@ -33,6 +35,10 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.opt
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if cfg.name == "came":
+        names = {id(p): n for n, p in module.named_parameters()}
+        return CAME(groups, lr=lr, betas=cfg.came.betas, eps=cfg.came.eps, clip_threshold=cfg.came.clip_threshold,
+                    names=names)
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
 
 

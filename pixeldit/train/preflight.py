@@ -1,15 +1,18 @@
 """Check a run completely before anything starts: no process group, no DeepSpeed, no wandb, no run folder.
 
 ``preflight(cfg, world_size)`` runs ``validate(cfg)`` (the config on its own), then checks what it names:
- - every stage's dataset: ``{data_path}/manifest.parquet`` (written last, so the dataset is complete) and
-   ``samples.parquet`` exist, local or on S3;
+ - every stage's dataset root (``data_path`` or each of ``sources``): ``manifest.parquet`` (written last, so
+   the dataset is complete) and ``samples.parquet`` exist, local or on S3 (each shard against the manifest:
+   ``pixeldit.train.sources``, in the trainer, once the process group exists);
  - the text encoder folder (text models, when ``conditioning.text_encoder`` is set) and the DINOv2 teacher
    folder (a stage has REPA) hold a transformers ``config.json``;
  - the caption-embedding cache of every stage (``text_mode=cached``) is complete and was made for this
    model's text width, caption length and system prompt;
- - ``checkpoint.resume_from`` exists when the run has no checkpoint of its own yet;
+ - ``checkpoint.resume_from`` exists when the run has no checkpoint of its own yet; so does the release folder of
+   ``checkpoint.init_from``, with its weights and the run config's architecture (``warm_start.check_init_release``);
  - the ZeRO JSON of ``deepspeed.zero`` is found and agrees with every stage at this world size.
-It reads a few small files (stat / HEAD requests on S3) and loads no network. ``pixeldit-train`` and
+It reads a few small files (stat / HEAD requests on S3, under the run's ``data.s3`` timeouts and retries, which
+it applies to this process: ``pixeldit.storage.configure_s3``) and loads no network. ``pixeldit-train`` and
 ``run_training`` run it before joining the process group; ``pixeldit-submit`` runs it before submitting.
 Every problem is a ``ConfigError`` (or ``FileNotFoundError``) naming the key and the path.
 """
@@ -24,6 +27,7 @@ from pixeldit.errors import ConfigError
 from .conditioning import resolved_system_prompt
 from .config import RunConfig, validate
 from .ds_config import build_ds_config
+from .warm_start import check_init_release
 
 HF_CONFIG = "config.json"  # every transformers model folder has one
 
@@ -34,12 +38,15 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     options = cfg.data.storage_options
     args = cfg.model.args()
+    storage.configure_s3(cfg.data.s3)  # the run's S3 timeouts / retries: a silent endpoint fails these checks
     for i, stage in enumerate(cfg.stages):
-        for name in (MANIFEST, SAMPLES):
-            if not storage.exists(storage.join(stage.data_path, name), options):
-                raise FileNotFoundError(
-                    f"stages.{i} ({stage.name}).data_path={stage.data_path!r}: {name} not found there; point it at "
-                    f"a dataset root written by `pixeldit-data shard` (its {MANIFEST} is written last)")
+        for j, source in enumerate(stage.data_sources()):
+            key = f"stages.{i} ({stage.name}).{f'sources.{j}.path' if stage.sources else 'data_path'}"
+            for name in (MANIFEST, SAMPLES):
+                if not storage.exists(storage.join(source.path, name), options):
+                    raise FileNotFoundError(
+                        f"{key}={source.path!r}: {name} not found there; point it at a dataset root written by "
+                        f"`pixeldit-data shard` (its {MANIFEST} is written last)")
     c = cfg.conditioning
     if args.conditioning == "text" and c.text_encoder:
         _require_model_folder("conditioning.text_encoder", c.text_encoder)
@@ -52,21 +59,25 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> None:
                   "dim": args.text_dim}
         checked = set()
         for i, stage in enumerate(cfg.stages):
-            root = c.embedding_cache or text_embedding_dir(stage.data_path)
-            if root in checked:
-                continue
-            checked.add(root)
-            try:
-                TextEmbeddingCache(root, expect=expect, storage_options=options)
-            except (FileNotFoundError, ValueError) as e:
-                key = "conditioning.embedding_cache" if c.embedding_cache else f"stages.{i} ({stage.name}).data_path"
-                raise ConfigError(f"{key} (text_mode=cached): {e}") from None
+            for j, source in enumerate(stage.data_sources()):
+                root = c.embedding_cache or text_embedding_dir(source.path)
+                if root in checked:
+                    continue
+                checked.add(root)
+                try:
+                    TextEmbeddingCache(root, expect=expect, storage_options=options)
+                except (FileNotFoundError, ValueError) as e:
+                    key = "conditioning.embedding_cache" if c.embedding_cache else (
+                        f"stages.{i} ({stage.name}).{f'sources.{j}.path' if stage.sources else 'data_path'}")
+                    raise ConfigError(f"{key} (text_mode=cached): {e}") from None
     # a run with a `latest` of its own resumes from it (a damaged one falls back to an intact step folder)
     has_own = (run_folder.checkpoints_dir(cfg.run_dir) / run_folder.LATEST).exists()
     if cfg.checkpoint.resume_from and not has_own:
         if not os.path.isdir(cfg.checkpoint.resume_from):
             raise FileNotFoundError(f"checkpoint.resume_from={cfg.checkpoint.resume_from!r} not found (the run "
                                     f"{cfg.run_dir} has no checkpoint of its own yet, so it would start there)")
+    if cfg.checkpoint.init_from and not has_own:
+        check_init_release(cfg)
     for stage in cfg.stages:
         build_ds_config(cfg, stage, world_size)
 

@@ -8,10 +8,15 @@ Outline:
  1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1); rank 0 takes the
     run-folder lock (``run_lock``: one trainer per run folder) and every rank learns the outcome, so all
     ranks stop together when another trainer holds it;
- 2. rank 0 saves the config into the run folder; find the resume point (``checkpoints/latest``, checked; a
-    damaged one falls back to the newest intact step folder, said in one line);
+ 2. apply the S3 timeouts and retries of ``data.s3``; rank 0 saves the config into the run folder (credentials
+    redacted); find the resume point (``checkpoints/latest``, checked; a damaged one falls back to the newest
+    intact step folder, said in one line); a run with no checkpoint yet and ``checkpoint.init_from`` starts from
+    that release's weights (warm_start.py; checked in preflight); rank 0 checks every shard of every remaining
+    stage against its manifest and all ranks stop with one error naming the damaged ones (before any engine is
+    built);
  3. for each curriculum stage from the one the checkpoint is in: build the engine (engine.py), the EMA,
-    the loader; load the checkpoint (the same path serves a resume and a stage boundary, so both are exact);
+    the loader; load the checkpoint (the same path serves a resume and a stage boundary, so both are exact;
+    the loader's state is world-size independent); print the stage's buckets and the data-rate line;
  4. every step: agree on the stop flag; set the LR; for each micro-batch draw the batch, build the
     condition, compute the loss with a generator seeded by (seed, rank, step, micro) and agree (all-reduce)
     on whether it is finite; backward; optimizer step; EMA update; log; checkpoint every N steps and at
@@ -37,21 +42,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pixeldit.errors import CheckpointError
+from pixeldit.errors import USER_ERRORS, CheckpointError, DataError
 from pixeldit.models import ModelArgs
 from pixeldit.run_folder import RUN_CONFIG, read_meta
+from pixeldit.storage import configure_s3, is_local
 
 from .checkpoint import CheckpointManager, untie_optimizer_steps
-from .conditioning import build_conditioner, build_teacher, load_text_encoder, resolved_system_prompt
+from .conditioning import (TextConditioner, build_conditioner, build_teacher, load_text_encoder,
+                           resolved_system_prompt)
 from .config import RunConfig, save_config
 from .curriculum import Curriculum
 from .ema import EMA
 from .engine import EngineBundle, build_engine
-from .loader import TrainLoader, build_loader
-from .metrics import FlopCounter, MetricsLogger, StepTimer
+from .loader import TrainLoader, build_loader, build_node_cache, data_rate_line
+from .metrics import FlopCounter, MetricsLogger, StepTimer, device_peak_tflops
 from .preflight import preflight
 from .preview import write_preview
 from .run_lock import RunFolderLocked, RunLock
+from .sources import check_stage_data, damaged_shards_error
+from .warm_start import read_init_weights
 
 # why a step was skipped (losses.jsonl "skip_reason"); see skip_reason
 SKIP_NONFINITE_LOSS = "nonfinite_loss"  # a micro-batch loss was NaN/inf on some rank: no update
@@ -140,7 +149,7 @@ def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[
             "bucket_align": stage.bucket_align, "text_encoder": cfg.conditioning.text_encoder,
             "system_prompt": resolved_system_prompt(cfg, cfg.model.args()), "zero": cfg.deepspeed.zero,
             "precision": cfg.deepspeed.precision, "world_size": world_size,
-            "ema_decay": cfg.ema_decay}
+            "ema_decay": cfg.ema_decay, "optimizer": cfg.optim.name, "init_from": cfg.checkpoint.init_from}
 
 
 def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
@@ -187,6 +196,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
          stop_requested: Callable[[], bool] | None) -> TrainResult:
     # 2. run folder, resume point
     rank, world = info.rank, info.world_size
+    configure_s3(cfg.data.s3)
     run_dir = Path(cfg.run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,8 +209,14 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
     universal = False
     if latest is None and cfg.checkpoint.resume_from:  # e.g. a universal checkpoint for a new world size
         latest, universal = Path(cfg.checkpoint.resume_from), cfg.checkpoint.load_universal
+    init_state = read_init_weights(cfg) if latest is None and cfg.checkpoint.init_from else None
     meta = read_meta(latest) if latest is not None else {}
     step = meta["step"] if latest is not None else 0
+    # where each stage's loader started (the ledger replays the plan from these; pixeldit.train.ledger)
+    segments = list(meta.get("data_segments", []))
+    problems = _check_data(cfg, curriculum.stage_of(min(step, curriculum.total_steps - 1)), rank)
+    remote = any(not is_local(src.path) for s in cfg.stages for src in s.data_sources())
+    node_cache = build_node_cache(cfg) if remote else None
     args = cfg.model.args()
     if "model_args" in meta:  # e.g. a run from before rope_positions existed keeps its integer positions
         saved, wanted = ModelArgs.from_dict(meta["model_args"]).to_dict(), args.to_dict()
@@ -225,27 +241,47 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
             stage_index = curriculum.stage_of(step)
             span, stage = curriculum.span(stage_index), cfg.stages[stage_index]
             objective = cfg.stage_objective(stage)
-            conditioner = build_conditioner(cfg, args, device, stage_index, encoder)
-            bundle = build_engine(cfg, stage_index, world, teacher.dim if teacher is not None else None, universal)
+            conditioner = build_conditioner(cfg, args, device, stage_index, encoder, node_cache)
+            bundle = build_engine(cfg, stage_index, world, teacher.dim if teacher is not None else None, universal,
+                                  init_state)
             ema = EMA(bundle.model, cfg.ema_decay, bundle.zero3, world, rank)
+            if init_state is not None:  # weights only: the EMA starts there too; later stages load checkpoints
+                ema.load_full(init_state)
+                metrics.write(f"model and EMA initialised from {cfg.checkpoint.init_from} (fresh optimizer)")
+                init_state = None
             loader = build_loader(cfg, stage_index, rank, world,
-                                  args.num_classes if args.conditioning == "class" else None)
+                                  args.num_classes if args.conditioning == "class" else None,
+                                  problems=problems[stage_index], cache=node_cache,
+                                  extra_files=getattr(conditioner, "prefetch_files", None))
+            if isinstance(conditioner, TextConditioner):  # a cache must hold every caption the plan draws
+                conditioner.check_captions(loader.dataset.sources)
+            notes, continued = list(loader.notes), False
             if latest is not None:
                 client = ckpt.load(bundle.engine, latest, ema=ema)
                 if universal and bundle.zero3:  # DeepSpeed's ZeRO-3 universal load ties the groups' step counters
                     untie_optimizer_steps(bundle.engine.optimizer.optimizer)
                 if client.get("stage_index") == stage_index:  # mid-stage: continue the stream
-                    loader.load_state_dict(_rescale_loader_state(client["loader"], read_meta(latest), world))
+                    note = loader.load_state_dict(client["loader"])
+                    notes.append(note)
+                    continued = note is None
                 nonfinite = dict(client.get("nonfinite", nonfinite))
+            if not continued:  # a stage start, or a resume the plan does not continue exactly
+                segments.append(loader.segment(step))
             metrics.write(f"stage {stage_index} ({stage.name}): steps {span.start}..{span.end - 1}, "
                           f"{len(loader)} micro-batches per epoch per rank, start at step {step}")
+            for line in [n for n in notes if n] + loader.plan.describe():
+                metrics.write(f"  {line}")
+            if rank == 0:
+                metrics.write("  " + data_rate_line(cfg, stage_index, loader, flops, world,
+                                                    device_peak_tflops(cfg.logging.peak_tflops)))
             saved_at = step if latest is not None and latest.parent == ckpt.root else -1
             universal = False  # later loads (stage boundaries) read this run's own checkpoints
 
             def save() -> Path:
                 client_state = {"stage_index": stage_index, "step": step, "loader": loader.state_dict(),
                                 "lr_schedule": bundle.schedule.state_dict(), "nonfinite": dict(nonfinite)}
-                return ckpt.save(bundle.engine, step, client_state, _checkpoint_meta(cfg, stage_index, world), ema)
+                meta = {**_checkpoint_meta(cfg, stage_index, world), "data_segments": segments}
+                return ckpt.save(bundle.engine, step, client_state, meta, ema)
 
             # 4. steps of this stage
             while step < span.end:
@@ -272,7 +308,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     "step": step, "stage": stage_index, "loss": out["loss"], "flow": out["flow"],
                     "repa": out["repa"], "lr": lr, "grad_norm": out["grad_norm"], "skipped": out["skipped"],
                     "skip_reason": out["skip_reason"], "nonfinite_total": nonfinite["total"],
-                    "bucket": out["buckets"][0],
+                    "bucket": out["buckets"][0], "bad_samples": len(loader.bad_samples),
                     "samples_per_s": images / timer.seconds, "samples_per_s_per_rank": images / timer.seconds / world,
                     "mfu": metrics.mfu(model_flops, timer.seconds), "step_time_s": timer.seconds,
                 })
@@ -299,20 +335,45 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
     return TrainResult(status, step, curriculum.stage_of(max(step - 1, 0)), str(final) if final else None, losses)
 
 
+def _check_data(cfg: RunConfig, first_stage: int, rank: int) -> dict[int, dict]:
+    """{stage: {root: damaged shards}} for the stages from ``first_stage`` on: rank 0 lists every root once
+    and broadcasts; every rank raises the same error (a damaged shard, an unreachable bucket) before any
+    engine is built."""
+    result: list[Any] = [None]
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            by_root: dict[str, Any] = {}
+            out: dict[int, dict] = {}
+            for i in range(first_stage, len(cfg.stages)):
+                done = {r: by_root[r] for r in (s.path for s in cfg.stages[i].data_sources()) if r in by_root}
+                fresh = check_stage_data(cfg, i, skip=set(done))
+                by_root.update(fresh)
+                out[i] = {**done, **fresh}
+            result = [("ok", out)]
+        except Exception as err:  # noqa: BLE001 (handed to every rank first: all stop with the same error)
+            failure = err
+            kind = type(err) if isinstance(err, USER_ERRORS) else RuntimeError
+            message = f"{err}" if kind is not RuntimeError else f"rank 0 failed checking the data: {err}"
+            result = [("error", kind, message)]
+    dist.broadcast_object_list(result, src=0)
+    if failure is not None:
+        raise failure
+    if result[0][0] == "error":
+        raise result[0][1](result[0][2])
+    problems = result[0][1]
+    for i, stage_problems in problems.items():
+        error = damaged_shards_error(cfg, i, stage_problems)
+        if error and not cfg.data.skip_damaged_shards:
+            raise DataError(error)
+    return problems
+
+
 def _latest_or_none(ckpt: CheckpointManager) -> str:
     try:
         return str(ckpt.latest() or "none (no checkpoint yet)")
     except CheckpointError as err:
         return f"unreadable ({err})"
-
-
-def _rescale_loader_state(state: dict, meta: dict, world_size: int) -> dict:
-    """Same world size: unchanged (exact resume). Another world size (universal checkpoint): the epoch plan
-    differs, so keep the epoch and the fraction of it already consumed (approximate, documented)."""
-    saved_world = int(meta.get("world_size", world_size))
-    if saved_world == world_size:
-        return state
-    return {"epoch": state["epoch"], "position": state["position"] * saved_world // world_size}
 
 
 def _all_agree(flag: bool, device: torch.device) -> bool:

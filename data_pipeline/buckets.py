@@ -104,6 +104,12 @@ PREDEFINED_TABLES: dict[int, BucketTable] = {256: ASPECT_RATIO_256, 512: ASPECT_
 _KEY_INDEX = {k: i for i, k in enumerate(RATIO_KEYS)}
 
 
+def min_bucket_side(table: Mapping[str, tuple[int, int]]) -> int:
+    """The shortest side of any bucket of ``table`` (256 at 512, 512 at 1024): an image with a shorter side is
+    upscaled in whichever bucket it lands, so the shard stage drops such images by default."""
+    return min(min(hw) for hw in table.values())
+
+
 def get_bucket_table(base_res: int) -> BucketTable:
     """A copy of a predefined table (256, 512 or 1024); ValueError lists the valid resolutions."""
     if base_res not in PREDEFINED_TABLES:

@@ -6,6 +6,16 @@
     pixeldit-data stats s3://bucket/data --png buckets.png
     pixeldit-data synth synth/ --num-images 64 --out data/         # generate, serve on 127.0.0.1, run
     pixeldit-data serve synth/images                               # serve a folder until Ctrl-C
+
+On a cluster: the same commands with --tasks N and --cluster slurm (or local) run N tasks as a job array,
+with pixeldit-submit's launch flags (--partition --account --time-min --mem-gb --cpus-per-task ...); running
+the same command again reruns only the tasks that did not finish; `pixeldit-data status ROOT` lists them:
+
+    pixeldit-data ingest laion.parquet --out s3://b/ingest --meta-cols aesthetic,punsafe,pwatermark,similarity \
+        --tasks 64 --cluster slurm --partition cpu --time-min 720 --cpus-per-task 16 --processes 16 --log-dir logs/
+    pixeldit-data shard s3://b/ingest --out s3://b/data --filter "punsafe < 0.1" --tasks 64 --cluster slurm ...
+    pixeldit-data status s3://b/data
+
     pixeldit-data score s3://bucket/data --clip weights/clip-vit-l14 --aesthetic weights/aesthetic.safetensors \
         --captions recaptions.jsonl --device cuda --part 0 --num-parts 8  # CLIP / aesthetic / pHash / captions
     pixeldit-data dedupe s3://bucket/data --phash-distance 4 --min-similarity 0.95 --device cuda
@@ -17,16 +27,19 @@ path or setting is one line and exit code 2 (``--traceback`` shows the traceback
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from typing import Sequence
 
+from pixeldit.cluster import RESOURCE_FLAGS, add_launch_flags, launch_config_from_args
 from pixeldit.errors import CliParser, cli_main
-from pixeldit.storage import join
+from pixeldit.storage import exists, join, normalise_root
 
+from .build import BuildFailed, BuildOptions, format_status, load_plan, task_states
 from .dedupe import DedupeConfig, dedupe_dataset
-from .ingest import ENCODE_FORMATS, RESIZE_MODES, IngestConfig, IngestSummary, ingest
+from .ingest import DISTRIBUTORS, ENCODE_FORMATS, RESIZE_MODES, IngestConfig, IngestSummary, ingest
 from .inputs import INPUT_FORMATS
 from .normalize import VERIFY_LEVELS
 from .score import ScoreConfig, score_dataset
@@ -43,8 +56,9 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--url-col", default=d.url_col)
     g.add_argument("--caption-col", default=d.caption_col)
     g.add_argument("--label-col", default=d.label_col, help="integer class id column (class-conditional data)")
-    g.add_argument("--extra-cols", default=",".join(d.extra_cols),
-                   help="comma-separated columns kept in each sample's json")
+    g.add_argument("--meta-cols", default=",".join(d.meta_cols), metavar="COL[:NAME],...",
+                   help="input columns carried into every sample's index row and json, e.g. "
+                        "aesthetic,punsafe,pwatermark,similarity,WIDTH:input_width,LICENSE:license")
     g.add_argument("--input-format", default=d.input_format, choices=INPUT_FORMATS)
     g.add_argument("--resize", default=d.resize, choices=RESIZE_MODES,
                    help="off: keep downloaded bytes; max-side: shrink")
@@ -55,6 +69,8 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples-per-ingest-shard", type=int, default=d.samples_per_shard)
     g.add_argument("--timeout", type=int, default=d.timeout)
     g.add_argument("--retries", type=int, default=d.retries)
+    g.add_argument("--distributor", default=d.distributor, choices=DISTRIBUTORS,
+                   help="img2dataset's: pyspark runs each download on the active Spark session's cluster")
 
 
 def _shard_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +78,9 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bucketing + sharding")
     g.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
     g.add_argument("--max-shard-bytes", type=int, default=d.max_shard_bytes)
-    g.add_argument("--min-side", type=int, default=d.min_side)
+    g.add_argument("--min-side", type=int, default=d.min_side,
+                   help="drop images whose shorter side is smaller (default: the shortest bucket side of the "
+                        "--base-res table, 256 at 512; 0 keeps every size)")
     g.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio, help="0 disables")
     g.add_argument("--min-caption-chars", type=int, default=d.min_caption_chars, help="0 keeps samples without caption")
     g.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars, help="0 = no limit")
@@ -74,28 +92,61 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-res", type=int, default=d.base_res, help="bucket table for the manifest's bucket sizes")
     g.add_argument("--align", type=int, default=d.align)
     g.add_argument("--no-progress", action="store_false", dest="progress", default=d.progress)
+    g.add_argument("--holdout-fraction", type=float, default=d.holdout_fraction,
+                   help="fraction of the keys held out of training (validation loss); 0: none")
+    g.add_argument("--holdout-min-per-bucket", type=int, default=d.holdout_min_per_bucket,
+                   help="top each bucket's held-out split up to this many samples (at most half of the bucket)")
 
 
-def ingest_config(a: argparse.Namespace) -> IngestConfig:
+def _filter_arg(p: argparse.ArgumentParser, when: str) -> None:
+    p.add_argument("--filter", default="", metavar="EXPR",
+                   help=f"keep only rows where EXPR holds over the metadata columns ({when}), e.g. "
+                        f"\"aesthetic >= 6 and punsafe < 0.1\" (grammar: data_pipeline/filters.py)")
+
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several tasks, on a cluster (the launch flags are pixeldit-submit's)")
+    g.add_argument("--tasks", type=int, default=1, help="cut the work into this many tasks (a job array)")
+    add_launch_flags(g, RESOURCE_FLAGS, cluster_default=None)
+    g.add_argument("--log-dir", default="", help="submitit's pickles and logs (default: logs/ in the root's build "
+                                                 "folder; an S3 root needs a folder every node sees)")
+    g.add_argument("--no-wait", action="store_true", help="submit the tasks and return (run again to commit)")
+    g.add_argument("--restart-build", action="store_true",
+                   help="discard an unfinished build of other inputs or settings at the root")
+
+
+def build_options(a: argparse.Namespace) -> BuildOptions:
+    launch = launch_config_from_args(a) if a.cluster else None
+    return BuildOptions(tasks=a.tasks, launch=launch, wait=not a.no_wait, restart=a.restart_build,
+                        log_dir=a.log_dir)
+
+
+def ingest_config(a: argparse.Namespace, row_filter: str = "") -> IngestConfig:
     return IngestConfig(
         url_col=a.url_col, caption_col=a.caption_col, label_col=a.label_col,
-        extra_cols=tuple(c for c in a.extra_cols.split(",") if c), input_format=a.input_format, resize=a.resize,
-        max_side=a.max_side, encode_format=a.encode_format, processes=a.processes, threads=a.threads,
-        samples_per_shard=a.samples_per_ingest_shard, timeout=a.timeout, retries=a.retries,
+        meta_cols=tuple(c for c in a.meta_cols.split(",") if c), filter=row_filter, input_format=a.input_format,
+        resize=a.resize, max_side=a.max_side, encode_format=a.encode_format, processes=a.processes,
+        threads=a.threads, samples_per_shard=a.samples_per_ingest_shard, timeout=a.timeout, retries=a.retries,
+        distributor=a.distributor,
     )  # fmt: skip
 
 
-def shard_config(a: argparse.Namespace) -> ShardConfig:
+def shard_config(a: argparse.Namespace, row_filter: str = "") -> ShardConfig:
     return ShardConfig(
         samples_per_shard=a.samples_per_shard, max_shard_bytes=a.max_shard_bytes, min_side=a.min_side,
         max_aspect_ratio=a.max_aspect_ratio, min_caption_chars=a.min_caption_chars,
         max_caption_chars=a.max_caption_chars, dedupe_url=a.dedupe_url, dedupe_hash=a.dedupe_hash,
         verify=a.verify, jpeg_quality=a.jpeg_quality, workers=a.workers, base_res=a.base_res, align=a.align,
-        progress=a.progress,
+        filter=row_filter, progress=a.progress, holdout_fraction=a.holdout_fraction,
+        holdout_min_per_bucket=a.holdout_min_per_bucket,
     )  # fmt: skip
 
 
 def print_ingest(s: IngestSummary) -> None:
+    if not s.waited:
+        print(f"[ingest] {s.out}: {s.tasks} tasks submitted; `pixeldit-data status {s.out}` follows them, the same "
+              f"command again reruns the unfinished ones")
+        return
     print(
         f"[ingest] {s.out}: {s.input_rows} rows read, {s.rows_to_download} to download "
         f"(dropped before download: {s.skipped_before_download or 'none'}); shards {s.shards_done} done now, "
@@ -105,12 +156,17 @@ def print_ingest(s: IngestSummary) -> None:
 
 
 def print_shard(s: ShardSummary) -> None:
+    if not s.waited:
+        print(f"[shard] {s.root}: {s.tasks} tasks submitted; run the same command again once they are done to "
+              f"commit (`pixeldit-data status {s.root}` follows them)")
+        return
     if s.up_to_date:
         print(f"[shard] {s.root}: up to date (no new ingest shards; {s.ingest_shards_pending} still being ingested)")
     else:
         print(
             f"[shard] {s.root}: {s.ingest_shards_new} ingest shards -> {s.samples_written} samples in "
-            f"{s.shards_written} shards; {s.rows_per_second:.0f} rows/s; {s.seconds:.1f}s"
+            f"{s.shards_written} shards ({s.tasks} task{'s' if s.tasks > 1 else ''}); {s.rows_per_second:.0f} "
+            f"rows/s; {s.seconds:.1f}s"
         )
     print(format_report(s.stats))
 
@@ -177,16 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url_list", help="parquet/csv/jsonl file or folder, local or s3://")
     p.add_argument("--out", required=True, help="ingest folder, local or s3://")
     _ingest_args(p)
+    _filter_arg(p, "--meta-cols names; applied before download")
+    _build_args(p)
     p = sub.add_parser("shard", help="ingest folder(s) -> aspect-ratio-bucketed shards + manifest")
     p.add_argument("ingested", nargs="+", help="ingest folder(s)")
     p.add_argument("--out", required=True, help="output root, local or s3://")
     _shard_args(p)
+    _filter_arg(p, "those the ingest folders carry")
+    _build_args(p)
     p = sub.add_parser("run", help="ingest then shard")
     p.add_argument("url_list")
     p.add_argument("--out", required=True)
     p.add_argument("--work-dir", default=None, help="ingest folder (default: {out}/_ingest)")
     _ingest_args(p)
     _shard_args(p)
+    _filter_arg(p, "--meta-cols names; applied before download")
+    _build_args(p)
+    p = sub.add_parser("status", help="the build of an ingest folder or dataset root: each task's slice and state")
+    p.add_argument("root")
+    p.add_argument("--json", action="store_true", help="one JSON object per task")
     p = sub.add_parser("stats", help="samples per bucket, skips by reason, histogram PNG")
     p.add_argument("root")
     p.add_argument("--png", default=None, help="write the bucket histogram here")
@@ -234,14 +299,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
+    try:
+        return _dispatch(a)
+    except BuildFailed as err:  # some tasks failed: they are listed; the same command reruns them
+        print(f"{PROG} {a.command}: {err}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(a: argparse.Namespace) -> int:
     if a.command == "ingest":
-        print_ingest(ingest(a.url_list, a.out, ingest_config(a)))
+        print_ingest(ingest(a.url_list, a.out, ingest_config(a, a.filter), build_options(a)))
     elif a.command == "shard":
-        print_shard(build_shards(a.ingested, a.out, shard_config(a)))
+        print_shard(build_shards(a.ingested, a.out, shard_config(a, a.filter), build_options(a)))
     elif a.command == "run":
         work = a.work_dir or join(a.out, "_ingest")
-        print_ingest(ingest(a.url_list, work, ingest_config(a)))
-        print_shard(build_shards(work, a.out, shard_config(a)))
+        options = build_options(a)
+        summary = ingest(a.url_list, work, ingest_config(a, a.filter), options)
+        print_ingest(summary)
+        if summary.waited:
+            print_shard(build_shards(work, a.out, shard_config(a), options))
+    elif a.command == "status":
+        root = normalise_root(a.root)
+        plan = load_plan(root)
+        if plan is None and not exists(root):
+            raise FileNotFoundError(f"{a.root}: no such ingest folder or dataset root")
+        states = task_states(plan) if plan is not None else []
+        if a.json:
+            print("\n".join(json.dumps({"plan": plan.id, "kind": plan.kind, **dataclasses.asdict(s)}) for s in states)
+                  if plan is not None else "")
+        else:
+            print(format_status(plan, states))
     elif a.command == "stats":
         report = compute_stats(a.root, png=a.png)
         print(json.dumps(report, indent=2) if a.json else format_report(report))

@@ -5,8 +5,9 @@ Layout of a root (a local folder or a URL such as ``s3://bucket/prefix``)::
     shards/{ratio}/{ratio}-{n:06d}.tar   webdataset shards, one aspect-ratio bucket each (``shard_name``); members
                                          {key}.{jpg|png|webp}, {key}.txt, {key}.json[, {key}.cls] (tarshard.py)
     samples.parquet                      one ``SampleRow`` per sample: its shard, the byte range of its image
-                                         inside the tar (ranged reads, no tar scan), caption, size, label
-    stats.json                           counts by reason and per bucket (written by shard_sink.finish_run)
+                                         inside the tar (ranged reads, no tar scan), caption, size, label;
+                                         then the dataset's metadata columns (below)
+    stats.json                           counts by reason and per bucket (written by shard_sink.commit_root)
     manifest.parquet                     one ``ShardRow`` per shard -- written LAST
     text_emb/                            default folder of the caption-embedding cache (pixeldit.conditioning)
     score_parts/{shard}.parquet          the score stage's per-shard results (``ScorePartRow``, one row per sample,
@@ -16,6 +17,9 @@ Layout of a root (a local folder or a URL such as ``s3://bucket/prefix``)::
     captions.parquet                     one ``CaptionRow`` per caption of a sample (original + recaptions), with the
                                          score the loader's caption draw uses (data_pipeline.captions)
     dedupe.parquet                       one ``DedupeRow`` per dropped near-duplicate: the kept sample it duplicates
+    _build/                              the state of the (possibly multi-task) build that wrote the root: plan,
+                                         task records, job ids, the tasks' uncommitted parts (data_pipeline.build);
+                                         never read by training
 
 Commit order: shards, then samples.parquet, then stats.json, then manifest.parquet (``write_index``). The
 curation files come after a committed root: score parts, then captions.parquet, then scores.parquet (the score
@@ -25,8 +29,21 @@ shards the manifest does not list belong to a crashed run (``committed_samples``
 parquet key-value metadata holds the format version (``FORMAT_VERSION``) and the pipeline's incremental
 state (``STATE_KEY``: consumed ingest shards, cumulative counters).
 
+Metadata columns: every samples.parquet column after the ``SampleRow`` ones is a metadata column carried from
+the input URL list (``pixeldit-data ingest --meta-cols aesthetic,punsafe,LICENSE:license``: the LAION / DataComp /
+COYO scores, licence, original size, anything the user names), one value per sample, null where the input had
+none. Types: int64, float64, bool or string (``META_TYPES``). Their names are not ``SampleRow`` names; filters
+(``data_pipeline.filters``) read them like any other column, so a training stage can select rows of the same
+shards (``stages.N.filter``). Other tools may add columns keyed the same way (one value per row).
+Held-out split: samples.parquet's ``split`` column says which samples are held out of training
+(``SPLIT_HELDOUT``; the trainer's loader never plans them, its validation loss reads only them) and which are
+training samples (``SPLIT_TRAIN``). The shard stage carves it (``data_pipeline.holdout``: a hash of the key, so
+a sample's split never changes and does not depend on the order of the input); a row's split is set once, when
+the row is committed. ``read_sample_index`` gives it as the boolean ``heldout``.
+
 Versions: a manifest written before the version was recorded reads as version 1; a version newer than
-``FORMAT_VERSION`` is refused with the root named. Adding a column means adding one field to ``SampleRow``
+``FORMAT_VERSION`` is refused with the root named. Version 2 added the ``split`` column: a version-1 root (or a
+row whose split is null) reads as training data, none held out. Adding a column means adding one field to ``SampleRow``
 or ``ShardRow`` below (the parquet schemas are derived from them) and filling it in the writer.
 """
 from __future__ import annotations
@@ -53,8 +70,12 @@ SCORES = "scores.parquet"
 CAPTIONS = "captions.parquet"
 DEDUPE = "dedupe.parquet"
 SCORE_PARTS_DIR = "score_parts"
+BUILD_DIR = "_build"  # data_pipeline.build (also in an ingest folder)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples.parquet has the split column
+SPLIT_TRAIN = "train"
+SPLIT_HELDOUT = "heldout"
+SPLITS = (SPLIT_TRAIN, SPLIT_HELDOUT)
 FORMAT_VERSION_KEY = b"pixeldit.format_version"
 STATE_KEY = b"pixeldit.state"
 STATE_VERSION = 1
@@ -62,8 +83,8 @@ SCORES_META_KEY = b"pixeldit.scores"  # scores.parquet / part metadata: JSON (ve
 SCORES_VERSION = 1
 
 
-def _column(arrow_type: pa.DataType) -> Any:
-    return field(metadata={"arrow": arrow_type})
+def _column(arrow_type: pa.DataType, **default: Any) -> Any:
+    return field(metadata={"arrow": arrow_type}, **default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +120,7 @@ class SampleRow:
     label: int = _column(pa.int64())  # NO_LABEL when there is no class label
     url: str = _column(pa.string())
     sha256: str | None = _column(pa.string())  # of the downloaded bytes (dedupe across runs)
+    split: str | None = _column(pa.string(), default=None)  # SPLITS; None until the shard stage carves it (train)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +188,44 @@ CAPTIONS_SCHEMA = schema_of(CaptionRow)
 DEDUPE_SCHEMA = schema_of(DedupeRow)
 # column names by attribute (SAMPLE_COLUMNS.url == "url"): a renamed column fails loudly where it is read
 SAMPLE_COLUMNS = SimpleNamespace(**{name: name for name in SAMPLES_SCHEMA.names})
+META_TYPES = (pa.int64(), pa.float64(), pa.bool_(), pa.string())  # the types a metadata column may have
+
+
+def meta_columns(schema: pa.Schema) -> list[str]:
+    """The metadata columns of a samples table: every column that is not a ``SampleRow`` column, in order."""
+    return [n for n in schema.names if n not in SAMPLES_SCHEMA.names]
+
+
+def conform_samples(samples: pa.Table) -> pa.Table:
+    """The ``SampleRow`` columns cast to SAMPLES_SCHEMA, in its order, then the metadata columns as they are."""
+    core = with_split_column(samples).select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
+    for name in meta_columns(samples.schema):
+        core = core.append_column(samples.schema.field(name), samples.column(name))
+    return core
+
+
+def concat_samples(tables: Sequence[pa.Table]) -> pa.Table:
+    """Samples tables one after the other (previous runs, parts of a build): a metadata column missing from one
+    reads as nulls there, int64 widens to float64 next to it; other type clashes name the column."""
+    tables = [conform_samples(t) for t in tables]
+    merged: dict[str, pa.DataType] = {}
+    for t in tables:
+        for name in meta_columns(t.schema):
+            new, old = t.schema.field(name).type, merged.get(name)
+            if old is None or old == new or pa.types.is_null(new):
+                merged.setdefault(name, new)
+            elif pa.types.is_null(old) or {old, new} == {pa.int64(), pa.float64()}:
+                merged[name] = pa.float64() if not pa.types.is_null(old) else new
+            else:
+                raise ValueError(f"metadata column {name!r} is {old} in one part of the dataset and {new} in "
+                                 f"another; give the inputs one type for it (or rename one with --meta-cols SRC:NAME)")
+    schema = pa.schema(list(SAMPLES_SCHEMA) + [pa.field(n, t) for n, t in merged.items()])
+    out = []
+    for t in tables:
+        cols = [t.column(f.name).cast(f.type) if f.name in t.schema.names else pa.nulls(t.num_rows, f.type)
+                for f in schema]
+        out.append(pa.Table.from_arrays(cols, schema=schema))
+    return pa.concat_tables(out) if out else SAMPLES_SCHEMA.empty_table()
 
 
 def rows_to_table(rows: Sequence[RowT], cls: type[RowT]) -> pa.Table:
@@ -273,8 +333,40 @@ def check_shards(root: str, manifest: pa.Table, storage_options: dict[str, Any] 
 
 
 def read_samples(root: str, storage_options: dict[str, Any] | None = None) -> pa.Table | None:
-    """samples.parquet of ``root`` (SAMPLES_SCHEMA), or None when there is none."""
+    """samples.parquet of ``root`` (SAMPLES_SCHEMA + metadata columns), or None when there is none."""
     return _read_table(join(root, SAMPLES), storage_options)
+
+
+def read_samples_schema(root: str, storage_options: dict[str, Any] | None = None) -> pa.Schema:
+    """The columns of a committed root's samples.parquet (its footer only)."""
+    require_committed(root, storage_options)
+    url = join(root, SAMPLES)
+    if not exists(url, storage_options):
+        raise FileNotFoundError(f"{url} not found although the manifest is: rebuild the root")
+    fs, path = fs_and_path(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
+
+
+def read_committed_columns(root: str, columns: Sequence[str],
+                           storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """``columns`` of the committed rows of samples.parquet (rows of shards the manifest lists, in file order:
+    the rows of ``read_sample_index``)."""
+    manifest = read_manifest(root, storage_options)
+    if manifest is None:
+        require_committed(root, storage_options)
+    c = SAMPLE_COLUMNS
+    table = _read_table(join(root, SAMPLES), storage_options, columns=list(dict.fromkeys([c.shard, *columns])))
+    if table is None:
+        raise FileNotFoundError(f"{join(root, SAMPLES)} not found although the manifest is: rebuild the root")
+    listed = pa.array([r.shard for r in table_rows(manifest, ShardRow)], pa.string())
+    return table.filter(pc.is_in(table[c.shard], listed)).select(list(columns))
+def with_split_column(samples: pa.Table) -> pa.Table:
+    """A samples table with the split column (a version-1 table gets it all null: training data)."""
+    if SAMPLE_COLUMNS.split in samples.column_names:
+        return samples
+    return samples.append_column(SAMPLES_SCHEMA.field(SAMPLE_COLUMNS.split),
+                                 pa.nulls(samples.num_rows, SAMPLES_SCHEMA.field(SAMPLE_COLUMNS.split).type))
 
 
 def committed_samples(root: str, manifest: pa.Table) -> pa.Table | None:
@@ -282,6 +374,7 @@ def committed_samples(root: str, manifest: pa.Table) -> pa.Table | None:
     samples = read_samples(root)
     if samples is None:
         return None
+    samples = with_split_column(samples)
     committed = pa.array([r.shard for r in table_rows(manifest, ShardRow)], pa.string())
     return samples.filter(pc.is_in(samples[SAMPLE_COLUMNS.shard], committed))
 
@@ -375,6 +468,7 @@ class SampleIndex:
     keys: pa.Array
     manifest: pa.Table  # MANIFEST_SCHEMA: one row per committed shard
     shard_bytes: np.ndarray  # (num shards,) int64: size of each shard (from the manifest)
+    heldout: np.ndarray  # (N,) bool: the held-out split (never trained on)
 
     def __len__(self) -> int:
         return len(self.shard_id)
@@ -386,9 +480,14 @@ def read_sample_index(root: str, storage_options: dict[str, Any] | None = None) 
     manifest = read_manifest(root, storage_options)
     c = SAMPLE_COLUMNS
     columns = [c.key, c.shard, c.ratio_key, c.sample_index, c.image_offset, c.image_size, c.caption, c.label]
-    table = _read_table(join(root, SAMPLES), storage_options, columns=columns)
-    if table is None:
-        raise FileNotFoundError(f"{join(root, SAMPLES)} not found although the manifest is: rebuild the root")
+    url = join(root, SAMPLES)
+    if not exists(url, storage_options):
+        raise FileNotFoundError(f"{url} not found although the manifest is: rebuild the root")
+    fs, path = fs_and_path(url, storage_options)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        has_split = c.split in parquet.schema_arrow.names  # absent before format version 2
+        table = parquet.read(columns=columns + ([c.split] if has_split else []))
     listed = {r.shard: r.bytes for r in table_rows(manifest, ShardRow)}
     committed = pa.array(list(listed), pa.string())
     table = table.filter(pc.is_in(table[c.shard], committed)).combine_chunks()  # rows of a crashed rerun: out
@@ -411,8 +510,20 @@ def read_sample_index(root: str, storage_options: dict[str, Any] | None = None) 
         label=table[c.label].fill_null(NO_LABEL).to_numpy().astype(np.int64),
         captions=captions.chunk(0) if captions.num_chunks else pa.array([], pa.string()),
         keys=table[c.key].chunk(0), manifest=manifest,
-        shard_bytes=np.array([int(listed[s]) for s in shards], dtype=np.int64),
+        shard_bytes=np.array([int(listed[s]) for s in shards], dtype=np.int64), heldout=heldout_mask(table),
     )  # fmt: skip
+
+
+def heldout_mask(samples: pa.Table) -> np.ndarray:
+    """(N,) bool: the rows of a samples table in the held-out split (none without a split column)."""
+    if SAMPLE_COLUMNS.split not in samples.column_names:
+        return np.zeros(samples.num_rows, dtype=bool)
+    column = samples[SAMPLE_COLUMNS.split]
+    bad = pc.invert(pc.or_(pc.is_in(column, pa.array(SPLITS)), pc.is_null(column)))
+    if pc.any(bad).as_py():
+        first = column.filter(bad)[0].as_py()
+        raise ValueError(f"{SAMPLES}: split value {first!r}; valid values: {', '.join(SPLITS)} (or null: train)")
+    return pc.fill_null(pc.equal(column, SPLIT_HELDOUT), False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def curation_metadata(schema: pa.Schema, url: str) -> dict[str, Any]:
@@ -476,8 +587,8 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def write_samples(root: str, samples: pa.Table, storage_options: dict[str, Any] | None = None) -> None:
-    """samples.parquet alone (cast to SAMPLES_SCHEMA); ``write_index`` commits a whole root."""
-    write_bytes_atomic(join(root, SAMPLES), _parquet_bytes(samples.cast(SAMPLES_SCHEMA)), storage_options)
+    """samples.parquet alone (``conform_samples``); ``write_index`` commits a whole root."""
+    write_bytes_atomic(join(root, SAMPLES), _parquet_bytes(conform_samples(samples)), storage_options)
 
 
 def write_index(root: str, samples: pa.Table, stats: dict[str, Any], manifest: pa.Table,

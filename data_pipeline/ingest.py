@@ -3,14 +3,27 @@
     summary = ingest("urls.parquet", "work/ingest", IngestConfig(processes=4, label_col="label"))
 
 Layout of the ingest folder (img2dataset's own, plus `_input/`):
-    _input/urls.parquet          the cleaned URL list handed to img2dataset (see inputs.py)
+    _input/urls.parquet          the cleaned URL list handed to img2dataset (see inputs.py): url, caption,
+                                 caption_fix, row[, label], then the metadata columns; one row group
+                                 per ingest shard
     _input/prepare_stats.json    rows read, rows dropped before download (by reason)
     {shard:05d}.tar / .parquet   img2dataset output; the parquet has one row per URL with status,
                                  error_message, width/height, exif, sha256, caption, label, ...
     {shard:05d}_stats.json       written by img2dataset when a shard is finished
+    _work/                       scratch folders of tasks running (or killed) now
+    _build/                      the build plan, task records and logs (build.py)
 
-Incremental: a shard whose `_stats.json` exists is finished and is skipped by a re-run
-(img2dataset's incremental_mode); the cleaned list is deterministic, so shard ids are stable.
+Incremental: a shard whose `_stats.json` exists is finished and is skipped by a re-run; the cleaned list
+is deterministic and shard i holds its rows [i * samples_per_shard, (i + 1) * samples_per_shard), so shard
+ids (and the img2dataset keys inside, which contain the shard id) are stable.
+
+On many machines (``build.py``): the ingest shards are cut into contiguous task slices. A task downloads
+each contiguous run of its unfinished shards with one img2dataset call into a scratch folder of its own,
+``_work/{first shard:05d}/`` (img2dataset's "extend" mode numbers the shards from the run's first id, so
+names and keys are those of a single-process ingest), then moves every finished shard into the ingest
+folder, its ``_stats.json`` last. A killed task leaves its scratch folder behind; the rerun moves the
+shards finished there and downloads the rest. Tasks run in this process, as local processes or as a SLURM
+job array; img2dataset's own ``pyspark`` distributor can spread each call over a Spark cluster instead.
 
 Resize modes (the original aspect ratio always survives):
   * "off" (default): img2dataset stores the downloaded bytes untouched (disable_all_reencoding).
@@ -26,26 +39,60 @@ Resize modes (the original aspect ratio always survives):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pixeldit.storage import exists, join, list_files, normalise_root, read_bytes, write_bytes_atomic, write_json_atomic
+from pixeldit.storage import exists, fs_and_path, join, list_files, normalise_root, read_bytes, write_bytes_atomic, \
+    write_json_atomic
 
+from .build import BuildFailed, BuildOptions, Plan, execute, failed_message, fingerprint, open_plan, remove_tree, \
+    task_slices
+from .dataset_format import SAMPLES_SCHEMA
+from .filters import parse_filter
 from .inputs import InputFormat, prepare_url_list
 
 ResizeMode = Literal["off", "max-side"]
 RESIZE_MODES = ("off", "max-side")
 ENCODE_FORMATS = ("jpg", "png", "webp")
+Distributor = Literal["multiprocessing", "pyspark"]
+DISTRIBUTORS = ("multiprocessing", "pyspark")  # img2dataset's own (ray is left out: it ignores failed shards)
 INPUT_DIR = "_input"
 PREPARED_LIST = "urls.parquet"  # in INPUT_DIR
 PREPARE_STATS = "prepare_stats.json"  # in INPUT_DIR
 SHARD_STATS_SUFFIX = "_stats.json"  # img2dataset's marker of a finished shard
+WORK_DIR = "_work"  # scratch folders of running tasks
+PREPARED_CORE = ("url", "caption", "caption_fix", "row", "label")  # the prepared list's own columns
+# columns img2dataset adds to its per-shard parquet: a metadata column may not take these names either
+IMG2DATASET_COLUMNS = ("key", "status", "error_message", "width", "height", "original_width", "original_height",
+                       "exif", "sha256", "md5", "sha512")
+RESERVED_NAMES = frozenset(PREPARED_CORE) | frozenset(IMG2DATASET_COLUMNS) | frozenset(SAMPLES_SCHEMA.names)
+PERFORMANCE_FIELDS = ("processes", "threads", "distributor")  # settings that do not change what is downloaded
+
+
+def parse_meta_cols(specs: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
+    """("aesthetic", "WIDTH:input_width") -> (("aesthetic", "aesthetic"), ("WIDTH", "input_width")): input column,
+    name in the dataset. Names must be unique and not reserved (``RESERVED_NAMES``)."""
+    pairs = []
+    for spec in specs:
+        src, sep, name = spec.partition(":")
+        src, name = src.strip(), (name.strip() if sep else src.strip())
+        if not src or not name:
+            raise ValueError(f"--meta-cols entry {spec!r}: write COLUMN or COLUMN:NAME")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"--meta-cols: the name {name!r} is taken by the pipeline's own columns; keep it "
+                             f"under another name, e.g. {src}:input_{name.lower()}")
+        pairs.append((src, name))
+    names = [n for _, n in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--meta-cols: names {names} repeat; give each column its own name")
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -53,7 +100,9 @@ class IngestConfig:
     url_col: str = "url"
     caption_col: str = "caption"
     label_col: str | None = None  # class id column -> "label" (class-conditional data)
-    extra_cols: tuple[str, ...] = ()  # kept per sample (in {key}.json "extra")
+    # metadata columns carried to samples.parquet (and each sample's json): "COLUMN" or "COLUMN:NAME"
+    meta_cols: tuple[str, ...] = ()
+    filter: str = ""  # keep only rows where this holds (data_pipeline.filters), before download
     input_format: InputFormat = "auto"
     resize: ResizeMode = "off"
     max_side: int = 1024  # only for resize="max-side"
@@ -63,8 +112,18 @@ class IngestConfig:
     samples_per_shard: int = 10_000
     timeout: int = 10
     retries: int = 0
+    distributor: Distributor = "multiprocessing"  # img2dataset's; pyspark: each call runs on the Spark cluster
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "meta_cols", tuple(self.meta_cols))
+        parse_meta_cols(self.meta_cols)
+        if self.filter:
+            parse_filter(self.filter)
+        if self.distributor not in DISTRIBUTORS:
+            raise ValueError(f"IngestConfig.distributor={self.distributor!r}; valid: {', '.join(DISTRIBUTORS)}")
+        if self.distributor == "pyspark" and importlib.util.find_spec("pyspark") is None:
+            raise ValueError("IngestConfig.distributor='pyspark' needs pyspark (pip install pyspark) and a Spark "
+                             "session (img2dataset starts a local one when none is active)")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"IngestConfig.resize={self.resize!r}; valid: {', '.join(RESIZE_MODES)}")
         if self.encode_format not in ENCODE_FORMATS:
@@ -72,6 +131,14 @@ class IngestConfig:
         for name in ("max_side", "processes", "threads", "samples_per_shard", "timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"IngestConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that decide what an ingest folder holds (its build fingerprint)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PERFORMANCE_FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IngestConfig":
+        return cls(**{**d, "meta_cols": tuple(d.get("meta_cols", ()))})
 
 
 @dataclass
@@ -88,6 +155,8 @@ class IngestSummary:
     failed_to_resize: int
     seconds: float
     errors: dict[str, int] = field(default_factory=dict)
+    tasks: int = 1
+    waited: bool = True  # False: tasks were submitted and this returned without waiting for them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,71 +193,72 @@ def read_shard_stats(out: str, name: str) -> dict:
     return json.loads(read_bytes(join(out, f"{name}{SHARD_STATS_SUFFIX}")))
 
 
-def _write_prepared(out: str, cfg: IngestConfig, url_list: str) -> tuple[str, dict]:
+def meta_schema(out: str) -> pa.Schema:
+    """The metadata columns (name and type) of the ingest folder ``out``: its prepared list's other columns."""
+    url = prepared_list_url(out)
+    if not exists(url):
+        return pa.schema([])
+    fs, path = fs_and_path(url)
+    with fs.open(path, "rb") as f:
+        schema = pq.read_schema(f)
+    return pa.schema([f for f in schema if f.name not in PREPARED_CORE])
+
+
+def _write_prepared(out: str, cfg: IngestConfig, url_list: str) -> dict:
     prepared = prepare_url_list(
         url_list,
         url_col=cfg.url_col,
         caption_col=cfg.caption_col,
         label_col=cfg.label_col,
-        extra_cols=cfg.extra_cols,
+        meta_cols=parse_meta_cols(cfg.meta_cols),
+        row_filter=parse_filter(cfg.filter) if cfg.filter else None,
         input_format=cfg.input_format,
     )
-    target = prepared_list_url(out)
     sink = pa.BufferOutputStream()
-    pq.write_table(prepared.table, sink)
-    write_bytes_atomic(target, sink.getvalue().to_pybytes())
+    pq.write_table(prepared.table, sink, row_group_size=cfg.samples_per_shard)  # row group i = ingest shard i
+    write_bytes_atomic(prepared_list_url(out), sink.getvalue().to_pybytes())
     stats = {
         "input_rows": prepared.input_rows, "rows": prepared.table.num_rows,
         "skipped": prepared.skipped, "files": prepared.files,
     }  # fmt: skip
     write_json_atomic(join(out, INPUT_DIR, PREPARE_STATS), stats)
-    return target, stats
+    return stats
 
 
-def ingest(url_list: str, out: str, config: IngestConfig | None = None) -> IngestSummary:
+def ingest(url_list: str, out: str, config: IngestConfig | None = None,
+           build: BuildOptions | None = None) -> IngestSummary:
     """Download every URL of `url_list` into img2dataset shards under `out` (local path or s3://...).
 
     Re-running with the same list skips finished shards. Never raises for bad URLs or payloads:
-    img2dataset records them per row (status / error_message) for the shard stage to count.
+    img2dataset records them per row (status / error_message) for the shard stage to count. ``build``: how
+    many tasks and where they run (default: one, in this process); a task that fails makes this raise
+    ``BuildFailed`` once every task has ended (rerun the same call to rerun only the unfinished tasks).
     """
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would check PyPI on import
-    from img2dataset import download  # heavy import (OpenCV, albumentations): only when ingesting
-
     cfg = config or IngestConfig()
+    options = build or BuildOptions()
     out = normalise_root(out)
     start = time.time()
-    prepared_path, prep = _write_prepared(out, cfg, url_list)
-    n_rows = prep["rows"]
-    shards_total = -(-n_rows // cfg.samples_per_shard)
     before = set(finished_shards(out))
-    extra = ["row", "caption_fix"] + (["label"] if cfg.label_col else []) + list(cfg.extra_cols)
-    if n_rows and not set(range(shards_total)) <= before:  # all finished: skip img2dataset's process start-up
-        resize = (
-            dict(resize_mode="no", disable_all_reencoding=True, image_size=cfg.max_side)
-            if cfg.resize == "off"
-            else dict(resize_mode="keep_ratio_largest", image_size=cfg.max_side, resize_only_if_bigger=True,
-                      skip_reencode=True)
-        )
-        download(
-            url_list=prepared_path,
-            output_folder=out,
-            input_format="parquet",
-            url_col="url",
-            caption_col="caption",
-            save_additional_columns=extra,
-            output_format="webdataset",
-            encode_format=cfg.encode_format,
-            processes_count=cfg.processes,
-            thread_count=cfg.threads,
-            number_sample_per_shard=cfg.samples_per_shard,
-            timeout=cfg.timeout,
-            retries=cfg.retries,
-            compute_hash="sha256",
-            extract_exif=True,
-            incremental_mode="incremental",
-            enable_wandb=False,
-            **resize,
-        )
+
+    def make_plan() -> tuple[list[tuple[int, int, str]], dict[str, Any]]:
+        prep = _write_prepared(out, cfg, url_list)
+        rows, per = prep["rows"], cfg.samples_per_shard
+        shards = -(-rows // per)
+        slices = [(a, b, f"ingest shards {a:05d}-{b - 1:05d} (rows {a * per}-{min(b * per, rows) - 1})"
+                   if b > a else "nothing to download") for a, b in task_slices(shards, options.tasks)]
+        return slices, {"url_list": url_list, "config": asdict(cfg), "rows": rows, "shards": shards}
+
+    fp = fingerprint({"url_list": url_list, "config": cfg.output_settings()})
+    plan, _ = open_plan(out, "ingest", fp, make_plan, options)
+    states = execute(plan, options)
+    waited = options.launch is None or options.wait
+    if all(s.state == "done" for s in states):
+        plan.state = "committed"
+        plan.save()
+        remove_tree(join(out, WORK_DIR))  # every task is done: no scratch folder is in use
+    elif waited:
+        raise BuildFailed(failed_message(plan, states))
+    prep = read_prepare_stats(out) or {}
     done = finished_shards(out)
     totals = {"successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
     errors: dict[str, int] = {}
@@ -201,10 +271,10 @@ def ingest(url_list: str, out: str, config: IngestConfig | None = None) -> Inges
                 errors[msg] = errors.get(msg, 0) + int(n)
     return IngestSummary(
         out=out,
-        input_rows=prep["input_rows"],
-        rows_to_download=n_rows,
-        skipped_before_download=prep["skipped"],
-        shards_total=shards_total,
+        input_rows=prep.get("input_rows", 0),
+        rows_to_download=plan.data["rows"],
+        skipped_before_download=prep.get("skipped", {}),
+        shards_total=plan.data["shards"],
         shards_skipped=len(before & set(done)),
         shards_done=len(set(done) - before),
         success=totals["successes"],
@@ -212,4 +282,136 @@ def ingest(url_list: str, out: str, config: IngestConfig | None = None) -> Inges
         failed_to_resize=totals["failed_to_resize"],
         seconds=time.time() - start,
         errors=errors,
+        tasks=plan.tasks,
+        waited=waited,
     )
+
+
+# ---- one task: download the unfinished shards of a slice ----------------------------------------------------
+
+
+def run_ingest_task(plan: Plan, task: int) -> dict[str, Any]:
+    """Download the unfinished ingest shards of slice ``task`` of ``plan`` (see the module docstring)."""
+    root, cfg = plan.root, IngestConfig.from_dict(plan.data["config"])
+    first, stop = plan.slices[task]["start"], plan.slices[task]["stop"]
+    salvaged = _salvage(root, first, stop)
+    done = set(finished_shards(root))
+    todo = [i for i in range(first, stop) if i not in done]
+    for a, b in _contiguous_runs(todo):
+        _download_run(root, cfg, a, b, plan.data["shards"])
+    missing = sorted(set(range(first, stop)) - set(finished_shards(root)))
+    if missing:
+        raise RuntimeError(f"img2dataset did not finish ingest shards {', '.join(f'{i:05d}' for i in missing)} of "
+                           f"{root} (see its log above); rerun to retry them")
+    return {"shards": stop - first, "downloaded": len(todo), "salvaged": salvaged}
+
+
+def _contiguous_runs(ids: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _move_shard(fs: Any, src_dir: str, dst_dir: str, name: str) -> None:
+    """Move one finished img2dataset shard; its _stats.json (the "finished" marker) last."""
+    for suffix in (".tar", ".parquet", SHARD_STATS_SUFFIX):
+        fs.mv(f"{src_dir}/{name}{suffix}", f"{dst_dir}/{name}{suffix}")
+
+
+def _salvage(root: str, first: int, stop: int) -> int:
+    """Move the shards a killed run of this slice finished in its scratch folders; delete those folders."""
+    fs, base = fs_and_path(join(root, WORK_DIR))
+    fs.invalidate_cache()
+    if not fs.exists(base):
+        return 0
+    _, root_path = fs_and_path(root)
+    moved = 0
+    for entry in sorted(fs.ls(base, detail=False)):
+        name = os.path.basename(entry.rstrip("/"))
+        stem = name.removesuffix(".parquet")
+        if not stem.isdigit() or not first <= int(stem) < stop:
+            continue
+        if name == stem and fs.isdir(entry):
+            have = {os.path.basename(p) for p in fs.ls(entry, detail=False)}
+            for i in range(int(stem), stop):  # the run's placeholder (id first - 1) is never moved
+                shard = f"{i:05d}"
+                if {shard + ".tar", shard + ".parquet", shard + SHARD_STATS_SUFFIX} <= have:
+                    _move_shard(fs, entry.rstrip("/"), root_path, shard)
+                    moved += 1
+        remove_tree(join(root, WORK_DIR, name))
+    return moved
+
+
+def _prepared_rows(root: str, first: int, stop: int, shards: int, per_shard: int) -> pa.Table:
+    """Rows of ingest shards [first, stop) of the prepared list (its row groups when they are the shards)."""
+    fs, path = fs_and_path(prepared_list_url(root))
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        if pf.metadata.num_row_groups == shards:
+            return pf.read_row_groups(list(range(first, stop)))
+        return pf.read().slice(first * per_shard, (stop - first) * per_shard)
+
+
+def _download_run(root: str, cfg: IngestConfig, first: int, stop: int, shards: int) -> None:
+    """One img2dataset call for ingest shards [first, stop) into _work/{first}, then move them into ``root``."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would check PyPI on import
+    from img2dataset import download  # heavy import (OpenCV, albumentations): only when ingesting
+
+    name = f"{first:05d}"
+    work, listed = join(root, WORK_DIR, name), join(root, WORK_DIR, f"{name}.parquet")
+    fs, work_path = fs_and_path(work)
+    remove_tree(work)
+    sink = pa.BufferOutputStream()
+    pq.write_table(_prepared_rows(root, first, stop, shards, cfg.samples_per_shard), sink)
+    write_bytes_atomic(listed, sink.getvalue().to_pybytes())
+    fs.makedirs(work_path, exist_ok=True)
+    if first > 0:  # "extend" numbers the new shards from the largest shard id it finds + 1: this placeholder's
+        # (img2dataset's progress logger reads it as the stats of a finished shard: one row, no success, so its
+        # ratios stay defined; the logger's printed total is one row high, nothing else reads it)
+        now = time.time()
+        write_json_atomic(join(work, f"{first - 1:05d}{SHARD_STATS_SUFFIX}"), {
+            "count": 1, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "duration": 1.0,
+            "start_time": now - 1.0, "end_time": now, "status_dict": {}})
+    resize = (
+        dict(resize_mode="no", disable_all_reencoding=True, image_size=cfg.max_side)
+        if cfg.resize == "off"
+        else dict(resize_mode="keep_ratio_largest", image_size=cfg.max_side, resize_only_if_bigger=True,
+                  skip_reencode=True)
+    )
+    meta = [n for _, n in parse_meta_cols(cfg.meta_cols)]
+    extra = ["row", "caption_fix"] + (["label"] if cfg.label_col else []) + meta
+    download(
+        url_list=listed,
+        output_folder=work,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=extra,
+        output_format="webdataset",
+        encode_format=cfg.encode_format,
+        processes_count=cfg.processes,
+        thread_count=cfg.threads,
+        number_sample_per_shard=cfg.samples_per_shard,
+        timeout=cfg.timeout,
+        retries=cfg.retries,
+        compute_hash="sha256",
+        extract_exif=True,
+        incremental_mode="extend",
+        distributor=cfg.distributor,
+        enable_wandb=False,
+        **resize,
+    )
+    _, root_path = fs_and_path(root)
+    fs.invalidate_cache()
+    have = {os.path.basename(p) for p in fs.ls(work_path, detail=False)}
+    for i in range(first, stop):
+        shard = f"{i:05d}"
+        if {shard + ".tar", shard + ".parquet", shard + SHARD_STATS_SUFFIX} <= have:
+            _move_shard(fs, work_path, root_path, shard)
+    remove_tree(work)
+    remove_tree(listed)
+

@@ -31,6 +31,7 @@ class Skip(str, enum.Enum):
     DUPLICATE_HASH = "duplicate_hash"  # image bytes identical (sha256) to a sample kept earlier
     BAD_LABEL = "bad_label"  # label column value missing or not an integer
     INGEST_INCOMPLETE = "ingest_incomplete"  # row of an ingest shard that never finished (no *_stats.json)
+    FILTERED = "filtered"  # rejected by a --filter expression on its metadata columns (ingest or shard time)
 
 
 class Fix(str, enum.Enum):

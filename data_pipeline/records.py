@@ -25,8 +25,9 @@ class Row:
     sha256: str | None
     label: int | None
     caption_fix: str
-    extra: dict[str, Any]
+    meta: dict[str, Any]  # metadata columns (ingest --meta-cols) by name
     original_size: tuple[int | None, int | None] = (None, None)
+    passes_filter: bool = True  # the shard --filter expression holds for its metadata
     payload: bytes = b""
     ext: str = ""
 

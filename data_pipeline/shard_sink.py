@@ -2,8 +2,8 @@
 
 BucketSink keeps at most one open shard per ratio key; a shard is committed (renamed / uploaded
 whole) when it holds `samples_per_shard` samples or `max_shard_bytes` of images, and the rest are
-committed by close(). finish_run() then merges this run with the committed one and commits the root
-(dataset_format.write_index: samples, stats, then the manifest last).
+committed by close(). commit_root() then writes the merged samples with the committed and the new
+shards and the updated counters (dataset_format.write_index: samples, stats, then the manifest last).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .dataset_format import (
     table_rows,
     write_index,
 )
+from .holdout import assign_splits, split_counts
 from .records import Sample
 from .tarshard import ShardWriter
 
@@ -36,6 +37,7 @@ class _OpenShard:
     name: str  # relative to the root
     writer: ShardWriter
     rows: list[SampleRow] = field(default_factory=list)
+    meta: list[dict[str, Any]] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
     heights: list[int] = field(default_factory=list)
 
@@ -51,8 +53,10 @@ class BucketSink:
         max_shard_bytes: int,
         manifest: pa.Table | None,
         scratch_dir: str,
+        meta_schema: pa.Schema | None = None,
     ) -> None:
         self.root, self.table, self.scratch = root, table, scratch_dir
+        self.meta_schema = meta_schema if meta_schema is not None else pa.schema([])
         self.samples_per_shard, self.max_shard_bytes = samples_per_shard, max_shard_bytes
         self.next_n: dict[str, int] = collections.defaultdict(int)
         for committed in table_rows(manifest, ShardRow) if manifest is not None else []:
@@ -62,6 +66,7 @@ class BucketSink:
         self.open: dict[str, _OpenShard] = {}
         self.manifest_rows: list[ShardRow] = []
         self.sample_rows: list[SampleRow] = []
+        self.sample_meta: list[dict[str, Any]] = []
         self.samples_written = 0
         self.shards_written = 0
 
@@ -83,8 +88,8 @@ class BucketSink:
             meta["normalised"] = list(img.fixes) + ([row.caption_fix] if row.caption_fix else [])
         if any(v is not None for v in row.original_size):
             meta["original_width"], meta["original_height"] = row.original_size
-        if row.extra:
-            meta["extra"] = row.extra
+        if row.meta:
+            meta["meta"] = row.meta
         span = shard.writer.add(row.sample_key, data, img.ext, row.caption or "", meta, row.label)
         shard.rows.append(SampleRow(
             key=row.sample_key, shard=shard.name, ratio_key=key, sample_index=len(shard.rows),
@@ -92,6 +97,7 @@ class BucketSink:
             width=img.width, height=img.height, label=NO_LABEL if row.label is None else row.label, url=row.url,
             sha256=row.sha256,
         ))  # fmt: skip
+        shard.meta.append(row.meta)
         shard.widths.append(img.width)
         shard.heights.append(img.height)
         if len(shard.rows) >= self.samples_per_shard or shard.writer.payload_bytes >= self.max_shard_bytes:
@@ -107,6 +113,7 @@ class BucketSink:
             min_height=min(shard.heights), max_height=max(shard.heights),
         ))  # fmt: skip
         self.sample_rows.extend(shard.rows)
+        self.sample_meta.extend(shard.meta)
         self.samples_written += len(shard.rows)
         self.shards_written += 1
 
@@ -118,6 +125,13 @@ class BucketSink:
         for shard in self.open.values():
             shard.writer.abort()
         self.open.clear()
+
+    def samples_table(self) -> pa.Table:
+        """The committed shards' samples: SampleRow columns, then the metadata columns (``meta_schema``)."""
+        table = rows_to_table(self.sample_rows, SampleRow)
+        for f in self.meta_schema:
+            table = table.append_column(f, pa.array([m.get(f.name) for m in self.sample_meta], f.type))
+        return table
 
 
 def cleanup_orphans(root: str, manifest: pa.Table | None) -> list[str]:
@@ -155,16 +169,16 @@ class RunCounts:
     sources: list[str]  # ingest roots in order of first use (their index prefixes sample keys)
 
 
-def finish_run(
-    root: str, old_manifest: pa.Table | None, old_samples: pa.Table | None, sink: BucketSink, state: dict[str, Any],
-    counts: RunCounts, table_info: dict[str, int],
+def commit_root(
+    root: str, old_manifest: pa.Table | None, samples: pa.Table, new_shards: list[ShardRow], state: dict[str, Any],
+    counts: RunCounts, table_info: dict[str, int], holdout: tuple[float, int] = (0.0, 0),
 ) -> dict[str, Any]:  # fmt: skip
-    """Merge this run with the committed one and commit samples, stats and manifest (last); returns stats."""
+    """Commit ``root``: ``samples`` (every committed row), the manifest (old shards + ``new_shards``), the counters
+    (old + ``counts``) and stats; samples, stats, manifest last (dataset_format.write_index). Returns stats.
+    ``holdout``: (fraction, min per bucket) carving the split of rows that have none yet (``data_pipeline.holdout``)."""
     shards = table_rows(old_manifest, ShardRow) if old_manifest is not None else []
-    shards = sorted(shards + sink.manifest_rows, key=lambda r: r.shard)
-    samples = rows_to_table(sink.sample_rows, SampleRow)
-    if old_samples is not None:
-        samples = pa.concat_tables([old_samples.cast(samples.schema), samples])
+    shards = sorted(shards + new_shards, key=lambda r: r.shard)
+    samples = assign_splits(samples, *holdout)
     old = state.get("counts", {})
     skipped = collections.Counter(old.get("skipped", {})) + counts.skipped
     fixes = collections.Counter(old.get("normalised", {})) + counts.fixes
@@ -203,6 +217,7 @@ def finish_run(
         "bytes": sum(r.bytes for r in shards),
         "ingest": dict(ingest),
         "table": table_info,
+        "splits": split_counts(samples),
     }
     write_index(root, samples, stats, rows_to_table(shards, ShardRow), new_state)
     return stats

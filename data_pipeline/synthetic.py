@@ -82,13 +82,19 @@ class SyntheticDataset:
         host = base_url if item.served else f"http://{LOOPBACK}:{dead_port}"
         return f"{host}/{item.name}"
 
-    def write_url_list(self, base_url: str, path: str, fmt: str = "parquet") -> str:
+    def write_url_list(self, base_url: str, path: str, fmt: str = "parquet",
+                       columns: dict[str, list] | None = None) -> str:
         """Write url, caption, label rows to `path` (parquet, csv or jsonl); returns `path`.
 
         Non-UTF-8 captions stay raw bytes: a binary caption column in parquet, raw bytes in csv/jsonl.
+        ``columns``: more columns, one value per item (e.g. scores that ``--meta-cols`` carries).
         """
         if fmt not in URL_LIST_FORMATS:
             raise ValueError(f"write_url_list: unknown format {fmt!r}; valid: {', '.join(URL_LIST_FORMATS)}")
+        columns = columns or {}
+        for name, values in columns.items():
+            if len(values) != len(self.items):
+                raise ValueError(f"write_url_list: column {name!r} has {len(values)} values for {len(self.items)} items")
         dead = closed_port()
         urls = [self.url_of(it, base_url.rstrip("/"), dead) for it in self.items]
         captions = [it.caption for it in self.items]
@@ -97,20 +103,24 @@ class SyntheticDataset:
             any_bytes = any(isinstance(c, bytes) for c in captions)
             col = [c.encode() if any_bytes and isinstance(c, str) else c for c in captions]
             table = pa.table(
-                {"url": urls, "caption": pa.array(col, pa.binary() if any_bytes else pa.string()), "label": labels}
+                {"url": urls, "caption": pa.array(col, pa.binary() if any_bytes else pa.string()), "label": labels,
+                 **columns}
             )
             with atomic_local_file(path) as tmp:
                 pq.write_table(table, tmp)
             return path
         as_text = [c.decode("utf-8", "surrogateescape") if isinstance(c, bytes) else c for c in captions]
+        extra = [[values[i] for values in columns.values()] for i in range(len(self.items))]
         buf = io.StringIO()
         if fmt == "csv":
             writer = csv.writer(buf, lineterminator="\n")
-            writer.writerow(["url", "caption", "label"])
-            writer.writerows([u, "" if c is None else c, lab] for u, c, lab in zip(urls, as_text, labels))
+            writer.writerow(["url", "caption", "label", *columns])
+            writer.writerows([u, "" if c is None else c, lab, *("" if v is None else v for v in e)]
+                             for u, c, lab, e in zip(urls, as_text, labels, extra))
         else:
-            for u, c, lab in zip(urls, as_text, labels):
-                buf.write(json.dumps({"url": u, "caption": c, "label": lab}, ensure_ascii=False) + "\n")
+            for u, c, lab, e in zip(urls, as_text, labels, extra):
+                row = {"url": u, "caption": c, "label": lab, **dict(zip(columns, e))}
+                buf.write(json.dumps(row, ensure_ascii=False) + "\n")
         write_bytes_atomic(path, buf.getvalue().encode("utf-8", "surrogateescape"))
         return path
 

@@ -5,7 +5,8 @@
     print(job_result(sub.jobs[0]))     # rank 0's summary: status, step, stage, checkpoint, requeues
 
 Modules: config (LaunchConfig), job (what runs in every task), submit (one job / job arrays),
-registry (the run's jobs and their state), manage (status / tail / cancel), cli (``pixeldit-submit``),
+registry (the run's jobs and their state), manage (status / tail / cancel), eval_jobs (an eval job of its own
+every K checkpoints, ``--eval``), cli (``pixeldit-submit``),
 quickstart (``pixeldit-quickstart``: the whole pipeline end to end).
 """
 from .config import LaunchConfig

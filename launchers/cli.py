@@ -19,30 +19,17 @@ import argparse
 import json
 import sys
 
-from pixeldit.errors import CliParser, cli_main
+from pixeldit.cluster import LaunchConfig, add_launch_flags, launch_config_from_args, parse_key_value
+from pixeldit.errors import CliParser, UserError, cli_main
 
-from .config import CLUSTERS, LaunchConfig
 from .manage import cancel, format_status, status, tail
 from .submit import job_result, prepare_run, submit, submit_array, sweep_overrides
 
 PROG = "pixeldit-submit"
 
 
-def _kv(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
-    k, v = text.split("=", 1)
-    return k, v
-
-
-def _sbatch(text: str) -> tuple[str, str | bool]:
-    """--sbatch exclusive -> ("exclusive", True); --sbatch mail-type=END -> ("mail-type", "END")."""
-    k, sep, v = text.partition("=")
-    return k, (v if sep else True)
-
-
 def _axis(text: str) -> tuple[str, list[str]]:
-    k, v = _kv(text)
+    k, v = parse_key_value(text)
     return k, [x for x in v.split(",") if x]
 
 
@@ -53,27 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", action="append", default=None, help="run config YAML (repeat: a job array)")
     s.add_argument("--array", type=_axis, action="append", default=[], metavar="KEY=V1,V2",
                    help="job array over values of a run-config key, each in {run_dir}/KEY-V (repeat: product)")
-    d = LaunchConfig()  # the flags' defaults are the launch config's
-    s.add_argument("--cluster", choices=CLUSTERS, default=d.cluster, help=f"default {d.cluster}: this machine")
-    s.add_argument("--nodes", type=int, default=d.nodes)
-    s.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
-    s.add_argument("--tasks-per-node", type=int, default=d.tasks_per_node, help="default: one per GPU, or 1")
-    s.add_argument("--cpus-per-task", type=int, default=d.cpus_per_task)
-    s.add_argument("--mem-gb", type=float, default=d.mem_gb, help="per node (0: the cluster's default)")
-    s.add_argument("--partition", default=d.partition)
-    s.add_argument("--account", default=d.account)
-    s.add_argument("--qos", default=d.qos)
-    s.add_argument("--constraint", default=d.constraint)
-    s.add_argument("--time-min", type=int, default=d.time_min, help="time limit of one job (required on SLURM)")
-    s.add_argument("--job-name", default=d.job_name)
-    s.add_argument("--max-requeues", type=int, default=d.max_requeues, help="requeues after a saved stop, per job")
-    s.add_argument("--signal-delay-s", type=int, default=d.signal_delay_s,
-                   help="USR2 this long before the time limit")
-    s.add_argument("--master-port", type=int, default=d.master_port, help="default: derived from the job id")
-    s.add_argument("--sbatch", type=_sbatch, action="append", default=[], metavar="KEY[=VALUE]",
-                   help="any other sbatch option, e.g. --sbatch exclusive --sbatch mail-type=END")
-    s.add_argument("--env", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for every task")
+    add_launch_flags(s)  # pixeldit.cluster: the one definition of the launch flags (pixeldit-data has them too)
+    s.add_argument("--eval", default=None, metavar="EVAL.yaml",
+                   help="eval jobs every K checkpoints: every, launch (the eval job's resources), protocol, "
+                        "resources (launchers.eval_jobs); one run only")
     s.add_argument("--force", action="store_true", help="submit even if a job of the run is still active")
     s.add_argument("--wait", action="store_true", help="block until the job(s) end and print rank 0's result")
     s.add_argument("overrides", nargs="*", help="run config overrides a.b=c (CLI > file > defaults)")
@@ -90,17 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def launch_config(a: argparse.Namespace) -> LaunchConfig:
-    return LaunchConfig(
-        cluster=a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node, tasks_per_node=a.tasks_per_node,
-        cpus_per_task=a.cpus_per_task, mem_gb=a.mem_gb, partition=a.partition, account=a.account, qos=a.qos,
-        constraint=a.constraint, time_min=a.time_min, job_name=a.job_name, max_requeues=a.max_requeues,
-        signal_delay_s=a.signal_delay_s, master_port=a.master_port, extra_sbatch=dict(a.sbatch), env=dict(a.env),
-    )
+    return launch_config_from_args(a)
 
 
 def _submit(a: argparse.Namespace) -> int:
     launch = launch_config(a)
     configs = a.config or [None]
+    evals = None
+    if a.eval is not None:
+        from .eval_jobs import EvalJobConfig
+
+        if a.array or len(configs) > 1:
+            raise UserError("--eval works with one run (not --array or several --config)")
+        evals = EvalJobConfig.load(a.eval)
     if a.array:
         base_run_dir, _ = prepare_run(configs[0], list(a.overrides), launch)
         per_task = [list(a.overrides) + o for o in sweep_overrides(base_run_dir, a.array)]
@@ -108,7 +80,7 @@ def _submit(a: argparse.Namespace) -> int:
     elif len(configs) > 1:
         subs = submit_array(configs, launch, [list(a.overrides) for _ in configs], force=a.force)
     else:
-        subs = [submit(configs[0], launch, a.overrides, force=a.force)]
+        subs = [submit(configs[0], launch, a.overrides, force=a.force, evals=evals)]
     for s in subs:
         print(f"submitted job {s.jobs[0].job_id} ({launch.cluster}) for run {s.run_dir}; logs in {s.folder}")
     if not a.wait:

@@ -103,6 +103,7 @@ class TrainJob:
 
     config_path: str
     launch: LaunchConfig
+    evals: dict[str, Any] | None = None  # launchers.eval_jobs.EvalJobConfig.to_dict(): eval jobs every K checkpoints
 
     def __call__(self) -> dict[str, Any]:
         os.environ.update(self.launch.env)
@@ -121,7 +122,12 @@ class TrainJob:
         cfg = load_config(self.config_path, [])
         print(f"[launcher] job {env.job_id} rank {dist_env['RANK']}/{dist_env['WORLD_SIZE']} master "
               f"{dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']}, requeues so far {requeues}", flush=True)
-        result = run_training(cfg, stop_requested=stop)
+        hook = None
+        if self.evals is not None and env.global_rank == 0:
+            from .eval_jobs import EvalJobConfig, EvalScheduler
+
+            hook = EvalScheduler(cfg.run_dir, EvalJobConfig(**self.evals), cfg.checkpoint.every, cfg.total_steps)
+        result = run_training(cfg, stop_requested=stop, on_checkpoint=hook)
         summary = {"status": result.status, "step": result.step, "stage": result.stage,
                    "checkpoint": result.checkpoint, "requeues": requeues, "job_id": env.job_id}
         if result.status == "stopped":

@@ -9,23 +9,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from pixeldit.cluster import LOCAL_ACTIVE, SLURM_ACTIVE, local_job_alive, slurm_state
 from pixeldit.storage import write_text_atomic
 
 from .job import read_requeues
-
-# SLURM states of a job that is not over (it may still run, or run again)
-SLURM_ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
-                          "SUSPENDED", "CONFIGURING", "COMPLETING", "STOPPED", "SIGNALING", "STAGE_OUT",
-                          "RESV_DEL_HOLD", "SPECIAL_EXIT"})
-LOCAL_ACTIVE = frozenset({"RUNNING"})
-
 
 def jobs_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "launcher" / "jobs.jsonl"
@@ -50,37 +42,6 @@ def record_jobs(run_dir: Path, job_ids: list[str], cluster: str, folder: Path) -
     write_text_atomic(path, old + new)
 
 
-def _run(cmd: list[str]) -> str:
-    """stdout of a SLURM client command; empty when it is missing or fails (the caller falls back)."""
-    if shutil.which(cmd[0]) is None:
-        return ""
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
-
-
-def slurm_state(job_id: str) -> str:
-    """SLURM state of a job or array task ("123" or "123_4"): sacct (latest run of a requeued job), else squeue."""
-    lines = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"]).splitlines()
-    for line in reversed(lines):
-        jid, _, state = line.partition("|")
-        if jid == job_id and state:
-            return state.split()[0]  # "CANCELLED by 0" -> CANCELLED
-    queued = _run(["squeue", "-h", "-j", job_id, "-o", "%T"]).splitlines()
-    return queued[-1].strip() if queued else "UNKNOWN"
-
-
-def _controller_alive(entry: dict[str, Any]) -> bool:
-    """The local job's controller (pid = job id) is alive and is this job's (not a reused pid)."""
-    try:
-        cmdline = Path(f"/proc/{int(entry['job_id'])}/cmdline").read_bytes().decode(errors="replace")
-    except (OSError, ValueError):
-        return False
-    return "submitit.local._local" in cmdline and entry["folder"] in cmdline
-
-
 def result_path(entry: dict[str, Any]) -> Path:
     return Path(entry["folder"]) / f"{entry['job_id']}_0_result.pkl"  # rank 0's result
 
@@ -101,7 +62,7 @@ def local_state(entry: dict[str, Any]) -> str:
     result = read_result(entry)
     if result is not None:
         return "FINISHED" if result[0] == "success" else "FAILED"
-    return "RUNNING" if _controller_alive(entry) else "INTERRUPTED"  # gone without a result: cancelled/killed
+    return "RUNNING" if local_job_alive(entry['job_id'], entry['folder']) else "INTERRUPTED"  # gone without a result: cancelled/killed
 
 
 def job_state(entry: dict[str, Any]) -> str:
@@ -129,7 +90,7 @@ def log_files(entry: dict[str, Any]) -> list[Path]:
 
 def interrupt_local(entry: dict[str, Any]) -> bool:
     """Stop a local job: SIGINT to its controller, which interrupts, then kills, every task."""
-    if not _controller_alive(entry):
+    if not local_job_alive(entry['job_id'], entry['folder']):
         return False
     try:
         os.kill(int(entry["job_id"]), signal.SIGINT)

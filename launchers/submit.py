@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pixeldit.cluster import make_executor
 from pixeldit.errors import ConfigError, UserError
+from pixeldit.storage import write_json_atomic
 from pixeldit.storage import credential_keys
 
-from .config import LaunchConfig, executor_parameters
+from .config import LaunchConfig
 from .job import TrainJob
 from .registry import is_active, job_state, read_jobs, read_result, record_jobs
 
@@ -56,18 +58,6 @@ def new_submission_folder(parent: Path) -> Path:
     folder = parent / "slurm" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     folder.mkdir(parents=True, exist_ok=False)
     return folder
-
-
-def make_executor(launch: LaunchConfig, folder: Path):
-    """submitit executor for the config; the cluster is always named (AutoExecutor picks SLURM if srun exists)."""
-    import submitit
-
-    if launch.cluster == "local":
-        executor = submitit.LocalExecutor(folder=str(folder))
-    else:
-        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-    executor.update_parameters(**executor_parameters(launch))
-    return executor
 
 
 def check_not_busy(run_dir: Path) -> None:
@@ -116,14 +106,21 @@ def save_run_files(cfg: Any, launch: LaunchConfig, folder: Path, name: str = "ru
 
 
 def submit(config_path: str | None, launch: LaunchConfig, overrides: list[str] | None = None,
-           force: bool = False) -> Submission:
-    """Submit one run: all of its curriculum stages in one job, requeued after a saved stop (USR2)."""
+           force: bool = False, evals: Any = None) -> Submission:
+    """Submit one run: all of its curriculum stages in one job, requeued after a saved stop (USR2).
+    ``evals``: a ``launchers.eval_jobs.EvalJobConfig``: an eval job of its own every K checkpoints."""
+    if evals is not None and evals.launch.cluster != launch.cluster:
+        raise ConfigError(f"eval jobs on cluster={evals.launch.cluster!r} but training on {launch.cluster!r}: set "
+                          f"launch.cluster (and the eval job's resources) in the eval config")
     run_dir, cfg = prepare_run(config_path, list(overrides or []), launch)
     if not force:
         check_not_busy(run_dir)
     folder = new_submission_folder(run_dir)
     saved = save_run_files(cfg, launch, folder)
-    job = make_executor(launch, folder).submit(TrainJob(str(saved), launch))
+    if evals is not None:
+        write_json_atomic(run_dir / "launcher" / "eval.json", evals.to_dict())
+    job = make_executor(launch, folder).submit(TrainJob(str(saved), launch,
+                                                        evals.to_dict() if evals is not None else None))
     record_jobs(run_dir, [job.job_id], launch.cluster, folder)
     return Submission(run_dir, folder, [job])
 

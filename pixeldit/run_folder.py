@@ -8,6 +8,10 @@ release tools and launchers read it, tests build fixtures through it. Imports to
     {run_dir}/losses.jsonl                       one JSON record per optimizer step
     {run_dir}/trainer.lock                       the trainer holding the run folder (``pixeldit.train.run_lock``)
     {run_dir}/samples/step_{N:08d}.png           EMA preview grids
+    {run_dir}/metrics.jsonl                      evaluation records keyed by step: the trainer's validation loss
+                                                 (kind "val") and eval jobs' results (kind "eval"); ``read_metrics``
+    {run_dir}/evals/step_{N:08d}/                an eval job of that checkpoint: its pinned weights (checkpoint/),
+                                                 images and results.json (launchers.eval_jobs)
     {run_dir}/checkpoints/latest                 text: the name of the newest complete step folder
     {run_dir}/checkpoints/step_{N:08d}/          one checkpoint: DeepSpeed's model + optimizer states (ZeRO
                                                  partitions), meta.json, ema_rank{r:05d}.pt, rng_rank{r:05d}.pt,
@@ -66,6 +70,9 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 HASH = "sha256"
 VERIFY_MODES = ("size", "full")  # checkpoint_problem: sizes only (a stat per file), or sizes and SHA-256
+METRICS = "metrics.jsonl"
+EVALS = "evals"
+METRIC_KINDS = ("val", "eval")  # metrics.jsonl "kind": the trainer's validation loss, an eval job's results
 LOCK = "trainer.lock"  # {run_dir}/trainer.lock: the trainer holding the run folder (pixeldit.train.run_lock)
 _LATEST_MAX_BYTES = 256
 _log = logging.getLogger(__name__)
@@ -383,3 +390,74 @@ def consolidate_ema(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
         flat = torch.cat([p["shadow"][name] for p in parts])[:numel]
         full[name] = flat.reshape(shape).clone()
     return full
+
+
+# --- metrics.jsonl: evaluation records keyed by step ---------------------------------------------------------
+
+def eval_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """The folder of the eval job of step ``step``: ``{run_dir}/evals/step_{N:08d}``."""
+    return Path(run_dir) / EVALS / step_dirname(step)
+
+
+def pin_weights(step_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A step folder holding only ``step_dir``'s weights (meta.json and the EMA files) and a manifest of them, at
+    ``dest``: hard links where the file system allows (no copy, and pruning ``step_dir`` leaves them), else
+    copies. ``pixeldit-eval`` and ``pixeldit-release`` read it like the step folder itself."""
+    import shutil
+
+    src, out = Path(step_dir), Path(dest)
+    problem = checkpoint_problem(src)
+    if problem is not None:
+        raise CheckpointError(f"{src} is damaged: {problem}")
+    names = [META] + [f.name for f in rank_files(src) if f.name.startswith(EMA_FILE.split("{")[0])]
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        target = out / name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(src / name, target)
+        except OSError:  # another file system, or no hard links there
+            shutil.copy2(src / name, target)
+    files = read_manifest(src)
+    if files is not None:
+        write_manifest(out, {n: files[n][HASH] for n in names})
+    return out
+
+
+def append_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one record ({"step": int, "kind": METRIC_KINDS, metric: value, ...}) to ``{run_dir}/metrics.jsonl``
+    as one strict-JSON line, under an exclusive lock: the trainer and eval jobs append to it concurrently."""
+    import fcntl
+
+    if record.get("kind") not in METRIC_KINDS or not isinstance(record.get("step"), int):
+        raise ValueError(f"metrics record needs an integer step and kind in {METRIC_KINDS}, got {record}")
+    line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+    path = Path(run_dir) / METRICS
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of ``{run_dir}/metrics.jsonl`` in file order ([] without the file). A step re-run after a
+    resume appends its record again: readers take the last record of a (step, kind)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if n == len(lines):  # a line cut by a crash mid-write: the last one only
+                break
+            raise CheckpointError(f"{path}:{n} is not valid JSON ({err})") from None
+    return records

@@ -28,7 +28,7 @@ def test_cli_run_with_max_side_resize_and_labels_then_stats(tmp_path, capsys):
         url_list = ds.write_url_list(base_url, str(tmp_path / "urls.jsonl"), fmt="jsonl")
         rc = main([
             "run", url_list, "--out", str(out), "--label-col", "label", "--resize", "max-side", "--max-side", "48",
-            "--threads", "4", "--timeout", "3", "--samples-per-shard", "4", "--no-progress",
+            "--threads", "4", "--timeout", "3", "--samples-per-shard", "4", "--min-side", "8", "--no-progress",
         ])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out

@@ -156,7 +156,7 @@ def test_manifest_is_written_last_and_samples_index_matches(tmp_path):
     with serve_folder(ds.images_dir) as base_url:
         ingest(ds.write_url_list(base_url, str(tmp_path / "u.csv"), fmt="csv"), str(tmp_path / "ing"), INGEST)
     out = tmp_path / "out"
-    build_shards(str(tmp_path / "ing"), str(out), ShardConfig(samples_per_shard=3, progress=False))
+    build_shards(str(tmp_path / "ing"), str(out), ShardConfig(samples_per_shard=3, min_side=0, progress=False))
     written = [out / "samples.parquet", out / "stats.json", out / "manifest.parquet"]
     assert [p.stat().st_mtime_ns for p in written] == sorted(p.stat().st_mtime_ns for p in written)
     assert all(p.stat().st_mtime_ns <= written[-1].stat().st_mtime_ns for p in out.rglob("*.tar"))

@@ -49,7 +49,7 @@ def imports_in(path: Path) -> set[str]:
 
 # README "Architecture": a module imports its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("pixeldit.storage", "pixeldit.errors", "pixeldit.node_cache"),
+    ("pixeldit.storage", "pixeldit.errors", "pixeldit.node_cache", "pixeldit.cluster"),  # cluster: launch config
     ("data_pipeline",),
     ("pixeldit.models",),
     ("pixeldit.diffusion",),
@@ -142,16 +142,23 @@ def test_train_reads_release_folders_in_one_module_through_the_format_modules():
 
 
 @pytest.mark.parametrize("module,allowed", [("pixeldit/errors.py", ()), ("pixeldit/storage.py", ("pixeldit.errors",)),
-                                            ("pixeldit/node_cache.py", ("pixeldit.errors", "pixeldit.storage"))])
+                                            ("pixeldit/node_cache.py", ("pixeldit.errors", "pixeldit.storage")),
+                                            ("pixeldit/cluster.py", ("pixeldit.errors", "pixeldit.storage"))])
 def test_foundations_import_only_lower_foundations(module, allowed):
-    """errors <- storage (its S3 errors are UserErrors) <- node_cache; nothing else of the project."""
+    """errors <- storage (its S3 errors are UserErrors) <- node_cache, cluster; nothing else of the project."""
     names = imports_in(ROOT / module)
     project = {n for n in names if n.split(".")[0] in PACKAGES}
     assert sorted(n for n in project if not any(n == a or n.startswith(a + ".") for a in allowed)) == []
 
 
-def test_data_pipeline_uses_only_storage_and_errors_from_pixeldit():
-    allowed = ("pixeldit.storage", "pixeldit.errors")
+def test_cluster_module_needs_only_submitit():
+    """pixeldit.cluster (launch config, launch flags, executors, job states) is shared by the training launcher
+    and the data pipeline: besides the foundations (above) it imports submitit and the standard library only."""
+    assert outside("pixeldit/cluster.py", {"pixeldit", "submitit"}) == []
+
+
+def test_data_pipeline_uses_only_the_foundations_from_pixeldit():
+    allowed = LAYERS[0]
     bad = [f"{file}: imports {name}" for file, names in imports_of(ROOT / "data_pipeline").items()
            for name in sorted(names)
            if name.split(".")[0] == "pixeldit" and not any(name == a or name.startswith(a + ".") for a in allowed)]
@@ -223,6 +230,10 @@ FORMAT_NAMES = {
     "pixeldit.scores": "data_pipeline/dataset_format.py",
     "null.safetensors": "pixeldit/conditioning/text_cache.py",
     "prepare_stats.json": "data_pipeline/ingest.py",
+    "_build": "data_pipeline/dataset_format.py",
+    "plan.json": "data_pipeline/build.py",
+    "duplicates.parquet": "data_pipeline/shard.py",
+    "commit.json": "data_pipeline/shard.py",
 }
 
 

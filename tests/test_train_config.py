@@ -163,6 +163,7 @@ def test_ds_configs_are_read_from_the_package(tmp_path):
     (["checkpoint.resume_from={tmp}/step_00000100"], "checkpoint.resume_from="),
     (["deepspeed.config_dir={tmp}/ds"], "train_micro_batch_size_per_gpu"),
     (["stages.0.data_path={tmp}/nodata"], "stages.0 (s).data_path="),
+    (["stages.0.filter=aesthetic >= 6"], "stages.0 (s).filter: filter 'aesthetic >= 6': no column 'aesthetic'"),
 ])
 def test_preflight_checks_every_file_the_run_needs(tmp_path, overrides, message):
     data = write_tiny_dataset(tmp_path / "data", {"1.00": 2}, per_shard=2)

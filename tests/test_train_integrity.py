@@ -89,18 +89,18 @@ def test_lr_1e6_skipped_updates_are_counted_leave_ema_alone_and_stop_the_run(sin
     """fp32 ZeRO-2, lr=1e6: steps 1-2 apply (the second makes the weights huge), then every gradient norm
     overflows and DeepSpeed skips the update. Before: logged as applied, EMA updated, run "finished"."""
     weights, ema_updates = [], []
-    real_step, real_update = trainer_module._train_step, EMA.update
+    real_step, real_update = trainer_module.train_step, EMA.update
 
-    def spy_step(cfg, bundle, *args, **kwargs):
-        out = real_step(cfg, bundle, *args, **kwargs)
-        weights.append([p.detach().clone() for p in bundle.model.parameters()])
+    def spy_step(engine, *args, **kwargs):
+        out = real_step(engine, *args, **kwargs)
+        weights.append([p.detach().clone() for p in engine.module.parameters()])
         return out
 
     def spy_update(self):
         ema_updates.append(len(weights))
         real_update(self)
 
-    monkeypatch.setattr(trainer_module, "_train_step", spy_step)
+    monkeypatch.setattr(trainer_module, "train_step", spy_step)
     monkeypatch.setattr(EMA, "update", spy_update)
     cfg = make_cfg(tmp_path / "run", data, steps=10, every=1, lr=1e6, limit=4)
     with pytest.raises(NonFiniteLossError, match=r"^4 skipped steps in a row .*the last is step 6, nonfinite_grad"

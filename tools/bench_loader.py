@@ -42,7 +42,8 @@ def make_dataset(root: Path, images: int, size: int, per_shard: int) -> str:
     with serve_folder(ds.images_dir) as url:
         ingest(ds.write_url_list(url, str(root / "urls.parquet")), str(root / "ingest"),
                IngestConfig(processes=1, threads=16))
-    build_shards(str(root / "ingest"), str(root / "data"), ShardConfig(samples_per_shard=per_shard, progress=False))
+    build_shards(str(root / "ingest"), str(root / "data"),
+                 ShardConfig(samples_per_shard=per_shard, min_side=0, progress=False))
     return str(root / "data")
 
 

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     from pixeldit.models import build_model
     from pixeldit.train.config import RunConfig, StageConfig
     from pixeldit.train.engine import build_engine
-    from pixeldit.train.trainer import init_distributed, step_generator
+    from pixeldit.train.step import step_generator
+    from pixeldit.train.trainer import init_distributed
     from tools.bench_loader import make_dataset
 
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:

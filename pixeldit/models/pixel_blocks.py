@@ -14,8 +14,10 @@ from .layers import Attention, GeluMLP, RMSNorm, modulate, sincos_2d
 def patchify_pixels(x: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) image -> (B * L, p*p, C) pixels grouped by patch."""
     B, C, H, W = x.shape
+    torch._check(H % p == 0)  # tells torch.compile (symbolic H/W) the sizes divide: no guard on them
+    torch._check(W % p == 0)
     x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, H/p, W/p, p, p, C)
-    return x.reshape(B * (H // p) * (W // p), p * p, C)
+    return x.reshape(-1, p * p, C)
 
 
 def unpatchify_pixels(x: torch.Tensor, B: int, H: int, W: int, p: int) -> torch.Tensor:

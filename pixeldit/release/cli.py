@@ -3,6 +3,7 @@
     pixeldit-release runs/t2i releases/pixeldit-t2i                    # EMA weights, bf16, from checkpoints/latest
     pixeldit-release runs/t2i/checkpoints/step_00100000 out --weights raw --dtype fp32 --max-shard-size 2GB
     pixeldit-release runs/t2i --universal                              # universal checkpoint for another world size
+    pixeldit-release runs/t2i releases/best --best fid                 # the step with the best recorded FID
 
 A release folder holds config.json, model.safetensors (or shards + model.safetensors.index.json) and a
 model card README.md; load it with ``pixeldit.release.from_pretrained`` or sample with ``pixeldit-sample``.
@@ -21,6 +22,7 @@ import time
 from pixeldit import run_folder
 from pixeldit.errors import CliParser, cli_main
 
+from .best import BEST_METRICS, best_checkpoint
 from .config import DEFAULT_DTYPE, DEFAULT_WEIGHTS, DTYPES, WEIGHTS, add_sampler_flags, sampler_flags
 from .export import export_release
 from .writer import DEFAULT_MAX_SHARD_BYTES
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
                     help="shard model.safetensors above this size, e.g. 2GB (default: %(default)s bytes)")
     add_sampler_flags(ap)
+    ap.add_argument("--best", default=None, metavar="METRIC",
+                    help="release the checkpoint of the run with the best value in its metrics.jsonl: "
+                         f"{', '.join(BEST_METRICS)} (lower is better but for clip_score)")
     ap.add_argument("--universal", action="store_true",
                     help="write a DeepSpeed universal checkpoint (resume on another number of ranks) instead")
     ap.add_argument("--workers", type=int, default=1, help="processes of the universal conversion")
@@ -71,7 +76,14 @@ def run(argv: list[str]) -> None:
         return
     if not a.out:
         ap.error("the release folder (out) is required unless --universal")
-    out = export_release(a.checkpoint, a.out, weights=a.weights, dtype=a.dtype, max_shard_bytes=a.max_shard_size,
+    checkpoint = a.checkpoint
+    if a.best is not None:
+        step_dir, value, note = best_checkpoint(a.checkpoint, a.best)
+        print(f"best {a.best}: {value:.6g} at step {run_folder.step_of(step_dir)} ({step_dir})")
+        if note:
+            print(f"note: {note}")
+        checkpoint = str(step_dir)
+    out = export_release(checkpoint, a.out, weights=a.weights, dtype=a.dtype, max_shard_bytes=a.max_shard_size,
                          sampler=sampler_flags(a), verify=a.verify)
     print(f"release: {out} ({a.weights} weights, {a.dtype}, {time.time() - t0:.1f} s)")
 

@@ -2,8 +2,8 @@
 
 The model stays a plain nn.Module: each patch block and PiT block gets its ``forward`` wrapped in
 ``torch.utils.checkpoint.checkpoint`` (non-reentrant), so its activations are recomputed in backward
-instead of stored. Parameter names and the state dict are unchanged. Apply it before
-``deepspeed.initialize`` / ``torch.compile``.
+instead of stored. Parameter names and the state dict are unchanged. Apply it after ``apply_compile``
+(``pixeldit.train.compile``: checkpointing then wraps the compiled forward) and before ``deepspeed.initialize``.
 """
 from __future__ import annotations
 
@@ -47,8 +47,11 @@ def apply_activation_checkpointing(model: nn.Module, enabled: bool = True) -> in
             setattr(block, _ORIGINAL, block.forward)
             block.forward = _checkpointed(block)
         elif not enabled and is_on:
-            del block.forward  # back to the class's forward
+            original = getattr(block, _ORIGINAL)
             delattr(block, _ORIGINAL)
+            del block.forward  # back to the class's forward, or to the forward set before (a compiled one)
+            if getattr(original, "__func__", None) is not type(block).forward:
+                block.forward = original
     return len(blocks)
 
 

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import yaml
 
 from data_pipeline.captions import DEFAULT_CAPTION_TEMPERATURE
+from data_pipeline.filters import parse_filter
 from pixeldit.diffusion.objective import ObjectiveConfig
 from pixeldit.diffusion.samplers import SamplerName
 from pixeldit.errors import ConfigError
@@ -97,6 +98,10 @@ class StageConfig:
     repa: bool = False  # REPA loss on in this stage
     grad_checkpointing: bool = False  # activation checkpointing of patch and PiT blocks
     grad_clip: float | None = None  # gradient clipping of this stage (0 = off); None: optim.grad_clip
+    # train on the rows of data_path (or of every root of sources) where this holds, e.g. "aesthetic >= 6"
+    # (data_pipeline.filters: columns of samples.parquet, metadata included); "" = every row. Checked against the
+    # dataset before training starts; a plan input like dedupe (pixeldit.train.sources.selection_masks)
+    filter: str = ""
 
     def clip(self, optim: "OptimConfig") -> float:
         return optim.grad_clip if self.grad_clip is None else self.grad_clip
@@ -122,6 +127,7 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW
     weight_decay: float = 0.0  # matrices only (both optimizers)
     grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 = off); stages[].grad_clip overrides it per stage
+    fused: bool | None = None  # AdamW: torch's fused kernel; None: fused on CUDA, the foreach kernels elsewhere
     came: CameSection = field(default_factory=CameSection)
 
 
@@ -130,6 +136,15 @@ class DeepSpeedSection:
     zero: ZeroConfig = "zero2"  # ds_configs/{zero}.json
     config_dir: str = ""  # folder of ZeRO JSON files; empty: the ones shipped as pixeldit.ds_configs
     precision: Precision = "bf16"
+
+
+@dataclass
+class CompileSection:
+    """torch.compile of the model's blocks (``pixeldit.train.compile``; why per block there)."""
+
+    enabled: bool | None = None  # None: on with CUDA, off on CPU (compiling costs minutes there; see BENCHMARKS)
+    dynamic: bool | None = None  # symbolic H/W; None: in aspect-bucket stages (one graph serves every bucket)
+    recompile_budget: int = 2  # graph compiles per stage after its first step before a warning
 
 
 @dataclass
@@ -183,6 +198,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Validation loss on the dataset's held-out split (``pixeldit.train.validation``)."""
+
+    every: int = 1000  # every N optimizer steps (0: off); into metrics.jsonl, losses' wandb run
+    max_per_bucket: int = 64  # held-out samples per bucket (the same ones every time; 0: all of them)
+    batch_size: int = 0  # images per forward (0: 2 x the stage's micro_batch), 8 per sample; the cost, not the value
+
+
+@dataclass
 class LoggingConfig:
     wandb: WandbMode = "offline"
     project: str = "pixeldit"
@@ -211,10 +235,12 @@ class RunConfig:
     # repa_weight applies only where stages[i].repa is true
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    compile: CompileSection = field(default_factory=CompileSection)
     data: DataSection = field(default_factory=DataSection)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     ema_decay: float = 0.9999
     max_consecutive_nonfinite: int = 20  # non-finite losses in a row before the run stops
 
@@ -448,6 +474,11 @@ def validate(cfg: RunConfig) -> None:
         if s.resolution % s.bucket_align:
             raise ConfigError(f"{where}.resolution={s.resolution} must be a multiple of bucket_align="
                               f"{s.bucket_align} (itself a multiple of the patch size {args.patch_size})")
+        if s.filter:
+            try:
+                parse_filter(s.filter)
+            except ValueError as e:
+                raise ConfigError(f"{where}.filter: {e}") from None
     if cfg.uses_repa and not cfg.conditioning.repa_teacher:
         raise ConfigError("conditioning.repa_teacher is empty but a stage has repa: true (set the DINOv2 path)")
     if args.conditioning == "text":
@@ -475,6 +506,11 @@ def validate(cfg: RunConfig) -> None:
         ("data.target_mfu", d.target_mfu, 0.0 < d.target_mfu <= 1.0, "in (0, 1]"),
         ("data.caption_temperature", d.caption_temperature, d.caption_temperature > 0, "> 0"),
         ("optim.grad_clip", cfg.optim.grad_clip, cfg.optim.grad_clip >= 0, ">= 0 (0 = off)"),
+        ("validation.every", cfg.validation.every, cfg.validation.every >= 0, ">= 0 (0 = off)"),
+        ("validation.max_per_bucket", cfg.validation.max_per_bucket, cfg.validation.max_per_bucket >= 0,
+         ">= 0 (0 = all)"),
+        ("validation.batch_size", cfg.validation.batch_size, cfg.validation.batch_size >= 0, ">= 0 (0 = 2 x micro_batch)"),
+        ("compile.recompile_budget", cfg.compile.recompile_budget, cfg.compile.recompile_budget >= 0, ">= 0"),
         ("optim.came.betas", list(came.betas), all(0.0 <= b < 1.0 for b in came.betas), "each in [0, 1)"),
         ("optim.came.eps", list(came.eps), min(came.eps) > 0, "each > 0"),
         ("optim.came.clip_threshold", came.clip_threshold, came.clip_threshold > 0, "> 0"),

@@ -2,9 +2,10 @@
 
 Rank 0 logs; other ranks only time their steps. Every optimizer step appends one line to
 ``{run_dir}/losses.jsonl`` (step, stage, loss, flow, repa, lr, grad_norm, skipped, skip_reason, nonfinite_total,
-bucket, samples/s, mfu): a resumed run appends the steps it re-runs again, so the file also shows that they are
-identical. Every line is strict JSON: a non-finite number (the NaN loss of a skipped step, an infinite
-gradient norm) is written as ``null``; ``skip_reason`` says which it was.
+bucket, samples/s, mfu, the step-time breakdown ``time_{data,forward,backward,optimizer,checkpoint}_s``
+(``StepPhases``), graph compilations): a resumed run appends the steps it re-runs again, so the file also shows
+that they are identical. Every line is strict JSON: a non-finite number (the NaN loss of a skipped step, an
+infinite gradient norm) is written as ``null``; ``skip_reason`` says which it was.
 wandb runs in ``offline`` mode unless ``logging.wandb=online`` (``disabled`` turns it off); its run id is
 kept in ``{run_dir}/wandb_id.txt`` so a resumed run continues the same wandb run.
 
@@ -13,6 +14,7 @@ of activation checkpointing is not counted) / (step time x world size x peak FLO
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -25,7 +27,7 @@ import torch
 from pixeldit.models import ModelArgs
 from pixeldit.diffusion import to_uint8
 from pixeldit.models.flops import train_flops
-from pixeldit.run_folder import LOSSES
+from pixeldit.run_folder import LOSSES, append_metrics
 from pixeldit.storage import atomic_local_file
 
 from .config import RunConfig, to_saved_dict
@@ -105,8 +107,10 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(1)
             if step % self.cfg.logging.log_every == 0:
+                mfu = record.get("mfu")
                 self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                     sps=f"{record.get('samples_per_s') or 0:.1f}")
+                                     sps=f"{record.get('samples_per_s') or 0:.1f}",
+                                     mfu="-" if mfu is None else f"{100 * mfu:.1f}%", ms=breakdown_ms(record))
         if self.wandb_run is not None and step % self.cfg.logging.log_every == 0:
             self.wandb_run.log({f"train/{k}": v for k, v in record.items()
                                 if isinstance(v, (int, float)) and v is not None}, step=step)
@@ -125,6 +129,16 @@ class MetricsLogger:
 
             self.wandb_run.log({"samples/ema": wandb.Image(str(path))}, step=step)
 
+    def log_metrics(self, record: dict[str, Any], wandb_values: dict[str, float], line: str) -> None:
+        """An evaluation record (e.g. the validation loss) into ``{run_dir}/metrics.jsonl`` and wandb at its step,
+        and one line on the terminal."""
+        if self.rank != 0:
+            return
+        append_metrics(self.run_dir, json_record(record))
+        self.write(line)
+        if self.wandb_run is not None:
+            self.wandb_run.log(wandb_values, step=record["step"])
+
     def write(self, text: str) -> None:
         if self.rank == 0:
             (self.bar.write if self.bar is not None else print)(text)
@@ -139,16 +153,46 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
-class StepTimer:
-    """Wall time of one step (device synchronised)."""
+def breakdown_ms(record: dict[str, Any]) -> str:
+    """``data/fwd/bwd/opt/ckpt`` milliseconds of a step record (the progress bar's ``ms``)."""
+    return "/".join(f"{1e3 * record.get(f'time_{p}_s', 0.0):.0f}" for p in StepPhases.PHASES)
 
-    def __enter__(self) -> "StepTimer":
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.start = time.perf_counter()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.start
+class StepPhases:
+    """Seconds of one optimizer step per phase, measured without host synchronisation.
+
+    forward / backward / optimizer: CUDA events on the compute stream (GPU time between them, read with
+    ``seconds()`` once the step is complete, i.e. when its record is written a step later), the host clock on
+    the CPU (where execution is synchronous); data (waiting for the loader) and checkpoint (a save) are host
+    times. The record fields are ``time_{phase}_s``.
+    """
+
+    PHASES = ("data", "forward", "backward", "optimizer", "checkpoint")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._host = dict.fromkeys(self.PHASES, 0.0)
+        self._events: list[tuple[str, Any, Any]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if not self.cuda:
+            t0 = time.perf_counter()
+            yield
+            self._host[name] += time.perf_counter() - t0
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._events.append((name, start, end))
+
+    def add(self, name: str, seconds: float) -> None:
+        self._host[name] += seconds
+
+    def seconds(self) -> dict[str, float]:
+        out = dict(self._host)
+        for name, start, end in self._events:
+            end.synchronize()
+            out[name] += start.elapsed_time(end) / 1000.0
+        return {f"time_{k}_s": v for k, v in out.items()}

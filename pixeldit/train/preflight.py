@@ -4,6 +4,7 @@
  - every stage's dataset root (``data_path`` or each of ``sources``): ``manifest.parquet`` (written last, so
    the dataset is complete) and ``samples.parquet`` exist, local or on S3 (each shard against the manifest:
    ``pixeldit.train.sources``, in the trainer, once the process group exists);
+   a stage's row filter (``stages.N.filter``) names columns that each root's samples.parquet has (its footer);
  - the text encoder folder (text models, when ``conditioning.text_encoder`` is set) and the DINOv2 teacher
    folder (a stage has REPA) hold a transformers ``config.json``;
  - the caption-embedding cache of every stage (``text_mode=cached``) is complete and was made for this
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 
 from data_pipeline.dataset_format import MANIFEST, SAMPLES, text_embedding_dir
+from data_pipeline.filters import check_stage_filter
 from pixeldit import run_folder, storage
 from pixeldit.errors import ConfigError
 
@@ -47,6 +49,8 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> None:
                     raise FileNotFoundError(
                         f"{key}={source.path!r}: {name} not found there; point it at a dataset root written by "
                         f"`pixeldit-data shard` (its {MANIFEST} is written last)")
+            if stage.filter:  # its columns exist in this root's samples.parquet (the footer only)
+                check_stage_filter(source.path, stage.filter, f"stages.{i} ({stage.name}).filter", options)
     c = cfg.conditioning
     if args.conditioning == "text" and c.text_encoder:
         _require_model_folder("conditioning.text_encoder", c.text_encoder)

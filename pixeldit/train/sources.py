@@ -8,6 +8,9 @@ named in one error, or, with ``data.skip_damaged_shards``, their samples are lef
 counted. The curate stage's outputs are plan inputs too (``selection_masks``, ``caption_sets``):
  - near-duplicates that ``data_pipeline.dedupe`` dropped (the root's dedupe.parquet) are left out of the
    selection, so no epoch ever plans them;
+ - a stage's row filter (``stages.N.filter``, e.g. ``aesthetic >= 6``: ``data_pipeline.filters.stage_mask`` over
+   the metadata columns of samples.parquet) leaves out the rows where it does not hold, so a stage trains on a
+   subset of the same shards without re-sharding;
  - a root with several captions per sample (captions.parquet of the score stage, ``data_pipeline.captions``)
    gets one caption per draw, caption i with probability softmax(score / T)_i (``data.caption_temperature``),
    a pure function of (seed, stage, epoch, global position in the epoch, key): ``SourceSet.draw_captions``.
@@ -26,6 +29,7 @@ from data_pipeline.captions import CaptionSets, draw_caption, read_caption_sets
 from data_pipeline.dataset_format import (CAPTIONS, MANIFEST, SAMPLES, SampleIndex, ShardProblem, check_shards,
                                           read_manifest, read_sample_index, require_committed)
 from data_pipeline.dedupe import keep_mask
+from data_pipeline.filters import stage_mask
 from pixeldit.errors import DataError
 from pixeldit.node_cache import RemoteFile
 from pixeldit.storage import exists, is_local, join
@@ -46,6 +50,7 @@ class SourceSet:
     left_out: dict[str, list[str]] = field(default_factory=dict)  # root -> damaged shards left out
     caption_sets: list[CaptionSets | None] = field(default_factory=list)  # per root; None: one caption each
     selection: np.ndarray | None = None  # (N,) bool: rows the plan may draw (open_sources sets it)
+    heldout_rows: np.ndarray | None = None  # rows of the held-out split (never drawn; the validation loss's)
 
     def __post_init__(self) -> None:
         ix = self.indexes
@@ -133,10 +138,15 @@ def _digest(data: bytes) -> str:
 
 def selection_masks(cfg: RunConfig, stage_index: int, root: str, index: SampleIndex) -> list[tuple[str, np.ndarray]]:
     """The plan inputs that leave rows of one root of a stage out: [(what, keep mask over the rows of
-    ``index``)]. Today: the near-duplicates ``data_pipeline.dedupe`` dropped (dedupe.parquet; none when the
-    root was not deduplicated). A stage-time row filter (``data_pipeline.filters``) joins here as one more
-    (what, mask) pair over the same rows."""
-    masks = [("near-duplicates (dedupe)", keep_mask(root, index.keys, cfg.data.storage_options))]
+    ``index``)]: the near-duplicates ``data_pipeline.dedupe`` dropped (dedupe.parquet; none when the root was
+    not deduplicated) and the rows where the stage's row filter (``stages.N.filter``, ``data_pipeline.filters``:
+    metadata columns of samples.parquet) does not hold, so a stage trains on a subset of the same shards."""
+    stage, options = cfg.stages[stage_index], cfg.data.storage_options
+    masks = [("near-duplicates (dedupe)", keep_mask(root, index.keys, options))]
+    if stage.filter:
+        where = f"stages.{stage_index} ({stage.name}).filter"
+        masks.append((f"{where} {stage.filter!r} does not hold",
+                      stage_mask(root, stage.filter, options, keys=index.keys, where=where)))
     return [(what, mask) for what, mask in masks if not mask.all()]
 
 
@@ -220,5 +230,8 @@ def open_sources(cfg: RunConfig, stage_index: int, num_classes: int | None = Non
             sources.left_out.setdefault(root, []).append(p)
         notes.append(f"data.skip_damaged_shards: leaving out {int(bad_shard.sum())} damaged shards, "
                      f"{int(lost.sum())} of {len(sources)} samples ({_damaged_list(problems)})")
+    heldout = np.concatenate([ix.heldout for ix in indexes])
+    sources.heldout_rows = np.flatnonzero(heldout & selection)  # the validation loss reads them (validation.py)
+    selection &= ~heldout  # the held-out split is never trained on
     sources.selection = selection
     return sources, selection, notes

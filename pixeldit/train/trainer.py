@@ -14,19 +14,25 @@ Outline:
     that release's weights (warm_start.py; checked in preflight); rank 0 checks every shard of every remaining
     stage against its manifest and all ranks stop with one error naming the damaged ones (before any engine is
     built);
- 3. for each curriculum stage from the one the checkpoint is in: build the engine (engine.py), the EMA,
-    the loader; load the checkpoint (the same path serves a resume and a stage boundary, so both are exact;
-    the loader's state is world-size independent); print the stage's buckets and the data-rate line;
- 4. every step: agree on the stop flag; set the LR; for each micro-batch draw the batch, build the
-    condition, compute the loss with a generator seeded by (seed, rank, step, micro) and agree (all-reduce)
-    on whether it is finite; backward; optimizer step; EMA update; log; checkpoint every N steps and at
-    the end of the stage;
+ 3. for each curriculum stage from the one the checkpoint is in: build the engine (engine.py; compiled per
+    block on CUDA), the EMA, the loader; load the checkpoint (the same path serves a resume and a stage
+    boundary, so both are exact; the loader's state is world-size independent); print the stage's buckets and
+    the data-rate line; wrap the loader in the device prefetcher (prefetch.py); agree on the stop flag;
+ 4. every step (step.py, no host synchronisation of its own): set the LR; for each micro-batch take the
+    prepared batch (on the device, its condition built), compute the loss with a generator seeded by
+    (seed, rank, step, micro), backward; one all-reduce of the step's loss terms, non-finite count and stop
+    flag; optimizer step; EMA update if the step was applied; log (the record of a step is written one step
+    later, when its device timings and gradient norm are ready without waiting); the validation loss on the
+    held-out split every ``validation.every`` steps (validation.py: into metrics.jsonl and wandb); checkpoint
+    every N steps and at the end of the stage (then ``on_checkpoint`` on rank 0: the launcher's eval jobs);
+    stop after the step if any rank asked to;
  5. skipped steps (the contract, ``skip_reason``): a step counts as applied only when the optimizer applied
-    it. A non-finite loss (no backward, or accumulated gradients dropped), a non-finite gradient norm, or an
-    update DeepSpeed did not apply (its overflow check) is a skipped step: counted in ``nonfinite_total``,
-    logged with ``skipped: true`` and its ``skip_reason``, no EMA update, no periodic checkpoint while the
-    streak lasts; ``max_consecutive_nonfinite`` skipped steps in a row log the last one and raise
-    ``NonFiniteLossError`` naming that logged step, leaving the last good checkpoint as ``latest``.
+    it. A non-finite loss (its NaN-gated last backward makes DeepSpeed drop the step's gradients), a
+    non-finite gradient norm, or an update DeepSpeed did not apply (its overflow check) is a skipped step:
+    counted in ``nonfinite_total``, logged with ``skipped: true`` and its ``skip_reason``, no EMA update, no
+    periodic checkpoint while the streak lasts; ``max_consecutive_nonfinite`` skipped steps in a row log the
+    last one and raise ``NonFiniteLossError`` naming that logged step, leaving the last good checkpoint as
+    ``latest``.
 """
 from __future__ import annotations
 
@@ -34,11 +40,11 @@ import gc
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -54,12 +60,15 @@ from .config import RunConfig, save_config
 from .curriculum import Curriculum
 from .ema import EMA
 from .engine import EngineBundle, build_engine
-from .loader import TrainLoader, build_loader, build_node_cache, data_rate_line
-from .metrics import FlopCounter, MetricsLogger, StepTimer, device_peak_tflops
+from .loader import build_loader, build_node_cache, data_rate_line
+from .metrics import FlopCounter, MetricsLogger, StepPhases, device_peak_tflops
 from .preflight import preflight
+from .prefetch import DevicePrefetcher
 from .preview import write_preview
 from .run_lock import RunFolderLocked, RunLock
+from .validation import build_validator, validation_record, wandb_values
 from .sources import check_stage_data, damaged_shards_error
+from .step import StepOutcome, agree, train_step
 from .warm_start import read_init_weights
 
 # why a step was skipped (losses.jsonl "skip_reason"); see skip_reason
@@ -136,12 +145,6 @@ def pick_free_port() -> int:
         return s.getsockname()[1]
 
 
-def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
-    """The noise/timestep generator of one micro-batch: depends on (seed, rank, step, micro) only."""
-    value = int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(value & ((1 << 63) - 1))
-
-
 def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[str, Any]:
     stage = cfg.stages[stage_index]
     return {"stage_index": stage_index, "stage_name": stage.name, "model_args": cfg.model.args().to_dict(),
@@ -152,7 +155,11 @@ def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[
             "ema_decay": cfg.ema_decay, "optimizer": cfg.optim.name, "init_from": cfg.checkpoint.init_from}
 
 
-def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None,
+                 on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
+    """Train ``cfg`` (module docstring). ``stop_requested``: polled every step (all ranks agree), a true value
+    saves and stops; ``on_checkpoint(step, step_folder)``: called on rank 0 after every saved checkpoint (the
+    launcher submits eval jobs from it)."""
     # 0. nothing started yet: a bad config or a missing file leaves no process group, run folder or wandb run
     preflight(cfg)
     # 1. process group, run-folder lock
@@ -160,7 +167,7 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
     lock = None
     try:
         lock, lock_note = _take_run_lock(Path(cfg.run_dir), info.rank)
-        return _run(cfg, info, lock, lock_note, stop_requested)
+        return _run(cfg, info, lock, lock_note, stop_requested, on_checkpoint)
     finally:
         if lock is not None:
             lock.release()
@@ -193,7 +200,8 @@ def _take_run_lock(run_dir: Path, rank: int) -> tuple[RunLock | None, str | None
 
 
 def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | None,
-         stop_requested: Callable[[], bool] | None) -> TrainResult:
+         stop_requested: Callable[[], bool] | None,
+         on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
     # 2. run folder, resume point
     rank, world = info.rank, info.world_size
     configure_s3(cfg.data.s3)
@@ -268,7 +276,12 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
             if not continued:  # a stage start, or a resume the plan does not continue exactly
                 segments.append(loader.segment(step))
             metrics.write(f"stage {stage_index} ({stage.name}): steps {span.start}..{span.end - 1}, "
-                          f"{len(loader)} micro-batches per epoch per rank, start at step {step}")
+                          f"{len(loader)} micro-batches per epoch per rank, start at step {step}"
+                          + (f"; compiled ({'dynamic' if bundle.compile.dynamic else 'static'} shapes), the first "
+                             f"step includes compilation" if bundle.compile.enabled else ""))
+            validator, val_note = build_validator(cfg, stage_index, rank, world, device)
+            if val_note:
+                metrics.write(f"note: {val_note}")
             for line in [n for n in notes if n] + loader.plan.describe():
                 metrics.write(f"  {line}")
             if rank == 0:
@@ -276,57 +289,100 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                                                     device_peak_tflops(cfg.logging.peak_tflops)))
             saved_at = step if latest is not None and latest.parent == ckpt.root else -1
             universal = False  # later loads (stage boundaries) read this run's own checkpoints
+            batches = DevicePrefetcher(loader, bundle.device, conditioner, remaining=(span.end - step) * stage.grad_accum)
+            pending: tuple[dict, StepOutcome] | None = None  # the last step's record, written one step later
+
+            def flush() -> None:
+                nonlocal pending
+                if pending is not None:
+                    record, done = pending
+                    pending = None
+                    norm = done.grad_norm()
+                    if done.applied:
+                        skip_reason(True, True, norm)  # an update applied with a non-finite norm: raises
+                    metrics.log_step({**record, "grad_norm": norm, **done.phases.seconds()})
 
             def save() -> Path:
-                client_state = {"stage_index": stage_index, "step": step, "loader": loader.state_dict(),
+                client_state = {"stage_index": stage_index, "step": step, "loader": batches.state_dict(),
                                 "lr_schedule": bundle.schedule.state_dict(), "nonfinite": dict(nonfinite)}
                 meta = {**_checkpoint_meta(cfg, stage_index, world), "data_segments": segments}
-                return ckpt.save(bundle.engine, step, client_state, meta, ema)
+                path = ckpt.save(bundle.engine, step, client_state, meta, ema)
+                if on_checkpoint is not None and rank == 0:
+                    on_checkpoint(step, path)
+                return path
 
-            # 4. steps of this stage
-            while step < span.end:
-                if _all_agree(stop_requested is not None and stop_requested(), device):
-                    if saved_at != step:
-                        latest = save()
-                    status = "stopped"
-                    break
+            # 4. steps of this stage (the stop flag of later steps travels in each step's all-reduce)
+            stop, first = agree(stop_requested is not None and stop_requested(), device), True
+            while step < span.end and not stop:
                 lr = bundle.schedule.apply(bundle.engine.optimizer, step - span.start)
-                with StepTimer() as timer:
-                    out = _train_step(cfg, bundle, loader, conditioner, teacher, objective, rank, step, device)
-                # 5. skipped steps: counted, no EMA update (skip_reason)
-                if out["skipped"]:
+                phases = StepPhases(bundle.device)
+                waited, t0 = batches.wait_s, time.perf_counter()
+                out = train_step(bundle.engine, batches, objective, teacher, device=bundle.device, seed=cfg.seed,
+                                 rank=rank, step=step, stop=stop_requested is not None and stop_requested(),
+                                 phases=phases)
+                # 5. skipped steps: counted, no EMA update (skip_reason; an applied step's gradient norm is
+                # checked when its record is written, one step later, see flush)
+                reason = skip_reason(not out.nonfinite, out.applied, out.skipped_grad_norm)
+                if reason is not None:
                     nonfinite["consecutive"] += 1
                     nonfinite["total"] += 1
                 else:
                     nonfinite["consecutive"] = 0
-                    ema.update()
+                    with phases.phase("optimizer"):
+                        ema.update()
+                seconds = time.perf_counter() - t0
+                phases.add("data", batches.wait_s - waited)
+                if bundle.monitor is not None and first:  # what compiled so far is the stage's warm-up
+                    bundle.monitor.first_step_done()
+                first = False
                 step += 1
-                losses.append(out["loss"])
+                stop = out.stop
+                flush()  # the previous step's record: its device work is complete by now
+                losses.append(out.loss)
                 images = stage.micro_batch * stage.grad_accum * world
-                model_flops = sum(flops.train_flops(h, w) for h, w in out["sizes"]) * stage.micro_batch * world
-                metrics.log_step({
-                    "step": step, "stage": stage_index, "loss": out["loss"], "flow": out["flow"],
-                    "repa": out["repa"], "lr": lr, "grad_norm": out["grad_norm"], "skipped": out["skipped"],
-                    "skip_reason": out["skip_reason"], "nonfinite_total": nonfinite["total"],
-                    "bucket": out["buckets"][0], "bad_samples": len(loader.bad_samples),
-                    "samples_per_s": images / timer.seconds, "samples_per_s_per_rank": images / timer.seconds / world,
-                    "mfu": metrics.mfu(model_flops, timer.seconds), "step_time_s": timer.seconds,
-                })
+                model_flops = sum(flops.train_flops(h, w) for h, w in out.sizes) * stage.micro_batch * world
+                pending = ({
+                    "step": step, "stage": stage_index, "loss": out.loss, "flow": out.flow, "repa": out.repa,
+                    "lr": lr, "skipped": reason is not None, "skip_reason": reason,
+                    "nonfinite_total": nonfinite["total"], "bucket": out.buckets[0],
+                    "bad_samples": len(loader.bad_samples),
+                    "samples_per_s": images / seconds, "samples_per_s_per_rank": images / seconds / world,
+                    "mfu": metrics.mfu(model_flops, seconds), "step_time_s": seconds,
+                    **(_compile_fields(bundle) if bundle.monitor is not None else {}),
+                }, out)
+                if bundle.monitor is not None:
+                    warning = bundle.monitor.over_budget(stage.name)
+                    if warning:
+                        metrics.write(warning)
                 if nonfinite["consecutive"] >= cfg.max_consecutive_nonfinite:
+                    flush()
                     raise NonFiniteLossError(
                         f"{nonfinite['consecutive']} skipped steps in a row (non-finite loss or gradient; the last "
-                        f"is step {step}, {out['skip_reason']}, stage {stage.name}); stopping. The last good "
+                        f"is step {step}, {reason}, stage {stage.name}); stopping. The last good "
                         f"checkpoint is {_latest_or_none(ckpt)}; lower stages[{stage_index}].lr or check the "
                         f"data, then resume")
+                if validator is not None and validator.due(step):  # the held-out loss (validation.py)
+                    val = validator.run(bundle.model, conditioner, bundle.module.autocast_dtype)
+                    metrics.log_metrics(validation_record(step, stage_index, val), wandb_values(val),
+                                        f"step {step}: validation loss {val['val_loss']:.5f} "
+                                        f"({val['val_samples']} held-out samples x 8 timesteps)")
                 if cfg.logging.image_every and step % cfg.logging.image_every == 0:
                     write_preview(cfg, bundle, ema, conditioner, stage, step, metrics, device)
                 periodic = step % cfg.checkpoint.every == 0 and nonfinite["consecutive"] == 0  # none mid-streak
-                if periodic or step == span.end:
+                if periodic or step == span.end or (stop and saved_at != step):
+                    t_save = time.perf_counter()
                     latest = save()
                     saved_at = step
-            loader.close()
+                    phases.add("checkpoint", time.perf_counter() - t_save)
+                    flush()  # the save synchronised: write the record now
+            flush()
+            if stop and step < curriculum.total_steps:  # a stop asked during the run's last step changes nothing
+                if saved_at != step:
+                    latest = save()
+                status = "stopped"
+            batches.close()
             bundle.engine.destroy()
-            del bundle, ema, loader
+            del bundle, ema, loader, validator, batches
             gc.collect()
         dist.barrier()
     finally:
@@ -376,74 +432,6 @@ def _latest_or_none(ckpt: CheckpointManager) -> str:
         return f"unreadable ({err})"
 
 
-def _all_agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank if any rank's flag is true."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _train_step(cfg: RunConfig, bundle: EngineBundle, loader: TrainLoader, conditioner, teacher, objective,
-                rank: int, step: int, device: torch.device) -> dict[str, Any]:
-    """One optimizer step over grad_accum micro-batches; returns rank-averaged losses, whether the update was
-    skipped and why (``skip_reason``), and what was run.
-
-    Every rank draws the same bucket at every micro-batch (rank-aligned plan). The loss of each micro-batch
-    is checked for finiteness on all ranks together BEFORE its backward. A non-finite one skips the step:
-    - on the first micro-batch: no backward, no optimizer step;
-    - on a later one, gradients of earlier micro-batches are already accumulated inside ZeRO's buffers:
-      they are dropped through DeepSpeed's own overflow path (the non-finite loss is back-propagated at an
-      accumulation boundary; ``engine.step()`` sees a non-finite gradient norm, skips the update and clears
-      every buffer), checked with ``engine.was_step_applied()``.
-    The remaining micro-batches of a skipped step are drawn (the data stream stays aligned) but not computed.
-    """
-    engine = bundle.engine
-    accum = engine.gradient_accumulation_steps()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    sizes, buckets, skipped = [], [], False
-    for micro in range(accum):
-        batch = loader.next()
-        sizes.append(tuple(batch["x0"].shape[-2:]))
-        buckets.append(batch["bucket"])
-        if skipped:
-            continue
-        x0 = batch["x0"].to(device, non_blocking=True)  # (B, 3, H, W)
-        cond, null_cond = conditioner(batch)
-        gen = step_generator(cfg.seed, rank, step, micro, device)
-        engine.set_gradient_accumulation_boundary(micro == accum - 1)
-        out = engine(x0, cond, null_cond, objective, teacher, gen)
-        stats = torch.stack([out["loss"].detach().double(), out["flow"].detach().double(),
-                             out["repa"].detach().double()])
-        if _all_agree(not bool(torch.isfinite(stats).all()), device):
-            skipped = True
-            if micro > 0:
-                _discard_accumulated(engine, out["loss"], step)
-            del out
-            continue
-        engine.backward(out["loss"])
-        sums += stats
-    if skipped:
-        sums.fill_(float("nan"))
-        grad_norm, reason = None, skip_reason(False, False, None)
-    else:
-        engine.step()
-        norm = engine.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else None
-        reason = skip_reason(True, engine.was_step_applied(), grad_norm)
-        dist.all_reduce(sums)
-        sums /= dist.get_world_size() * accum
-    loss, flow, repa = (float(v) for v in sums.cpu())
-    return {"loss": loss, "flow": flow, "repa": repa, "grad_norm": grad_norm, "skipped": reason is not None,
-            "skip_reason": reason, "sizes": sizes, "buckets": buckets}
-
-
-def _discard_accumulated(engine, bad_loss: torch.Tensor, step: int) -> None:
-    """Drop the gradients accumulated so far in this step via DeepSpeed's overflow skip (see _train_step)."""
-    engine.set_gradient_accumulation_boundary(True)
-    engine.backward(bad_loss)
-    engine.step()
-    if engine.was_step_applied():
-        raise RuntimeError(
-            f"step {step}: the loss was non-finite but DeepSpeed applied the optimizer step (its gradient "
-            f"overflow check is off); remove 'check_grad_overflow: false' from the bf16 section of the ZeRO JSON")
-
+def _compile_fields(bundle: EngineBundle) -> dict[str, int]:
+    """Graph compilations of the stage so far and those after its first step (recompiles)."""
+    return {"compiled_graphs": bundle.monitor.stage_graphs, "recompiles": bundle.monitor.recompiles}

@@ -6,8 +6,8 @@
         ...
 
 Images are circles / squares / triangles in one of several colours on a plain background, at several
-aspect ratios (1:3 .. 3:1), with captions that describe them ("a large red circle on a white
-background"). The class label is shape * len(COLOURS) + colour (see CLASS_NAMES). Good images are
+aspect ratios (1:3 .. 3:1; the shape always inside the centred square, which a centre crop keeps), with
+captions that describe them ("a large red circle on a white background"). The class label is shape * len(COLOURS) + colour (see CLASS_NAMES). Good images are
 JPEG (3 of 4) or PNG (1 of 4). Everything depends on `seed` only.
 
 `bad_inputs=True` adds one item per bad-input case (see ZOO_CASES); each item's `expect` says what
@@ -44,6 +44,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128), "pale blue": (190, 215, 240),
 }  # fmt: skip
+SIZES = ("large", "small")  # radius 0.4 / 0.22 of the shorter side; a large shape's centre moves at most 0.1 of it
 CLASS_NAMES = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)
 ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (2, 1), (1, 2), (3, 1), (1, 3))  # (w, h)
 ZOO_CASES = (
@@ -131,14 +132,20 @@ def _size_for(aspect: tuple[int, int], base: int) -> tuple[int, int]:
 
 
 def draw_shape(
-    width: int, height: int, shape: str, colour: str, background: str, rng: random.Random
+    width: int, height: int, shape: str, colour: str, background: str, rng: random.Random,
+    sizes: tuple[str, ...] = SIZES,
 ) -> tuple[Image.Image, str]:
-    """An RGB image of one shape and its caption."""
+    """An RGB image of one shape and its caption; the size is drawn from ``sizes`` (a subset of SIZES)."""
     img = Image.new("RGB", (width, height), BACKGROUNDS[background])
-    large = rng.random() < 0.5
-    r = min(width, height) * (0.4 if large else 0.22)
-    cx = rng.uniform(r, width - r)
-    cy = rng.uniform(r, height - r)
+    drawn = SIZES[0] if rng.random() < 0.5 else SIZES[1]  # drawn for one size too: the rest of the set is the same
+    size = drawn if drawn in sizes else sizes[0]
+    side = min(width, height)
+    r = side * (0.4 if size == "large" else 0.22)
+    # inside the centred side x side square: a centre crop to a square (fixed-size training buckets) keeps the
+    # whole shape, so the caption stays true (else ~13% of 32 px crops showed a cut shape)
+    left, top = (width - side) / 2, (height - side) / 2
+    cx = rng.uniform(left + r, left + side - r)
+    cy = rng.uniform(top + r, top + side - r)
     draw = ImageDraw.Draw(img)
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
@@ -147,7 +154,6 @@ def draw_shape(
         draw.rectangle(box, fill=COLOURS[colour])
     else:
         draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=COLOURS[colour])
-    size = "large" if large else "small"
     return img, f"a {size} {colour} {shape} on a {background} background"
 
 
@@ -171,12 +177,17 @@ def png16_rgb(rgb8: np.ndarray) -> bytes:
 
 
 def make_synthetic_dataset(
-    root: str, num_images: int = 48, seed: int = 0, base_size: int = 64, bad_inputs: bool = False
+    root: str, num_images: int = 48, seed: int = 0, base_size: int = 64, bad_inputs: bool = False,
+    sizes: tuple[str, ...] = SIZES,
 ) -> SyntheticDataset:
     """Write `num_images` good images (and the zoo if `bad_inputs`) under {root}/images; returns the item list.
+    `sizes`: the shape sizes drawn (SIZES, or one of them).
 
     Also writes {root}/items.jsonl (one line per item: name, caption, label, kind, expect) for humans.
     """
+    if not sizes or set(sizes) - set(SIZES):
+        raise ValueError(f"sizes={sizes!r}; valid sizes: {', '.join(SIZES)} (one or both)")
+    sizes = tuple(s for s in SIZES if s in sizes)
     rng = random.Random(seed)
     ds = SyntheticDataset(root=root)
     os.makedirs(ds.images_dir, exist_ok=True)
@@ -187,7 +198,8 @@ def make_synthetic_dataset(
 
     def sample(aspect: tuple[int, int]) -> tuple[Image.Image, str, int]:
         shape, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
-        img, caption = draw_shape(*_size_for(aspect, base_size), shape, colour, rng.choice(tuple(BACKGROUNDS)), rng)
+        img, caption = draw_shape(*_size_for(aspect, base_size), shape, colour, rng.choice(tuple(BACKGROUNDS)), rng,
+                                  sizes)
         return img, caption, SHAPES.index(shape) * len(COLOURS) + tuple(COLOURS).index(colour)
 
     for i in range(num_images):

@@ -1,76 +1,56 @@
-"""Proof that the main job learns: run it longer, then check that sample colours follow the prompts.
+"""Proof that the quickstart learns its prompts: colour AND shape accuracy, trained vs random init, 48 images.
 
-    python -m tools.bench_learning                      # ~5 min on 2 CPU cores
-    python -m tools.bench_learning --steps-per-stage 3000 --stage2-steps 300 --images 1200
+    python -m tools.bench_learning                      # the default pixeldit-quickstart, then 48 images
+    python -m tools.bench_learning --quickstart-args "--steps-per-stage 6000"   # any quickstart flags
 
-Runs ``pixeldit-quickstart`` (synthetic shapes -> img2dataset -> shards -> DeepSpeed curriculum -> release)
-with more data and steps, then samples the same prompts with the same seeds from
-- the trained release, and
-- a random-init model of the same architecture (a fresh PixelDiT: zero-initialised modulation and head,
-  so it returns the starting noise),
-and reports the colour accuracy of each (``pixeldit.evaluation.synthetic_checks``: the dominant colour of the shape must be
-the prompt's colour; chance is 1/6).
+Runs ``pixeldit-quickstart`` (synthetic shapes -> img2dataset -> shards -> DeepSpeed curriculum -> release
+-> its own 12-image check), then samples 24 prompts "a large {colour} {shape} on a {background} background"
+x 2 seeds (every colour 8 times, every shape 16 times) from the trained release and from a random-init model of
+the same architecture (same prompts and seeds), and reports for each the colour accuracy (chance 1/6) and the
+shape accuracy (chance 1/3) of ``pixeldit.evaluation.synthetic_checks``, with the side-by-side grid
+``{out}/eval/side_by_side.png``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
-from pixeldit.evaluation.synthetic_checks import COLOURS, colour_accuracy_of_folder
-
-SHAPES_AND_BACKGROUNDS = [("circle", "white"), ("square", "black"), ("triangle", "grey"), ("circle", "pale blue")]
+from data_pipeline.synthetic import BACKGROUNDS, COLOURS, SHAPES
 
 
 def prompts() -> list[str]:
-    return [f"a large {c} {s} on a {b} background" for c in COLOURS for s, b in SHAPES_AND_BACKGROUNDS]
+    """24 prompts, every colour 4 times and every shape 8 times, backgrounds in turn."""
+    colours, backgrounds = list(COLOURS), list(BACKGROUNDS)
+    return [f"a large {colours[i % 6]} {SHAPES[(i // 6 + i) % 3]} on a {backgrounds[(i // 6) % 4]} background"
+            for i in range(24)]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_learning")
-    ap.add_argument("--images", type=int, default=600)
-    ap.add_argument("--steps-per-stage", type=int, default=1200)
-    ap.add_argument("--stage2-steps", type=int, default=150)
-    ap.add_argument("--resolutions", type=int, nargs=2, default=(64, 128))
-    ap.add_argument("--sample-steps", type=int, default=20)
-    ap.add_argument("--cfg-scale", type=float, default=3.0)
+    ap.add_argument("--quickstart-args", default="", help="extra pixeldit-quickstart flags, one string")
     ap.add_argument("--per-prompt", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1000, help="seed of the first image (the quickstart's own check: 0)")
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
 
-    from launchers.quickstart import default_text_encoder
-    from launchers.quickstart import main as quickstart
+    from launchers.quickstart import build_parser, run_quickstart
+    from pixeldit.evaluation.prompt_following import prompt_following
 
-    text_encoder = default_text_encoder()
-    if quickstart(["--out", str(out), "--images", str(a.images), "--steps-per-stage", str(a.steps_per_stage),
-                   "--stage2-steps", str(a.stage2_steps), "--resolutions", *map(str, a.resolutions),
-                   "--ema-decay", "0.995", "--sample-steps", str(a.sample_steps), "--text-encoder", text_encoder]):
-        raise SystemExit("pixeldit-quickstart failed (see the line above)")
-
-    from pixeldit.models import build_model
-    from pixeldit.release import ReleaseConfig
-    from pixeldit.release.writer import save_release
-    from pixeldit.release.sample import run as sample
-
-    trained_cfg = ReleaseConfig.load(out / "release")
-    random_release = save_release(build_model(trained_cfg.args()).state_dict(), trained_cfg, out / "release_random_init")
-    res = a.resolutions[1]
-    results = {}
-    for name, release in (("trained", out / "release"), ("random init", random_release)):
-        folder = out / f"eval_{name.replace(' ', '_')}"
-        args = ["--model", str(release), "--out", str(folder), "--steps", str(a.sample_steps), "--cfg-scale",
-                str(a.cfg_scale), "--height", str(res), "--width", str(res), "--num-per-prompt", str(a.per_prompt),
-                "--seed", "1000", "--text-encoder", text_encoder]
-        for p in prompts():
-            args += ["--prompt", p]
-        sample(args)
-        results[name] = colour_accuracy_of_folder(folder)
-    n = len(prompts()) * a.per_prompt
-    print(f"\n| model | colour accuracy ({n} images, chance {1 / len(COLOURS):.0%}) |\n|---|---|")
-    for name, acc in results.items():
-        print(f"| {name} | {acc:.1%} |")
-    (out / "bench_learning.json").write_text(json.dumps({"images": n, **results}, indent=1))
+    qs = build_parser().parse_args(["--out", str(out), *shlex.split(a.quickstart_args)])
+    summary = run_quickstart(qs)
+    check = prompt_following(summary["release"], prompts(), out / "eval", text_encoder=qs.text_encoder,
+                             per_prompt=a.per_prompt, seed=a.seed, steps=qs.sample_steps, cfg_scale=qs.cfg_scale,
+                             size=qs.resolutions[1])
+    n = check["images"]
+    print(f"\n| model | colour accuracy ({n} images, chance {1 / len(COLOURS):.0%}) | shape accuracy (chance "
+          f"{1 / len(SHAPES):.0%}) |\n|---|---|---|")
+    for name in ("trained", "random_init"):
+        print(f"| {name.replace('_', ' ')} | {check[name]['colour']:.1%} | {check[name]['shape']:.1%} |")
+    print(f"quickstart: {summary['minutes']} min end to end; side by side: {check['side_by_side']}")
+    (out / "bench_learning.json").write_text(json.dumps({"quickstart": summary, **check}, indent=1))
 
 
 if __name__ == "__main__":

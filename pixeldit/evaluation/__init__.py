@@ -7,7 +7,8 @@ and the GenEval / DPG-Bench image layouts.
                       "evals/xl", EvalResources(inception="weights/inception-2015-12-05.pt"))
 
 Modules: ``protocol`` (EvalProtocol, EvalResources), ``prompts`` (prompt sets), ``generation``, ``layouts``
-(benchmark folder layouts), ``synthetic_checks`` (prompt-following checks on the synthetic set),
+(benchmark folder layouts), ``synthetic_checks`` (colour and shape checks on the synthetic set),
+``prompt_following`` (those checks on samples of a release and of a random-init twin, side-by-side grid),
 ``extractors`` (Inception via clean-fid, DINOv2, CLIP), ``frechet`` (the distance
 and feature statistics), ``reference`` (cached reference statistics), ``model_card``, ``run`` (run_eval),
 ``cli`` (pixeldit-eval).

@@ -125,7 +125,11 @@ class NodeCache:
             return [e for e in it if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
 
     def size(self) -> int:
-        return sum(e.stat().st_size for e in self.entries())
+        total = 0
+        for e in self.entries():
+            with contextlib.suppress(FileNotFoundError):  # evicted by another process meanwhile
+                total += e.stat().st_size
+        return total
 
     def evict(self, keep: str | None = None) -> int:
         """Delete least recently used files until the folder holds at most ``max_bytes`` (and stale temp
@@ -144,8 +148,9 @@ class NodeCache:
         now, freed = time.time(), 0
         with os.scandir(self.folder) as it:
             for e in it:
-                if is_tmp(e.name) and e.is_file() and now - e.stat().st_mtime > STALE_TMP_S:
-                    with contextlib.suppress(FileNotFoundError):
+                # another process's fetch may rename its temp file between the listing and the stat
+                with contextlib.suppress(FileNotFoundError):
+                    if is_tmp(e.name) and e.is_file() and now - e.stat().st_mtime > STALE_TMP_S:
                         os.remove(e.path)
         files = []
         for e in self.entries():

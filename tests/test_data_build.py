@@ -167,7 +167,7 @@ def test_metadata_filters_select_exactly_the_expected_rows_at_shard_and_stage_ti
 
 def test_a_filter_on_a_missing_column_names_it_and_the_columns_that_exist(data, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"stages.2 \(s1024\).filter: filter 'aesthetics >= 6': no column 'aesthetics' "
-                                         r"in .*/reference/samples.parquet; its columns: key, shard, .*, sha256, "
+                                         r"in .*/reference/samples.parquet; its columns: key, shard, .*, sha256, split, "
                                          r"aesthetic, punsafe, license"):
         check_stage_filter(data["ref"], "aesthetics >= 6", "stages.2 (s1024).filter")
     rc = data_cli(["shard", data["ingest"], "--out", str(tmp_path / "x"), "--filter", "pwatermark < 0.5",

@@ -166,9 +166,10 @@ def test_slurm_two_task_job_finishes(local_reference, dataset, tmp_path):
     result = job_result(sub.jobs[0])
     assert result["status"] == "finished", tail(run, 100)
     assert logged_steps(run) == logged_steps(local_reference)  # the same run, same numbers, whoever launches it
-    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
-    assert f"rank 1/2 master {host}:" in tail(run, 1000)  # MASTER_ADDR from SLURM's node list
     job = subprocess.run(["scontrol", "show", "job", sub.jobs[0].job_id], capture_output=True, text=True).stdout
+    nodes = re.search(r"\sNodeList=(\S+)", job).group(1)  # this machine's name, or n1/n2 on a two-node SLURM
+    host = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True).stdout.split()[0]
+    assert f"rank 1/2 master {host}:" in tail(run, 1000)  # MASTER_ADDR from SLURM's node list
     assert "Comment=pixeldit-launcher-test" in job and "Partition=debug" in job  # extra sbatch flags arrive
     # the result pickle lands a moment before SLURM marks the job done
     wait_for(lambda: status(run)[-1]["state"] == "COMPLETED", "COMPLETED", timeout=60)

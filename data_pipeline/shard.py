@@ -7,7 +7,7 @@ The stream is a declared list of stages (STAGES below); each stage is a generato
 one, and every row it drops is counted under one `Skip` reason. Bucket assignment uses width/height
 that are already known without decoding pixels: img2dataset's parquet when it recorded them
 (resize="max-side"), otherwise the image header read by the verify stage (see normalize.py for what
-is decoded when). Output layout and commit order: dataset_format.py.
+is decoded when). Output layout and commit order: the dataset_format package.
 
 A build (build.py) has three steps:
   1. plan (this process): the new ingest shards (finished, not consumed by a committed run) in order, cut

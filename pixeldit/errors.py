@@ -45,7 +45,7 @@ class CheckpointError(UserError, RuntimeError):
 
 class StorageError(UserError):
     """Remote storage (S3) could not be reached or kept failing after the configured retries; the message names
-    the object, the endpoint and the setting to change (``pixeldit.storage.S3Settings``). Deliberately not an
+    the object, the endpoint and the setting to change (``pixeldit.s3.S3Settings``). Deliberately not an
     ``OSError``: code that skips a damaged sample on ``OSError`` must not skip an unreachable bucket."""
 
 

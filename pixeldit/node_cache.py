@@ -17,7 +17,7 @@ Protocol (no coordinator; safe between the ranks and DataLoader workers of one n
    that finds it gone fetches it again;
  * temp files of crashed fetches are removed by the eviction pass once they are an hour old.
 Downloads go through ``pixeldit.storage.fetch_to_file``: ranged GETs of 32 MB, each with the S3 timeouts
-and retries of ``pixeldit.storage.S3Settings``; the size from the dataset manifest is checked.
+and retries of ``pixeldit.s3.S3Settings``; the size from the dataset manifest is checked.
 """
 from __future__ import annotations
 

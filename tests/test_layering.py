@@ -2,7 +2,7 @@
 
 Import direction as README "Architecture" draws it (``LAYERS``, lowest first): a module imports its own layer
 and the layers below it, never one above; nothing installed imports tools/. Inside the bottom layer:
-pixeldit.errors <- pixeldit.storage <- pixeldit.node_cache. pixeldit/models imports torch and the standard
+pixeldit.errors <- pixeldit.s3 <- pixeldit.storage <- pixeldit.node_cache. pixeldit/models imports torch and the standard
 library only (no deepspeed, no torch.distributed); data_pipeline never imports the model;
 pixeldit/run_folder.py (the run-folder format) imports torch, the standard library, pixeldit.storage and
 pixeldit.errors only; pixeldit.release never imports pixeldit.train, pixeldit.train reads release folders in one
@@ -49,7 +49,7 @@ def imports_in(path: Path) -> set[str]:
 
 # README "Architecture": a module imports its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("pixeldit.storage", "pixeldit.errors", "pixeldit.node_cache", "pixeldit.cluster"),  # cluster: launch config
+    ("pixeldit.storage", "pixeldit.s3", "pixeldit.errors", "pixeldit.node_cache", "pixeldit.cluster"),  # cluster: launches
     ("data_pipeline",),
     ("pixeldit.models",),
     ("pixeldit.diffusion",),
@@ -141,11 +141,12 @@ def test_train_reads_release_folders_in_one_module_through_the_format_modules():
     assert bad == []
 
 
-@pytest.mark.parametrize("module,allowed", [("pixeldit/errors.py", ()), ("pixeldit/storage.py", ("pixeldit.errors",)),
+@pytest.mark.parametrize("module,allowed", [("pixeldit/errors.py", ()), ("pixeldit/s3.py", ("pixeldit.errors",)),
+                                            ("pixeldit/storage.py", ("pixeldit.errors", "pixeldit.s3")),
                                             ("pixeldit/node_cache.py", ("pixeldit.errors", "pixeldit.storage")),
                                             ("pixeldit/cluster.py", ("pixeldit.errors", "pixeldit.storage"))])
 def test_foundations_import_only_lower_foundations(module, allowed):
-    """errors <- storage (its S3 errors are UserErrors) <- node_cache, cluster; nothing else of the project."""
+    """errors <- s3 (its errors are UserErrors) <- storage <- node_cache, cluster; nothing else of the project."""
     names = imports_in(ROOT / module)
     project = {n for n in names if n.split(".")[0] in PACKAGES}
     assert sorted(n for n in project if not any(n == a or n.startswith(a + ".") for a in allowed)) == []
@@ -217,20 +218,20 @@ def test_no_import_cycle_between_project_modules():
 # file and folder names of on-disk formats: each is spelled in exactly one module, every other reader and
 # writer imports it from there
 FORMAT_NAMES = {
-    "samples.parquet": "data_pipeline/dataset_format.py",
-    "manifest.parquet": "data_pipeline/dataset_format.py",
-    "stats.json": "data_pipeline/dataset_format.py",
-    "text_emb": "data_pipeline/dataset_format.py",
-    "pixeldit.state": "data_pipeline/dataset_format.py",
-    "pixeldit.format_version": "data_pipeline/dataset_format.py",
-    "scores.parquet": "data_pipeline/dataset_format.py",
-    "captions.parquet": "data_pipeline/dataset_format.py",
-    "dedupe.parquet": "data_pipeline/dataset_format.py",
-    "score_parts": "data_pipeline/dataset_format.py",
-    "pixeldit.scores": "data_pipeline/dataset_format.py",
+    "samples.parquet": "data_pipeline/dataset_format/layout.py",
+    "manifest.parquet": "data_pipeline/dataset_format/layout.py",
+    "stats.json": "data_pipeline/dataset_format/layout.py",
+    "text_emb": "data_pipeline/dataset_format/layout.py",
+    "pixeldit.state": "data_pipeline/dataset_format/layout.py",
+    "pixeldit.format_version": "data_pipeline/dataset_format/layout.py",
+    "scores.parquet": "data_pipeline/dataset_format/layout.py",
+    "captions.parquet": "data_pipeline/dataset_format/layout.py",
+    "dedupe.parquet": "data_pipeline/dataset_format/layout.py",
+    "score_parts": "data_pipeline/dataset_format/layout.py",
+    "pixeldit.scores": "data_pipeline/dataset_format/layout.py",
     "null.safetensors": "pixeldit/conditioning/text_cache.py",
     "prepare_stats.json": "data_pipeline/ingest.py",
-    "_build": "data_pipeline/dataset_format.py",
+    "_build": "data_pipeline/dataset_format/layout.py",
     "plan.json": "data_pipeline/build.py",
     "duplicates.parquet": "data_pipeline/shard.py",
     "commit.json": "data_pipeline/shard.py",

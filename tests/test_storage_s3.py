@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from pixeldit.errors import ConfigError, StorageError
-from pixeldit.storage import (S3Settings, configure_s3, credential_keys, fetch_to_file, read_bytes, read_range,
-                              redact_options, resolve_s3_settings, retry_reason, write_bytes_atomic)
+from pixeldit.s3 import S3Settings, configure_s3, resolve_s3_settings, retry_reason
+from pixeldit.storage import credential_keys, fetch_to_file, read_bytes, read_range, redact_options, write_bytes_atomic
 from s3_faults import FaultProxy, refused_url, silent_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,7 +41,8 @@ from pixeldit.diffusion.samplers import SamplerName
 from pixeldit.errors import ConfigError
 from pixeldit.models import MODEL_SIZES, ModelArgs, get_model_args
 from pixeldit.run_folder import VERIFY_MODES
-from pixeldit.storage import REDACTED, redact_options, resolve_s3_settings, write_text_atomic
+from pixeldit.s3 import resolve_s3_settings
+from pixeldit.storage import REDACTED, redact_options, write_text_atomic
 
 BucketMode = Literal["fixed", "aspect"]
 Schedule = Literal["constant", "cosine"]
@@ -156,7 +157,7 @@ class DataSection:
     # fsspec options (e.g. s3 endpoint_url). Credentials (key, secret, token) are redacted wherever the config
     # is saved and refused by the launcher: give them as AWS_* environment variables or an AWS profile
     storage_options: dict[str, Any] = field(default_factory=dict)
-    s3: dict[str, float] = field(default_factory=dict)  # S3 timeouts/retries: pixeldit.storage.S3Settings fields
+    s3: dict[str, float] = field(default_factory=dict)  # S3 timeouts/retries: pixeldit.s3.S3Settings fields
     cache_dir: str = ""  # node-local cache of remote shards (flock-shared by the node); "": $TMPDIR/pixeldit-cache
     cache_max_gb: float = 100.0  # size bound of the cache (LRU eviction); 0: no cache, one ranged GET per image
     prefetch_batches: int = 8  # global batches ahead of the training step whose shards are fetched

@@ -30,7 +30,8 @@ import yaml
 from data_pipeline.dataset_format import ShardProblem
 from pixeldit import run_folder
 from pixeldit.errors import CheckpointError, CliParser, DataError, cli_main
-from pixeldit.storage import REDACTED, atomic_local_file, configure_s3
+from pixeldit.s3 import configure_s3
+from pixeldit.storage import REDACTED, atomic_local_file
 
 from .config import RunConfig, from_dict, validate
 from .curriculum import Curriculum

@@ -21,7 +21,7 @@ Stages of the stream (what it holds at each point):
     int64 (-1 when none), ``source`` list[int] (index of the root), ``shard`` list[str] + ``sample_index`` (B,)
     int64 (to look up cached text embeddings), ``key`` list[str], ``bucket`` str, ``bad`` list[str] (samples
     replaced).
-S3 reads use the timeouts and retries of ``pixeldit.storage.S3Settings`` (``data.s3``). The loader draws
+S3 reads use the timeouts and retries of ``pixeldit.s3.S3Settings`` (``data.s3``). The loader draws
 nothing from the global RNGs (the DataLoader gets its own generator), so saved RNG states survive a resume.
 ``PIXELDIT_RECORD_KEYS=DIR`` (a test hook) appends every micro-batch's keys to ``DIR/rank{r}.jsonl``.
 """

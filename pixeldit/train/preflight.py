@@ -13,7 +13,7 @@
    ``checkpoint.init_from``, with its weights and the run config's architecture (``warm_start.check_init_release``);
  - the ZeRO JSON of ``deepspeed.zero`` is found and agrees with every stage at this world size.
 It reads a few small files (stat / HEAD requests on S3, under the run's ``data.s3`` timeouts and retries, which
-it applies to this process: ``pixeldit.storage.configure_s3``) and loads no network. ``pixeldit-train`` and
+it applies to this process: ``pixeldit.s3.configure_s3``) and loads no network. ``pixeldit-train`` and
 ``run_training`` run it before joining the process group; ``pixeldit-submit`` runs it before submitting.
 Every problem is a ``ConfigError`` (or ``FileNotFoundError``) naming the key and the path.
 """
@@ -25,6 +25,7 @@ from data_pipeline.dataset_format import MANIFEST, SAMPLES, text_embedding_dir
 from data_pipeline.filters import check_stage_filter
 from pixeldit import run_folder, storage
 from pixeldit.errors import ConfigError
+from pixeldit.s3 import configure_s3
 
 from .conditioning import resolved_system_prompt
 from .config import RunConfig, validate
@@ -40,7 +41,7 @@ def preflight(cfg: RunConfig, world_size: int | None = None) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     options = cfg.data.storage_options
     args = cfg.model.args()
-    storage.configure_s3(cfg.data.s3)  # the run's S3 timeouts / retries: a silent endpoint fails these checks
+    configure_s3(cfg.data.s3)  # the run's S3 timeouts / retries: a silent endpoint fails these checks
     for i, stage in enumerate(cfg.stages):
         for j, source in enumerate(stage.data_sources()):
             key = f"stages.{i} ({stage.name}).{f'sources.{j}.path' if stage.sources else 'data_path'}"

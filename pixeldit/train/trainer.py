@@ -51,7 +51,8 @@ import torch.distributed as dist
 from pixeldit.errors import USER_ERRORS, CheckpointError, DataError
 from pixeldit.models import ModelArgs
 from pixeldit.run_folder import RUN_CONFIG, read_meta
-from pixeldit.storage import configure_s3, is_local
+from pixeldit.s3 import configure_s3
+from pixeldit.storage import is_local
 
 from .checkpoint import CheckpointManager, untie_optimizer_steps
 from .conditioning import (TextConditioner, build_conditioner, build_teacher, load_text_encoder,

@@ -13,7 +13,8 @@ from data_pipeline.build import task_slices
 from data_pipeline.buckets import bucket_table, min_bucket_side
 from data_pipeline.cli import build_options, build_parser
 from data_pipeline.dataset_format import SAMPLES_SCHEMA, concat_samples, conform_samples, meta_columns
-from data_pipeline.filters import FilterSyntaxError, parse_filter
+from data_pipeline.filter_syntax import FilterSyntaxError
+from data_pipeline.filters import parse_filter
 from data_pipeline.ingest import IngestConfig, parse_meta_cols
 from data_pipeline.inputs import prepare_url_list
 from data_pipeline.reasons import Skip

@@ -48,7 +48,7 @@ JOBS_FILE = "jobs.jsonl"
 LOGS_DIR = "logs"
 PARTS_DIR = "parts"
 # what runs task t of a plan of each kind: "module:function(plan, task) -> result dict", imported in the task
-TASK_FUNCTIONS = {"ingest": "data_pipeline.ingest:run_ingest_task", "shard": "data_pipeline.shard:run_shard_task"}
+TASK_FUNCTIONS = {"ingest": "data_pipeline.ingest_task:run_ingest_task", "shard": "data_pipeline.shard:run_shard_task"}
 
 
 @dataclass(frozen=True)

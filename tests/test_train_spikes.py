@@ -5,8 +5,9 @@ real trainer on 2 CPU ranks (torchrun, gloo, debug model, 32 px) with a spike in
   batch's keys (as the ranks recorded them); the per-step losses and final weights equal those of a run that
   was given the skip list before it started (it never saw that window); the ledger lists what that run drew and
   none of the skipped keys;
-- a run SIGKILLed after the rollback and resumed (the skip list then comes from the run folder only) repeats the
-  same decision: identical per-step losses and final weights;
+- a run SIGKILLed as the spiked step is logged, or after the rollback, and resumed (the skip list then comes
+  from the run folder only) repeats the same decision: identical per-step losses and final weights;
+- the same as a true 2-node SLURM job (one task per node; skipped when SLURM is not running);
 - in process (1 rank): past ``spike.max_rollbacks`` the run stops naming the step and the last good checkpoint;
   a spike before any checkpoint is recorded and training continues.
 """
@@ -27,6 +28,7 @@ from pixeldit.errors import ConfigError
 from pixeldit.train.config import RunConfig, StageConfig, validate
 from pixeldit.train.spikes import (SKIPS_FILE, TEST_SPIKE_ENV, SpikeDetector, SpikeLimitError, parse_injection,
                                    read_skips, robust_zscore, skip_forward, spikes_dir)
+from test_launchers import TASK_ENV, needs_slurm
 from test_train_distributed import final_state, launch, process_tree, records, run_to_end
 from train_helpers import write_tiny_dataset
 
@@ -185,13 +187,16 @@ def test_spike_rolls_back_skips_its_batch_and_equals_a_run_without_it(spiked, da
 
 
 @pytest.mark.slow
-def test_kill_after_rollback_and_resume_repeats_the_decision(spiked, dataset, tmp_path):
+@pytest.mark.parametrize("records_of_step_6", [1, 2])
+def test_kill_after_rollback_and_resume_repeats_the_decision(spiked, dataset, tmp_path, records_of_step_6):
+    """Killed as the spiked step 6 is logged (its decision is written right after: the kill lands before or after
+    it, either must give the same run), or once the re-run step 6 is logged (after the rollback, before checkpoint
+    8: the resume from checkpoint 4 has the skip list from the run folder only)."""
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
     config = spike_config(tmp_path / "run.yaml", run_dir, dataset)
     proc = launch(config, log, PIXELDIT_TEST_SPIKE=INJECT)
     deadline = time.time() + 900
-    # killed once the re-run step 6 is logged (the rollback happened; checkpoint 8 is not written yet)
-    while [r["step"] for r in records(run_dir)].count(SPIKE_STEP) < 2:
+    while [r["step"] for r in records(run_dir)].count(SPIKE_STEP) < records_of_step_6:
         assert proc.poll() is None, f"run ended early:\n{log.read_text()[-3000:]}"
         assert time.time() < deadline, "run too slow to reach the rollback"
         time.sleep(0.005)
@@ -208,6 +213,24 @@ def test_kill_after_rollback_and_resume_repeats_the_decision(spiked, dataset, tm
     assert read_skips(run_dir) == read_skips(spiked)
     for a, b in zip(final_state(run_dir), final_state(spiked)):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_slurm_two_node_job_makes_the_same_decision(spiked, dataset, tmp_path):
+    """The spiked run as a true 2-node SLURM job (one task per node): the same rollback, skip and losses."""
+    from launchers.config import LaunchConfig
+    from launchers.manage import tail
+    from launchers.submit import job_result, submit
+
+    run_dir = tmp_path / "run"
+    launch_cfg = LaunchConfig(cluster="slurm", nodes=2, tasks_per_node=1, cpus_per_task=1, time_min=15,
+                              env={**TASK_ENV, TEST_SPIKE_ENV: INJECT})
+    sub = submit(str(spike_config(tmp_path / "run.yaml", run_dir, dataset)), launch_cfg)
+    result = job_result(sub.jobs[0])
+    assert result["status"] == "finished", tail(run_dir, 100)
+    assert [r["step"] for r in records(run_dir)] == [r["step"] for r in records(spiked)]
+    assert final_losses(run_dir) == final_losses(spiked) and read_skips(run_dir) == read_skips(spiked)
 
 
 # ---- 1 rank, in process ---------------------------------------------------------------------------------------

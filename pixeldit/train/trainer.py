@@ -32,7 +32,10 @@ Outline:
     counted in ``nonfinite_total``, logged with ``skipped: true`` and its ``skip_reason``, no EMA update, no
     periodic checkpoint while the streak lasts; ``max_consecutive_nonfinite`` skipped steps in a row log the
     last one and raise ``NonFiniteLossError`` naming that logged step, leaving the last good checkpoint as
-    ``latest``.
+    ``latest``;
+ 6. loss spikes (spikes.py, ``spike.enabled``): a step is judged when its record is written (and before its
+    checkpoint, validation or preview); a spike records its samples and the skip, leaves the stage loop and
+    re-enters step 3 from the last checkpoint (the resume path), the spiked global batch skipped.
 """
 from __future__ import annotations
 

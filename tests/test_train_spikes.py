@@ -66,7 +66,7 @@ def test_detector_is_per_bucket_and_needs_min_history():
     assert abs(z_loss) < 1 and z_grad is None
     for loss in (5.0, 5.0, 5.0, 5.0):  # the window keeps the last 4
         d.add("0/a", loss, 2.0)
-    assert len(d.history["0/a"]) == 4 and abs(d.score("0/a", 5.0, 2.0)[0]) < 1e-9
+    assert d.steps("0/a") == 4 and abs(d.score("0/a", 5.0, 2.0)[0]) < 1e-9
     restored = SpikeDetector(window=4, min_history=3)
     restored.load_state_dict(json.loads(json.dumps(d.state_dict())))  # through the checkpoint's client state
     assert restored.score("0/b", 30.0, None) == d.score("0/b", 30.0, None)

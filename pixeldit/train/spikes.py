@@ -69,38 +69,45 @@ def spikes_dir(run_dir: str | os.PathLike) -> Path:
 
 def robust_zscore(value: float, history: Iterable[float]) -> float:
     """(value - median) / max(1.4826 MAD, MIN_SPREAD |median|) of ``history`` (not empty)."""
-    h = np.asarray(list(history), dtype=np.float64)
+    h = np.fromiter(history, dtype=np.float64)
     med = float(np.median(h))
     spread = max(MAD_TO_SIGMA * float(np.median(np.abs(h - med))), MIN_SPREAD * abs(med), 1e-12)
     return (value - med) / spread
 
 
 class SpikeDetector:
-    """Per-key windows of (loss, grad_norm) of recent applied steps; ``score`` then ``add`` for each step."""
+    """Per-key windows of the loss and of the gradient norm of recent applied steps (a step without a known norm
+    adds a loss only); ``score`` then ``add`` for each step."""
 
     def __init__(self, window: int, min_history: int):
         self.window, self.min_history = window, min_history
-        self.history: dict[str, collections.deque] = {}
+        self.history: dict[str, dict[str, collections.deque]] = {}  # key -> {"loss": ..., "grad_norm": ...}
 
     def score(self, key: str, loss: float, grad_norm: float | None) -> tuple[float | None, float | None]:
         """(z of the loss, z of the gradient norm) against the key's history; None where it is too short."""
-        hist = self.history.get(key, ())
-        losses = [h[0] for h in hist]
-        norms = [h[1] for h in hist if h[1] is not None]
+        hist = self.history.get(key, {"loss": (), "grad_norm": ()})
+        losses, norms = hist["loss"], hist["grad_norm"]
         z_loss = robust_zscore(loss, losses) if len(losses) >= self.min_history else None
         z_grad = (robust_zscore(grad_norm, norms)
                   if grad_norm is not None and len(norms) >= self.min_history else None)
         return z_loss, z_grad
 
     def add(self, key: str, loss: float, grad_norm: float | None) -> None:
-        self.history.setdefault(key, collections.deque(maxlen=self.window)).append((loss, grad_norm))
+        hist = self.history.setdefault(key, {name: collections.deque(maxlen=self.window)
+                                             for name in ("loss", "grad_norm")})
+        hist["loss"].append(loss)
+        if grad_norm is not None:
+            hist["grad_norm"].append(grad_norm)
 
-    def state_dict(self) -> dict[str, list[list[float | None]]]:
-        return {k: [list(v) for v in d] for k, d in self.history.items()}
+    def steps(self, key: str) -> int:
+        return len(self.history[key]["loss"]) if key in self.history else 0
 
-    def load_state_dict(self, state: dict[str, list[list[float | None]]]) -> None:
-        self.history = {k: collections.deque((tuple(v) for v in values), maxlen=self.window)
-                        for k, values in state.items()}
+    def state_dict(self) -> dict[str, dict[str, list[float]]]:
+        return {k: {name: list(d) for name, d in hist.items()} for k, hist in self.history.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, list[float]]]) -> None:
+        self.history = {k: {name: collections.deque(values, maxlen=self.window) for name, values in hist.items()}
+                        for k, hist in state.items()}
 
 
 def skip_forward(epoch: int, batch: int, batches_in: Callable[[int], int],
@@ -185,7 +192,7 @@ class SpikeGuard:
         self.detector = SpikeDetector(section.window, section.min_history)
         self.skips: list[dict[str, Any]] = []
         self.injection = injection
-        self._positions: dict[int, tuple[int, int, int, str]] = {}  # step -> (stage, epoch, batch, ...) of its data
+        self._positions: dict[int, tuple[int, int, int]] = {}  # step -> (stage, epoch, global batch) of its data
 
     # ---- state ------------------------------------------------------------------------------------------------
 
@@ -259,7 +266,7 @@ class SpikeGuard:
         report = {"step": step, "stage": stage_index, "bucket": record["bucket"], "epoch": epoch, "batch": batch,
                   "loss": loss, "grad_norm": norm, "z_loss": z_loss, "z_grad": z_grad, "over": over,
                   "thresholds": {"zscore_loss": s.zscore_loss, "zscore_grad": s.zscore_grad},
-                  "history": len(self.detector.history.get(key, ())),
+                  "history": self.detector.steps(key),
                   "rolled_back_to": last_checkpoint.name if last_checkpoint is not None else None,
                   "samples": self._samples(loader, epoch, batch) if self.rank == 0 else []}
         done = [int(e["step"]) for e in self.skips]

@@ -11,9 +11,10 @@ the roots' fingerprints, damaged shards left out). The ledger rebuilds those pla
 step s of a stage consumes one global batch, so it lists exactly the draws of steps 1..N (a step skipped for
 a non-finite loss drew its batch too; an undecodable sample replaced in its micro-batch is listed as drawn),
 each with the caption_index it was trained with (0: the samples.parquet caption; roots with captions.parquet
-draw one per use, ``SourceSet.draw_captions``). ``--unique`` lists each (root, key) once, at its first step. The global batches of rolled-back loss spikes
-(``pixeldit.train.spikes``: the skip list of the checkpoint's meta.json and of ``{run_dir}/spikes/skips.json``)
-were never trained on: the walk passes over them as the loader did.
+draw one per use, ``SourceSet.draw_captions``). ``--unique`` lists each (root, key) once, at its first step.
+The global batches of rolled-back loss spikes (``pixeldit.train.spikes``: the skip list of the checkpoint's
+meta.json and of ``{run_dir}/spikes/skips.json``) were never trained on: the walk passes over them as the
+loader did.
 
 Inputs: ``{run_dir}/config.yaml`` and the newest checkpoint's meta.json (credentials from the environment,
 as for training). A dataset root that changed since it was trained on (its committed shards differ from the

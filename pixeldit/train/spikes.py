@@ -13,7 +13,8 @@ once it has ``spike.min_history`` steps. Only upward jumps count. A spiked step 
 When a step is judged: its loss is on the host right after the step (the step's one all-reduce), its gradient
 norm one step later (the deferred record of trainer.py), so step s is judged when its record is written: during
 step s+1, or, when step s has a checkpoint, validation or preview due, just before them (those synchronise
-anyway). No checkpoint ever holds an unjudged step, and no host synchronisation is added to other steps.
+anyway; the record itself is still written after the save, with its checkpoint time). No checkpoint ever holds
+an unjudged step, and no host synchronisation is added to other steps.
 
 A spike: rank 0 writes ``{run_dir}/spikes/step_XXXXXXXX.json`` (the step's values, z-scores, its global batch
 (stage, epoch, batch) and the (root, key) of every sample of that global batch, from the plan), the skip list

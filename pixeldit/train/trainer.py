@@ -33,9 +33,10 @@ Outline:
     periodic checkpoint while the streak lasts; ``max_consecutive_nonfinite`` skipped steps in a row log the
     last one and raise ``NonFiniteLossError`` naming that logged step, leaving the last good checkpoint as
     ``latest``;
- 6. loss spikes (spikes.py, ``spike.enabled``): a step is judged when its record is written (and before its
-    checkpoint, validation or preview); a spike records its samples and the skip, leaves the stage loop and
-    re-enters step 3 from the last checkpoint (the resume path), the spiked global batch skipped.
+ 6. loss spikes (spikes.py, ``spike.enabled``): a step is judged when its record is written (or, when it has
+    a checkpoint, validation or preview due, just before them); a spike records its samples and the skip,
+    leaves the stage loop and re-enters step 3 from the last checkpoint (the resume path), the spiked global
+    batch skipped.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ from .preview import write_preview
 from .run_lock import RunFolderLocked, RunLock
 from .validation import build_validator, validation_record, wandb_values
 from .sources import check_stage_data, damaged_shards_error
-from .spikes import CLIENT_KEY as SPIKE_KEY, build_spike_guard
+from .spikes import CLIENT_KEY as SPIKE_KEY, SpikeLimitError, build_spike_guard
 from .step import StepOutcome, agree, train_step
 from .warm_start import read_init_weights
 
@@ -298,18 +299,30 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
             batches = DevicePrefetcher(loader, bundle.device, conditioner, remaining=(span.end - step) * stage.grad_accum)
             pending: tuple[dict, StepOutcome] | None = None  # the last step's record, written one step later
             rollback: Path | None = None  # a loss spike was judged: the checkpoint to go back to
+            judged = -1  # the last step judged for spikes
+
+            def judge(record: dict, done: StepOutcome) -> None:
+                """Judge a step once for loss spikes (spikes.py): sets ``rollback``; past the cap its record is
+                written and ``SpikeLimitError`` raised."""
+                nonlocal rollback, judged
+                if record["step"] != judged:
+                    judged = record["step"]
+                    try:
+                        rollback = guard.judge({**record, "grad_norm": done.grad_norm()}, loader, ckpt.latest)
+                    except SpikeLimitError:
+                        flush()
+                        raise
 
             def flush() -> None:
-                nonlocal pending, rollback
+                nonlocal pending
                 if pending is not None:
                     record, done = pending
                     pending = None
                     norm = done.grad_norm()
                     if done.applied:
                         skip_reason(True, True, norm)  # an update applied with a non-finite norm: raises
-                    record = {**record, "grad_norm": norm, **done.phases.seconds()}
-                    metrics.log_step(record)
-                    rollback = guard.judge(record, loader, ckpt.latest)  # spikes.py; raises past the cap
+                    metrics.log_step({**record, "grad_norm": norm, **done.phases.seconds()})
+                    judge(record, done)
 
             def save() -> Path:
                 client_state = {"stage_index": stage_index, "step": step, "loader": batches.state_dict(),
@@ -377,7 +390,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 if guard.enabled and (stop or step == span.end or step % cfg.checkpoint.every == 0
                                       or (validator is not None and validator.due(step))
                                       or (cfg.logging.image_every and step % cfg.logging.image_every == 0)):
-                    flush()  # judge this step before a checkpoint, validation or preview is made from it
+                    judge(*pending)  # before a checkpoint, validation or preview is made from this step
                     if rollback is not None:
                         break
                 if validator is not None and validator.due(step):  # the held-out loss (validation.py)

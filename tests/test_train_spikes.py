@@ -8,7 +8,8 @@ real trainer on 2 CPU ranks (torchrun, gloo, debug model, 32 px) with a spike in
 - a run SIGKILLed as the spiked step is logged, or after the rollback, and resumed (the skip list then comes
   from the run folder only) repeats the same decision: identical per-step losses and final weights;
 - the same as a true 2-node SLURM job (one task per node; skipped when SLURM is not running);
-- in process (1 rank): past ``spike.max_rollbacks`` the run stops naming the step and the last good checkpoint;
+- in process (1 rank): past ``spike.max_rollbacks`` the run stops naming the step and the last good checkpoint
+  (the spiked step has a checkpoint due: it is judged before that save, which never happens);
   a spike before any checkpoint is recorded and training continues.
 """
 from __future__ import annotations
@@ -254,15 +255,18 @@ def in_process_cfg(run_dir: Path, data: Path, every: int, max_rollbacks: int) ->
 def test_past_max_rollbacks_the_run_stops_naming_step_and_checkpoint(single_rank, dataset, tmp_path, monkeypatch):
     from pixeldit.train.trainer import run_training
 
+    # step 6 has a checkpoint due: it is judged before that save, so no checkpoint holds the spiked update
     monkeypatch.setenv(TEST_SPIKE_ENV, INJECT)
-    cfg = in_process_cfg(tmp_path / "run", dataset, every=EVERY, max_rollbacks=0)
+    cfg = in_process_cfg(tmp_path / "run", dataset, every=3, max_rollbacks=0)
     with pytest.raises(SpikeLimitError, match=rf"loss spike at step {SPIKE_STEP} .*after 0 rollbacks .*"
-                                              r"max_rollbacks=0.*last good checkpoint is .*step_00000004"):
+                                              r"max_rollbacks=0.*last good checkpoint is .*step_00000003"):
         run_training(cfg)
     report = json.loads((spikes_dir(cfg.run_dir) / f"step_{SPIKE_STEP:08d}.json").read_text())
     assert report["action"] == "stopped" and len(report["samples"]) == 2
     assert read_skips(cfg.run_dir) == []
-    assert (Path(cfg.run_dir) / "checkpoints" / "latest").read_text() == "step_00000004"
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000003" and not (ckpts / "step_00000006").exists()
+    assert [r["step"] for r in records(Path(cfg.run_dir))] == list(range(1, SPIKE_STEP + 1))  # the spike logged
 
 
 @pytest.mark.slow

@@ -274,9 +274,10 @@ class SpikeGuard:
         if last_checkpoint is not None and len(done) >= s.max_rollbacks:
             self._write(SPIKE_FILE.format(step=step), {**report, "action": "stopped", "rolled_back_to": None})
             raise SpikeLimitError(
-                f"loss spike at step {step} ({', '.join(over)} z-score {_fmt(z_loss)} / {_fmt(z_grad)} over "
-                f"{s.zscore_loss:g} / {s.zscore_grad:g}) after {len(done)} rollbacks (steps {done or 'none'}; "
-                f"spike.max_rollbacks={s.max_rollbacks}); stopping. The last good checkpoint is {last_checkpoint}; "
+                f"loss spike at step {step} (z-score of the loss {_fmt(z_loss)}, limit {s.zscore_loss:g}; of the "
+                f"gradient norm {_fmt(z_grad)}, limit {s.zscore_grad:g}) after {len(done)} rollbacks"
+                f"{' (spikes at steps ' + ', '.join(map(str, done)) + ')' if done else ''}, "
+                f"spike.max_rollbacks={s.max_rollbacks}; stopping. The last good checkpoint is {last_checkpoint}; "
                 f"its samples are in {spikes_dir(self.run_dir) / SPIKE_FILE.format(step=step)}. Remove them from "
                 f"the data, or raise spike.max_rollbacks or the z-score thresholds, then resume")
         if last_checkpoint is None:  # nothing to roll back to: recorded, trained on

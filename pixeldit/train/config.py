@@ -208,6 +208,19 @@ class ValidationConfig:
 
 
 @dataclass
+class SpikeSection:
+    """Loss-spike rollback (``pixeldit.train.spikes``): a step whose loss or gradient norm jumps is undone (back
+    to the last checkpoint) and its global batch skipped."""
+
+    enabled: bool = False  # off by default: thresholds depend on the run; turn it on for long runs
+    zscore_loss: float = 8.0  # robust z-score of the step loss (per stage and bucket) above which a step is a spike
+    zscore_grad: float = 8.0  # the same for the gradient norm; 0 turns either check off
+    window: int = 200  # recent applied steps per bucket the median and MAD are taken over
+    min_history: int = 20  # steps of a bucket before its steps are judged
+    max_rollbacks: int = 5  # rollbacks per run; the next spike stops the run (SpikeLimitError)
+
+
+@dataclass
 class LoggingConfig:
     wandb: WandbMode = "offline"
     project: str = "pixeldit"
@@ -242,6 +255,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    spike: SpikeSection = field(default_factory=SpikeSection)
     ema_decay: float = 0.9999
     max_consecutive_nonfinite: int = 20  # non-finite losses in a row before the run stops
 
@@ -515,9 +529,19 @@ def validate(cfg: RunConfig) -> None:
         ("optim.came.betas", list(came.betas), all(0.0 <= b < 1.0 for b in came.betas), "each in [0, 1)"),
         ("optim.came.eps", list(came.eps), min(came.eps) > 0, "each > 0"),
         ("optim.came.clip_threshold", came.clip_threshold, came.clip_threshold > 0, "> 0"),
+        ("spike.zscore_loss", cfg.spike.zscore_loss, cfg.spike.zscore_loss >= 0, ">= 0 (0 = loss not judged)"),
+        ("spike.zscore_grad", cfg.spike.zscore_grad, cfg.spike.zscore_grad >= 0, ">= 0 (0 = norm not judged)"),
+        ("spike.min_history", cfg.spike.min_history, cfg.spike.min_history >= 3, ">= 3 (a median and MAD of "
+                                                                                  "fewer steps mean nothing)"),
+        ("spike.window", cfg.spike.window, cfg.spike.window >= cfg.spike.min_history,
+         f">= spike.min_history={cfg.spike.min_history}"),
+        ("spike.max_rollbacks", cfg.spike.max_rollbacks, cfg.spike.max_rollbacks >= 0, ">= 0"),
     ):
         if not ok:
             raise ConfigError(f"{key}={value} must be {rule}")
+    if cfg.spike.enabled and cfg.spike.zscore_loss == 0 and cfg.spike.zscore_grad == 0:
+        raise ConfigError("spike.enabled=true with spike.zscore_loss=0 and spike.zscore_grad=0 judges nothing; set "
+                          "a threshold (e.g. 8) or spike.enabled=false")
     if cfg.optim.name == "came" and cfg.checkpoint.load_universal:
         raise ConfigError("optim.name=came with checkpoint.load_universal=true: CAME's row/column statistics have no "
                           "DeepSpeed universal-checkpoint form; valid: load_universal with optim.name=adamw, or resume "

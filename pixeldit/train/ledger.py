@@ -12,6 +12,9 @@ step s of a stage consumes one global batch, so it lists exactly the draws of st
 a non-finite loss drew its batch too; an undecodable sample replaced in its micro-batch is listed as drawn),
 each with the caption_index it was trained with (0: the samples.parquet caption; roots with captions.parquet
 draw one per use, ``SourceSet.draw_captions``). ``--unique`` lists each (root, key) once, at its first step.
+The global batches of rolled-back loss spikes (``pixeldit.train.spikes``: the skip list of the checkpoint's
+meta.json and of ``{run_dir}/spikes/skips.json``) were never trained on: the walk passes over them as the
+loader did.
 
 Inputs: ``{run_dir}/config.yaml`` and the newest checkpoint's meta.json (credentials from the environment,
 as for training). A dataset root that changed since it was trained on (its committed shards differ from the
@@ -37,6 +40,7 @@ from .config import RunConfig, from_dict, validate
 from .curriculum import Curriculum
 from .loader import build_plan
 from .sources import open_sources
+from .spikes import ledger_skips, positions, skip_forward
 
 
 def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
@@ -69,18 +73,19 @@ def ledger(run_dir: str | os.PathLike, step: int) -> Iterator[tuple[int, str, st
         print(f"pixeldit-ledger: note: {note}", file=sys.stderr, flush=True)
     if latest is None:
         raise CheckpointError(f"{run_dir}: no checkpoint yet, so no record of where the loaders started")
-    segments = run_folder.read_meta(latest).get("data_segments")
+    meta = run_folder.read_meta(latest)
+    segments = meta.get("data_segments")
     if not segments:
         raise CheckpointError(f"{latest}/meta.json has no data_segments: the run was trained before the ledger "
                               f"existed; its samples cannot be listed from the plan")
     curriculum = Curriculum(cfg.stages)
     if not 0 <= step <= curriculum.total_steps:
         raise ValueError(f"--step {step} outside 0..{curriculum.total_steps} (the run's curriculum)")
-    return _draws(cfg, curriculum, segments, latest, step)
+    return _draws(cfg, curriculum, segments, latest, step, ledger_skips(run_dir, meta))
 
 
 def _draws(cfg: RunConfig, curriculum: Curriculum, segments: list[dict[str, Any]], latest: Path,
-           step: int) -> Iterator[tuple[int, str, str, int]]:
+           step: int, skips: list[dict[str, Any]]) -> Iterator[tuple[int, str, str, int]]:
     for stage_index in range(curriculum.stage_of(max(step - 1, 0)) + 1):
         span = curriculum.span(stage_index)
         own = sorted((s for s in segments if s["stage"] == stage_index), key=lambda s: s["step"])
@@ -93,11 +98,11 @@ def _draws(cfg: RunConfig, curriculum: Curriculum, segments: list[dict[str, Any]
         for k, seg in enumerate(own):
             end = min(last, own[k + 1]["step"] if k + 1 < len(own) else last)
             if end > seg["step"]:
-                yield from _segment_draws(cfg, stage_index, seg, end)
+                yield from _segment_draws(cfg, stage_index, seg, end, positions(skips, stage_index))
 
 
-def _segment_draws(cfg: RunConfig, stage_index: int, seg: dict[str, Any],
-                   end: int) -> Iterator[tuple[int, str, str, int]]:
+def _segment_draws(cfg: RunConfig, stage_index: int, seg: dict[str, Any], end: int,
+                   skipped: frozenset[tuple[int, int]]) -> Iterator[tuple[int, str, str, int]]:
     left_out = {root: [ShardProblem(s, "left out during training") for s in shards]
                 for root, shards in seg.get("left_out", {}).items()}
     problems = {src.path: left_out.get(src.path, []) for src in cfg.stages[stage_index].data_sources()}
@@ -114,7 +119,9 @@ def _segment_draws(cfg: RunConfig, stage_index: int, seg: dict[str, Any],
                             f"{now['digest']}): the plan of another table lists other samples")
     plan = build_plan(cfg, stage_index, sources, selection, int(seg["global_batch"]))
     temperature = float(seg.get("caption_temperature", cfg.data.caption_temperature))
-    epoch, batch = int(seg["epoch"]), int(seg["batch"])
+    batches_in = lambda e: len(plan.epoch(e))  # noqa: E731
+    # global batches of rolled-back loss spikes were never trained on (pixeldit.train.spikes): walked past
+    epoch, batch = skip_forward(int(seg["epoch"]), int(seg["batch"]), batches_in, skipped)
     for step in range(int(seg["step"]) + 1, end + 1):
         ep = plan.epoch(epoch)
         rows = ep.rows[batch]
@@ -123,9 +130,7 @@ def _segment_draws(cfg: RunConfig, stage_index: int, seg: dict[str, Any],
         for row, caption in zip(rows, captions):
             s, r = sources.locate(int(row))
             yield step, sources.roots[s], sources.indexes[s].keys[r].as_py(), int(caption)
-        batch += 1
-        if batch == len(ep):
-            epoch, batch = epoch + 1, 0
+        epoch, batch = skip_forward(epoch, batch + 1, batches_in, skipped)
 
 
 def build_parser() -> argparse.ArgumentParser:

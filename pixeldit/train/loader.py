@@ -54,6 +54,7 @@ from pixeldit.storage import read_range
 from .bucket_sampler import FIXED_BUCKET, BatchSpec, StagePlan, stable_salt
 from .config import RunConfig
 from .sources import SourceSet, open_sources
+from .spikes import skip_forward
 
 RECORD_KEYS_ENV = "PIXELDIT_RECORD_KEYS"
 OPEN_SHARDS = 16  # open shard files per reader (process)
@@ -291,6 +292,7 @@ class TrainLoader:
         self.stage_index, self.caption_temperature = stage_index, caption_temperature
         self.notes: list[str] = []  # what the stage start prints about the data (damaged shards left out)
         self.epoch = self.batch = self.micro = 0
+        self.skips: frozenset[tuple[int, int]] = frozenset()  # (epoch, global batch) never drawn (set_skips)
         self.bad_samples: list[str] = []
         self._lock = threading.Lock()  # the plan's epoch cache is shared with the prefetch thread
         self._iter = None
@@ -325,7 +327,8 @@ class TrainLoader:
             if n == 0:
                 raise DataError(f"stage {self.stage_index}: epoch {epoch} has no global batch of {self.plan.G}")
             for i in range(b, n):
-                yield epoch, i
+                if (epoch, i) not in self.skips:
+                    yield epoch, i
             epoch, b = epoch + 1, 0
 
     def _specs(self, epoch: int, batch: int, micro: int) -> Iterator[BatchSpec]:
@@ -383,12 +386,23 @@ class TrainLoader:
             self._write_record(out)
         self.micro += 1
         if self.micro == self.accum:
-            self.micro, self.batch = 0, self.batch + 1
+            self.micro = 0
             if self._prefetcher is not None:
                 self._prefetcher.consumed()
-            if self.batch == len(self.epoch_plan(self.epoch)):
-                self.epoch, self.batch = self.epoch + 1, 0
+            self.epoch, self.batch = self._skip_forward(self.epoch, self.batch + 1)
         return out
+
+    def _skip_forward(self, epoch: int, batch: int) -> tuple[int, int]:
+        return skip_forward(epoch, batch, lambda e: len(self.epoch_plan(e)), self.skips)
+
+    def set_skips(self, skips: frozenset[tuple[int, int]]) -> None:
+        """Global batches (epoch, batch) this loader never draws (``pixeldit.train.spikes``: the data windows of
+        rolled-back loss spikes); call before the first ``next()``. A position on one moves past it."""
+        if self._iter is not None:
+            raise RuntimeError("TrainLoader.set_skips after iteration started: call it right after load_state_dict")
+        self.skips = frozenset(skips)
+        if self.micro == 0:
+            self.epoch, self.batch = self._skip_forward(self.epoch, self.batch)
 
     def _count_bad(self, bad: list[str]) -> None:
         if not bad:

@@ -32,7 +32,11 @@ Outline:
     counted in ``nonfinite_total``, logged with ``skipped: true`` and its ``skip_reason``, no EMA update, no
     periodic checkpoint while the streak lasts; ``max_consecutive_nonfinite`` skipped steps in a row log the
     last one and raise ``NonFiniteLossError`` naming that logged step, leaving the last good checkpoint as
-    ``latest``.
+    ``latest``;
+ 6. loss spikes (spikes.py, ``spike.enabled``): a step is judged when its record is written (or, when it has
+    a checkpoint, validation or preview due, just before them); a spike records its samples and the skip,
+    leaves the stage loop and re-enters step 3 from the last checkpoint (the resume path), the spiked global
+    batch skipped.
 """
 from __future__ import annotations
 
@@ -69,6 +73,7 @@ from .preview import write_preview
 from .run_lock import RunFolderLocked, RunLock
 from .validation import build_validator, validation_record, wandb_values
 from .sources import check_stage_data, damaged_shards_error
+from .spikes import CLIENT_KEY as SPIKE_KEY, SpikeLimitError, build_spike_guard
 from .step import StepOutcome, agree, train_step
 from .warm_start import read_init_weights
 
@@ -243,6 +248,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
     flops = FlopCounter(args)
     losses: list[float] = []
     nonfinite = {"consecutive": 0, "total": 0}
+    guard = build_spike_guard(cfg, rank, world)  # loss spikes: detection, skip list, rollback (spikes.py)
     status: Literal["finished", "stopped"] = "finished"
     try:
         # 3. stages
@@ -264,7 +270,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                                   extra_files=getattr(conditioner, "prefetch_files", None))
             if isinstance(conditioner, TextConditioner):  # a cache must hold every caption the plan draws
                 conditioner.check_captions(loader.dataset.sources)
-            notes, continued = list(loader.notes), False
+            notes, continued, client = list(loader.notes), False, None
             if latest is not None:
                 client = ckpt.load(bundle.engine, latest, ema=ema)
                 if universal and bundle.zero3:  # DeepSpeed's ZeRO-3 universal load ties the groups' step counters
@@ -274,6 +280,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     notes.append(note)
                     continued = note is None
                 nonfinite = dict(client.get("nonfinite", nonfinite))
+            guard.start_stage(loader, stage_index, client)  # the skip list, applied to the loader
             if not continued:  # a stage start, or a resume the plan does not continue exactly
                 segments.append(loader.segment(step))
             metrics.write(f"stage {stage_index} ({stage.name}): steps {span.start}..{span.end - 1}, "
@@ -292,6 +299,20 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
             universal = False  # later loads (stage boundaries) read this run's own checkpoints
             batches = DevicePrefetcher(loader, bundle.device, conditioner, remaining=(span.end - step) * stage.grad_accum)
             pending: tuple[dict, StepOutcome] | None = None  # the last step's record, written one step later
+            rollback: Path | None = None  # a loss spike was judged: the checkpoint to go back to
+            judged = -1  # the last step judged for spikes
+
+            def judge(record: dict, done: StepOutcome) -> None:
+                """Judge a step once for loss spikes (spikes.py): sets ``rollback``; past the cap its record is
+                written and ``SpikeLimitError`` raised."""
+                nonlocal rollback, judged
+                if record["step"] != judged:
+                    judged = record["step"]
+                    try:
+                        rollback = guard.judge({**record, "grad_norm": done.grad_norm()}, loader, ckpt.latest)
+                    except SpikeLimitError:
+                        flush()
+                        raise
 
             def flush() -> None:
                 nonlocal pending
@@ -302,11 +323,13 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     if done.applied:
                         skip_reason(True, True, norm)  # an update applied with a non-finite norm: raises
                     metrics.log_step({**record, "grad_norm": norm, **done.phases.seconds()})
+                    judge(record, done)
 
             def save() -> Path:
                 client_state = {"stage_index": stage_index, "step": step, "loader": batches.state_dict(),
-                                "lr_schedule": bundle.schedule.state_dict(), "nonfinite": dict(nonfinite)}
-                meta = {**_checkpoint_meta(cfg, stage_index, world), "data_segments": segments}
+                                "lr_schedule": bundle.schedule.state_dict(), "nonfinite": dict(nonfinite),
+                                SPIKE_KEY: guard.state_dict()}
+                meta = {**_checkpoint_meta(cfg, stage_index, world), "data_segments": segments, **guard.meta()}
                 path = ckpt.save(bundle.engine, step, client_state, meta, ema)
                 if on_checkpoint is not None and rank == 0:
                     on_checkpoint(step, path)
@@ -318,7 +341,8 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 lr = bundle.schedule.apply(bundle.engine.optimizer, step - span.start)
                 phases = StepPhases(bundle.device)
                 waited, t0 = batches.wait_s, time.perf_counter()
-                out = train_step(bundle.engine, batches, objective, teacher, device=bundle.device, seed=cfg.seed,
+                source = guard.begin_step(step + 1, stage_index, batches)  # where its data is (+ the test hook)
+                out = train_step(bundle.engine, source, objective, teacher, device=bundle.device, seed=cfg.seed,
                                  rank=rank, step=step, stop=stop_requested is not None and stop_requested(),
                                  phases=phases)
                 # 5. skipped steps: counted, no EMA update (skip_reason; an applied step's gradient norm is
@@ -339,6 +363,8 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 step += 1
                 stop = out.stop
                 flush()  # the previous step's record: its device work is complete by now
+                if rollback is not None:  # the previous step spiked: this one is undone too
+                    break
                 losses.append(out.loss)
                 images = stage.micro_batch * stage.grad_accum * world
                 model_flops = sum(flops.train_flops(h, w) for h, w in out.sizes) * stage.micro_batch * world
@@ -362,6 +388,12 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                         f"is step {step}, {reason}, stage {stage.name}); stopping. The last good "
                         f"checkpoint is {_latest_or_none(ckpt)}; lower stages[{stage_index}].lr or check the "
                         f"data, then resume")
+                if guard.enabled and (stop or step == span.end or step % cfg.checkpoint.every == 0
+                                      or (validator is not None and validator.due(step))
+                                      or (cfg.logging.image_every and step % cfg.logging.image_every == 0)):
+                    judge(*pending)  # before a checkpoint, validation or preview is made from this step
+                    if rollback is not None:
+                        break
                 if validator is not None and validator.due(step):  # the held-out loss (validation.py)
                     val = validator.run(bundle.model, conditioner, bundle.module.autocast_dtype)
                     metrics.log_metrics(validation_record(step, stage_index, val), wandb_values(val),
@@ -377,7 +409,12 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     phases.add("checkpoint", time.perf_counter() - t_save)
                     flush()  # the save synchronised: write the record now
             flush()
-            if stop and step < curriculum.total_steps:  # a stop asked during the run's last step changes nothing
+            if rollback is not None:  # back to the last checkpoint through the resume path (exact), data skipped
+                metrics.write(guard.describe(rollback))
+                latest = rollback
+                meta = read_meta(latest)
+                step, segments = meta["step"], list(meta.get("data_segments", []))
+            elif stop and step < curriculum.total_steps:  # a stop asked during the run's last step changes nothing
                 if saved_at != step:
                     latest = save()
                 status = "stopped"

@@ -20,8 +20,9 @@ from pixeldit.models import build_model, get_model_args
 from pixeldit.models.layers import apply_rope, rope_text
 from pixeldit.release import ReleaseConfig, UnsafeCheckpointError, from_pretrained
 from pixeldit.release.writer import save_release
-from pixeldit.release.official import (check_official_args, infer_official_args, main, official_shapes,
-                                       official_to_ours, ours_to_official, read_official, rope_channel_order)
+from pixeldit.release.official import (check_official_args, infer_official_args, official_shapes, official_to_ours,
+                                       ours_to_official, rope_channel_order)
+from pixeldit.release.official_cli import main, read_official
 
 FIXTURE = json.loads((Path(__file__).parent / "data" / "official_keys.json").read_text())["variants"]
 EXPECTED = {"c2i-xl": ("XL/16", False), "c2i-xl-postmod": ("XL/16", True), "t2i": ("T2I", False),

@@ -20,7 +20,7 @@ from pixeldit.errors import ConfigError
 from pixeldit.models import build_model, get_model_args
 from pixeldit.release import load_release_weights
 from pixeldit.release.export import export_release
-from pixeldit.release.official import main as official_main
+from pixeldit.release.official_cli import main as official_main
 from pixeldit.release.official import ours_to_official
 from pixeldit.train.config import load_config
 from pixeldit.train.warm_start import check_init_release, read_init_weights

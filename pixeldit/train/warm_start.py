@@ -1,5 +1,5 @@
 """Start a run from the weights of a release folder (``checkpoint.init_from``): fine-tune a model we released or
-an imported official one (``python -m pixeldit.release.official import``).
+an imported official one (``python -m pixeldit.release.official_cli import``).
 
 Weights only: the model and its EMA start from the release; the optimizer, the LR schedule and the REPA
 projector (not part of a release) start fresh. In the trainer's order:

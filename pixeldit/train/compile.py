@@ -69,7 +69,8 @@ def compile_units(model: nn.Module) -> list[nn.Module]:
 
 
 class CompileMonitor:
-    """Counts dynamo graph compilations (its ``backend`` wraps inductor) and tells recompiles apart.
+    """Counts dynamo graph compilations (its ``backend`` wraps ``compiler``, the run config's
+    ``compile.backend``) and tells recompiles apart.
 
     ``stage_started`` at each engine build; ``first_step_done`` after a stage's first step (what compiled up to
     then is the stage's warm-up); ``recompiles`` = compilations since. ``over_budget`` returns a warning once
@@ -78,7 +79,7 @@ class CompileMonitor:
 
     def __init__(self, budget: int, compiler: str = "inductor"):
         self.budget = budget
-        self.compiler = compiler  # the dynamo backend that compiles each graph (tests: "eager", capture only)
+        self.compiler = compiler  # the dynamo backend that compiles each graph (config.CompileBackend)
         self.total = 0  # graphs compiled by this process
         self._stage_start = self._warm = 0
         self._warned = False

@@ -110,7 +110,7 @@ def build_engine(cfg: RunConfig, stage_index: int, world_size: int, teacher_dim:
         module.autocast_dtype = torch.bfloat16
     zero3 = zero_stage(ds_config) == 3
     if plan.enabled:
-        monitor = monitor or CompileMonitor(cfg.compile.recompile_budget)
+        monitor = monitor or CompileMonitor(cfg.compile.recompile_budget, cfg.compile.backend)
         monitor.stage_started()
         apply_compile(model, plan, monitor)
         if zero3:

@@ -54,7 +54,7 @@ class RandomBatches:
 
 
 def run_case(case: Case, strategy: str, zero: str, steps: int, warmup: int, backend: str = "inductor") -> dict:
-    from pixeldit.train.compile import CompileMonitor, compile_units
+    from pixeldit.train.compile import CompileMonitor, compiled_units
     from pixeldit.train.conditioning import ClassConditioner
     from pixeldit.train.config import RunConfig, StageConfig
     from pixeldit.train.engine import build_engine
@@ -73,7 +73,7 @@ def run_case(case: Case, strategy: str, zero: str, steps: int, warmup: int, back
     monitor = CompileMonitor(budget=10**6, compiler=backend)
     bundle = build_engine(cfg, 0, 1, teacher_dim=None, monitor=monitor)
     engine, device = bundle.engine, bundle.device
-    units = compile_units(bundle.model)
+    units = compiled_units(bundle.model)
     if strategy == "blocks":
         compiled = [u.forward for u in units]
         eager = [u._pixeldit_eager_forward for u in units]

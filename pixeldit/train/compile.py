@@ -41,6 +41,10 @@ from .config import RunConfig, StageConfig
 _EAGER = "_pixeldit_eager_forward"
 UNIT_CONTAINERS = ("patch_blocks", "pixel_blocks")  # ModuleLists of blocks
 UNIT_MODULES = ("pixel_embed", "head")  # single modules on per-pixel tensors
+# stays eager under ZeRO-3: as a ZeRO-3 leaf module (what a compiled unit must be there) the pixel embedding,
+# whose input (the noisy image) needs no gradient, fails the first backward: its weight's (D_pix, 3) gradient meets
+# the released (size 0) partition (measured on CPU with the eager and aot_eager backends, tools/BENCHMARKS.md)
+NOT_UNDER_ZERO3 = ("pixel_embed",)
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,14 @@ def resolve_compile(cfg: RunConfig, stage: StageConfig, device_type: str) -> Com
     return CompilePlan(enabled, dynamic)
 
 
-def compile_units(model: nn.Module) -> list[nn.Module]:
-    """The modules compiled one by one: every block, the pixel embedding and the pixel head."""
+def compile_units(model: nn.Module, zero3: bool = False) -> list[nn.Module]:
+    """The modules compiled one by one: every block, the pixel embedding (not under ZeRO-3: ``NOT_UNDER_ZERO3``)
+    and the pixel head."""
     units: list[nn.Module] = []
     for name in UNIT_CONTAINERS:
         units.extend(getattr(model, name, []))
-    units.extend(getattr(model, name) for name in UNIT_MODULES if hasattr(model, name))
+    names = [n for n in UNIT_MODULES if not (zero3 and n in NOT_UNDER_ZERO3)]
+    units.extend(getattr(model, name) for name in names if hasattr(model, name))
     if not units:
         raise ValueError(f"{type(model).__name__} has none of {UNIT_CONTAINERS + UNIT_MODULES} to compile")
     return units
@@ -117,7 +123,7 @@ class CompileMonitor:
                 f"time?): set compile.dynamic=true for this stage, or compile.enabled=false")
 
 
-def apply_compile(model: nn.Module, plan: CompilePlan, monitor: CompileMonitor) -> int:
+def apply_compile(model: nn.Module, plan: CompilePlan, monitor: CompileMonitor, zero3: bool = False) -> int:
     """Replace the forward of every compiled unit by its class's compiled forward; returns how many units.
 
     One ``torch.compile`` per unit class, shared by its instances. Clears dynamo's caches first, so a stage
@@ -132,7 +138,7 @@ def apply_compile(model: nn.Module, plan: CompilePlan, monitor: CompileMonitor) 
 
         fx_config.use_duck_shape = False
     compiled: dict[type, object] = {}
-    units = compile_units(model)
+    units = compile_units(model, zero3)
     for unit in units:
         cls = type(unit)
         if cls not in compiled:
@@ -143,8 +149,9 @@ def apply_compile(model: nn.Module, plan: CompilePlan, monitor: CompileMonitor) 
     return len(units)
 
 
-def is_compiled(model: nn.Module) -> bool:
-    return all(hasattr(u, _EAGER) for u in compile_units(model))
+def compiled_units(model: nn.Module) -> list[nn.Module]:
+    """The units ``apply_compile`` compiled (their eager forward kept as ``_pixeldit_eager_forward``)."""
+    return [u for u in compile_units(model) if hasattr(u, _EAGER)]
 
 
 def mark_zero3_leaves(model: nn.Module) -> None:
@@ -153,4 +160,4 @@ def mark_zero3_leaves(model: nn.Module) -> None:
     ``deepspeed.initialize``."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    set_z3_leaf_modules(model, sorted({type(u) for u in compile_units(model)}, key=lambda c: c.__name__))
+    set_z3_leaf_modules(model, sorted({type(u) for u in compile_units(model, zero3=True)}, key=lambda c: c.__name__))

@@ -12,7 +12,8 @@ inside the DeepSpeed engine (fullgraph, guards, dynamic shapes, the recompile co
 joint forward/backward through AOT autograd, but was not affordable here: the compiled 52-step run cost 176 CPU
 seconds (7 min wall at load 19) with ``aot_eager`` against 66 CPU seconds (3.6 min at load 20) with ``eager``;
 AOT autograd's dynamic-shape trace of the aspect stage alone took 231 s of wall time (tools/BENCHMARKS.md).
-Inductor's code generation costs minutes per rank more. Neither is what CI could afford 3 times per run.
+Inductor's code generation costs minutes more per rank (tools/BENCHMARKS.md). A third test builds a ZeRO-3
+engine in process and checks compiled blocks (ZeRO-3 leaf modules, checkpointed) against the eager engine.
 
 - the compiled run's per-step losses equal the eager run's within ``LOSS_RTOL`` (relative, per step, all 52
   steps; measured: identical to the last bit with both ``eager`` and ``aot_eager``, since neither backend

@@ -4,20 +4,25 @@
 compiled forward) -> ``apply_activation_checkpointing`` (wraps that compiled forward) -> ``deepspeed.initialize``.
 
 What is compiled (``compile_units``): every patch block (DiT or MM-DiT), every PiT block, the pixel embedding
-and the pixel head: the pixel pathway's many memory-bound element-wise kernels on (B*L, p*p, D_pix) tensors
+(not under ZeRO-3: ``NOT_UNDER_ZERO3``) and the pixel head: the pixel pathway's many memory-bound element-wise kernels on (B*L, p*p, D_pix) tensors
 (per-pixel AdaLN, RMSNorm, the pixel MLP) are what compilation fuses. The rest (timestep / label / text
 embeddings, RoPE tables, the loss with its generator draws) stays eager: it is a few small kernels per step.
 
-Why per block, before DeepSpeed wraps the model, and not DeepSpeed's ``engine.compile()`` (from how each
-traces; the measured comparison is ``python -m tools.bench_compile --strategy deepspeed`` vs ``--strategy
-blocks``, not run yet: on a CPU each compile costs minutes, see tools/BENCHMARKS.md):
- - ``engine.compile()`` compiles the whole ``TrainModule`` (``module.compile()``): the objective's draws from a
-   ``torch.Generator`` are not traceable, so the graph breaks around them, and under ZeRO-3 every sub-module's
-   parameter-gathering hook is a ``torch.compiler.disable`` call: one graph break per Linear;
- - per block, one graph serves all instances of a class (dynamo inlines ``nn.Module``s, so the 26 XL/16 blocks
-   share one compiled graph: compile time is that of one block per class), no graph breaks (``fullgraph``), and
-   under ZeRO-3 the compiled units are DeepSpeed "leaf modules" (``mark_zero3_leaves``): one hook gathers a
-   unit's parameters at its entry, outside the graph;
+Why per block, before DeepSpeed wraps the model, and not DeepSpeed's ``engine.compile()`` (measured: ``python -m
+tools.bench_compile --backend aot_eager --strategy {blocks,deepspeed} --zero {zero2,zero3} --case debug@32:bs=2
+debug@32:bs=2:ckpt``, table in tools/BENCHMARKS.md; CPU, so without inductor's code generation):
+ - under ZeRO-3, ``engine.compile()`` (``module.compile()`` of the whole ``TrainModule``) breaks the graph at every
+   sub-module's parameter-gathering hook (a ``torch.compiler.disable`` call): 46 graphs for the 2-block debug
+   model (more with depth), 3.4x the eager step's wall time (2.0x its CPU time) and a 389 s first step. Per
+   block, one graph per unit class serves all its instances (dynamo inlines ``nn.Module``s: the 26 XL/16 blocks
+   share one graph, compile time is that of one block per class), ``fullgraph`` (no break), and the compiled
+   units are DeepSpeed "leaf modules" (``mark_zero3_leaves``): one hook gathers a unit's parameters at its
+   entry, outside the graph (3 graphs: the pixel embedding stays eager under ZeRO-3; 0 recompiles, a 70 s
+   first step, 0.97x the eager step's CPU time);
+ - under ZeRO-2 both work (``engine.compile()``: 2 graphs, i.e. one graph break, its cause not traced;
+   per block: 4), with and without activation checkpointing, and their CPU step times are within the
+   machine's noise (aot_eager fuses nothing; the GPU/inductor comparison is not measured): one strategy for
+   every ZeRO stage is the simpler contract;
  - activation checkpointing wraps the compiled forward (the recomputation runs the compiled kernels too).
 Each class's ``forward`` is compiled, not the instance's (checkpointed) wrapper: dynamo keeps compiled code per
 Python code object with at most ``recompile_limit`` (8) variants, and one wrapper code object shared by every

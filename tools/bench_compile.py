@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(run_case(Case.parse(text), a.strategy, a.zero, a.steps, a.warmup, a.backend))
         print(rows[-1], flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n{device}, strategy {a.strategy}, {a.zero}, backend {a.backend}, median of {a.steps} steps each, load average "
-          f"{os.getloadavg()[0]:.1f}\n")
+    print(f"\n{device}, strategy {a.strategy}, {a.zero}, backend {a.backend}, median of {a.steps} steps each, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
     print("| case | eager step (s) | compiled step (s) | compiled / eager (wall) | compiled / eager (CPU s) | "
           "first compiled step (s) | graphs | recompiles |")
     print("|---|---|---|---|---|---|---|---|")

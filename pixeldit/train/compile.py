@@ -4,8 +4,8 @@
 compiled forward) -> ``apply_activation_checkpointing`` (wraps that compiled forward) -> ``deepspeed.initialize``.
 
 What is compiled (``compile_units``): every patch block (DiT or MM-DiT), every PiT block, the pixel embedding
-(not under ZeRO-3: ``NOT_UNDER_ZERO3``) and the pixel head: the pixel pathway's many memory-bound element-wise kernels on (B*L, p*p, D_pix) tensors
-(per-pixel AdaLN, RMSNorm, the pixel MLP) are what compilation fuses. The rest (timestep / label / text
+(not under ZeRO-3: ``NOT_UNDER_ZERO3``) and the pixel head: the pixel pathway's many memory-bound element-wise
+kernels on (B*L, p*p, D_pix) tensors (per-pixel AdaLN, RMSNorm, the pixel MLP) are what compilation fuses. The rest (timestep / label / text
 embeddings, RoPE tables, the loss with its generator draws) stays eager: it is a few small kernels per step.
 
 Why per block, before DeepSpeed wraps the model, and not DeepSpeed's ``engine.compile()`` (measured: ``python -m

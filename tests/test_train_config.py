@@ -61,6 +61,7 @@ def test_yaml_then_overrides_then_save_roundtrip(tmp_path):
     (["stages.1.shift=-1"], "stages.1 (b).shift=-1.0 must be > 0"),
     (["logging.image_sampler=ddim"], "valid values: euler, heun, flow_dpm"),
     (["model.overrides.depth_x=3"], "unknown ModelArgs field"),
+    (["compile.backend=cudagraphs"], "compile.backend='cudagraphs'; valid values: inductor, aot_eager, eager"),
 ])
 def test_invalid_configs_name_the_key(tmp_path, override, message):
     path = tmp_path / "run.yaml"

@@ -3,6 +3,7 @@
     python -m tools.bench_compile                                  # debug and B/16 at 64 and 128 px, ZeRO-2
     python -m tools.bench_compile --strategy deepspeed --case debug@64:bs=8      # DeepSpeed's engine.compile()
     python -m tools.bench_compile --strategy blocks --zero zero3 --case debug@64:bs=8
+    python -m tools.bench_compile --backend aot_eager --case debug@32:bs=2 debug@32:bs=2:ckpt   # no codegen
 
 One engine per case (``pixeldit.train.engine.build_engine``, 1 rank, fp32 on the CPU, bf16 autocast on a GPU),
 stepped by the trainer's own ``train_step`` on random images and class ids. The compiled forward and the eager
@@ -13,7 +14,8 @@ skews less) over ``--steps`` pairs after
 Strategies: ``blocks`` = ``pixeldit.train.compile`` (each block, the pixel embedding and the pixel head, one
 graph per class, compiled before DeepSpeed wraps the model); ``deepspeed`` = DeepSpeed's ``engine.compile()``
 (``module.compile()`` of the whole TrainModule: model, loss and the objective's random draws).
-"Graphs" = graphs dynamo handed to inductor (more than the number of unit classes means graph breaks).
+"Graphs" = graphs dynamo handed to the backend (``--backend``, the run config's ``compile.backend``; more than
+the number of unit classes means graph breaks); "recompiles" = graphs compiled after the first compiled step.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ import json
 import os
 import statistics
 import time
+import typing
 
 import torch
 
+from pixeldit.train.config import CompileBackend
 from tools.bench_cases import Case
 
 
@@ -49,8 +53,8 @@ class RandomBatches:
         pass
 
 
-def run_case(case: Case, strategy: str, zero: str, steps: int, warmup: int) -> dict:
-    from pixeldit.train.compile import CompileMonitor, compile_units
+def run_case(case: Case, strategy: str, zero: str, steps: int, warmup: int, backend: str = "inductor") -> dict:
+    from pixeldit.train.compile import CompileMonitor, compiled_units
     from pixeldit.train.conditioning import ClassConditioner
     from pixeldit.train.config import RunConfig, StageConfig
     from pixeldit.train.engine import build_engine
@@ -64,12 +68,12 @@ def run_case(case: Case, strategy: str, zero: str, steps: int, warmup: int) -> d
     cfg = RunConfig(stages=[stage])
     cfg.model.size, cfg.deepspeed.zero = case.size, zero
     cfg.deepspeed.precision = "bf16" if cuda else "fp32"
-    cfg.compile.enabled = strategy == "blocks"
+    cfg.compile.enabled, cfg.compile.backend = strategy == "blocks", backend
     args = cfg.model.args()
-    monitor = CompileMonitor(budget=10**6)
+    monitor = CompileMonitor(budget=10**6, compiler=backend)
     bundle = build_engine(cfg, 0, 1, teacher_dim=None, monitor=monitor)
     engine, device = bundle.engine, bundle.device
-    units = compile_units(bundle.model)
+    units = compiled_units(bundle.model)
     if strategy == "blocks":
         compiled = [u.forward for u in units]
         eager = [u._pixeldit_eager_forward for u in units]
@@ -88,7 +92,7 @@ def run_case(case: Case, strategy: str, zero: str, steps: int, warmup: int) -> d
                                ClassConditioner(args.num_classes, device), remaining=10**9)
     times: dict[bool, list[float]] = {False: [], True: []}
     cpu: dict[bool, list[float]] = {False: [], True: []}  # process CPU seconds (robust to a shared machine)
-    first_compiled = None
+    first_compiled, warm_graphs = None, 0
     for i in range(warmup + steps):
         for on in (False, True):
             use(on)
@@ -101,7 +105,7 @@ def run_case(case: Case, strategy: str, zero: str, steps: int, warmup: int) -> d
                 torch.cuda.synchronize()
             seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
             if on and i == 0:
-                first_compiled = seconds
+                first_compiled, warm_graphs = seconds, monitor.total
             if i >= warmup:
                 times[on].append(seconds)
                 cpu[on].append(cpu_s)
@@ -109,7 +113,8 @@ def run_case(case: Case, strategy: str, zero: str, steps: int, warmup: int) -> d
     engine.destroy()
     return {"case": str(case), "strategy": strategy, "zero": zero, "eager_s": eager_s, "compiled_s": compiled_s,
             "ratio": compiled_s / eager_s, "cpu_ratio": statistics.median(cpu[True]) / statistics.median(cpu[False]),
-            "first_compiled_s": first_compiled, "graphs": monitor.total}
+            "first_compiled_s": first_compiled, "graphs": monitor.total, "recompiles": monitor.total - warm_graphs,
+            "backend": backend}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--case", nargs="+", default=["debug@64:bs=8", "debug@128:bs=8", "B/16@64:bs=2", "B/16@128:bs=2"])
     ap.add_argument("--strategy", choices=["blocks", "deepspeed"], default="blocks")
     ap.add_argument("--zero", default="zero2", choices=["zero1", "zero2", "zero3"])
+    ap.add_argument("--backend", default="inductor", choices=typing.get_args(CompileBackend),
+                    help="dynamo backend (compile.backend): aot_eager/eager skip code generation (no speed-up)")
     ap.add_argument("--steps", type=int, default=10, help="measured eager/compiled step pairs")
     ap.add_argument("--warmup", type=int, default=2, help="pairs before measuring (the first compiles)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -127,17 +134,17 @@ def main(argv: list[str] | None = None) -> None:
     info = init_distributed()
     rows = []
     for text in a.case:
-        rows.append(run_case(Case.parse(text), a.strategy, a.zero, a.steps, a.warmup))
+        rows.append(run_case(Case.parse(text), a.strategy, a.zero, a.steps, a.warmup, a.backend))
         print(rows[-1], flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n{device}, strategy {a.strategy}, {a.zero}, median of {a.steps} steps each, load average "
-          f"{os.getloadavg()[0]:.1f}\n")
+    print(f"\n{device}, strategy {a.strategy}, {a.zero}, backend {a.backend}, median of {a.steps} steps each, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
     print("| case | eager step (s) | compiled step (s) | compiled / eager (wall) | compiled / eager (CPU s) | "
-          "first compiled step (s) | graphs |")
-    print("|---|---|---|---|---|---|---|")
+          "first compiled step (s) | graphs | recompiles |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['eager_s']:.3f} | {r['compiled_s']:.3f} | {r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x | "
-              f"{r['first_compiled_s']:.1f} | {r['graphs']} |")
+              f"{r['first_compiled_s']:.1f} | {r['graphs']} | {r['recompiles']} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": device, "load_average": os.getloadavg()[0], "rows": rows}, f, indent=1)

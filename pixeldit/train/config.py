@@ -52,6 +52,10 @@ WandbMode = Literal["offline", "online", "disabled"]
 TextMode = Literal["online", "cached"]
 OptimizerName = Literal["adamw", "came"]
 VerifyMode = Literal[VERIFY_MODES]  # pixeldit.run_folder.checkpoint_problem
+# the dynamo backend that compiles each captured graph: inductor generates fused kernels (the speed-up);
+# aot_eager runs the AOT-autograd forward/backward graphs with eager kernels (same capture and autograd path,
+# no code generation: a CPU test's choice); eager runs the captured graphs as they are (capture only)
+CompileBackend = Literal["inductor", "aot_eager", "eager"]
 
 
 @dataclass
@@ -146,6 +150,7 @@ class CompileSection:
     enabled: bool | None = None  # None: on with CUDA, off on CPU (compiling costs minutes there; see BENCHMARKS)
     dynamic: bool | None = None  # symbolic H/W; None: in aspect-bucket stages (one graph serves every bucket)
     recompile_budget: int = 2  # graph compiles per stage after its first step before a warning
+    backend: CompileBackend = "inductor"  # CompileBackend above; only inductor makes the step faster
 
 
 @dataclass

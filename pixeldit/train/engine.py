@@ -5,8 +5,8 @@
     the REPA projector; wrap both in one ``TrainModule`` so DeepSpeed partitions and optimises both
     (the DINOv2 teacher and the text encoder are frozen and stay outside the engine);
  2. ``apply_compile`` (``pixeldit.train.compile``: ``compile.enabled``, on by default with CUDA): every block,
-    the pixel embedding and the pixel head get their class's compiled forward; under ZeRO-3 they become
-    DeepSpeed leaf modules (parameters gathered once at their entry, outside the graphs);
+    the pixel embedding (not under ZeRO-3) and the pixel head get their class's compiled forward; under ZeRO-3
+    they become DeepSpeed leaf modules (parameters gathered once at their entry, outside the graphs);
  3. ``apply_activation_checkpointing`` on the patch and PiT blocks if the stage asks for it (it wraps the
     compiled forward; the model stays a plain nn.Module: only ``forward`` attributes are replaced, state-dict
     keys are unchanged);
@@ -110,9 +110,9 @@ def build_engine(cfg: RunConfig, stage_index: int, world_size: int, teacher_dim:
         module.autocast_dtype = torch.bfloat16
     zero3 = zero_stage(ds_config) == 3
     if plan.enabled:
-        monitor = monitor or CompileMonitor(cfg.compile.recompile_budget)
+        monitor = monitor or CompileMonitor(cfg.compile.recompile_budget, cfg.compile.backend)
         monitor.stage_started()
-        apply_compile(model, plan, monitor)
+        apply_compile(model, plan, monitor, zero3)
         if zero3:
             mark_zero3_leaves(model)
     apply_activation_checkpointing(model, stage.grad_checkpointing)

@@ -185,7 +185,7 @@ class DistributedSection:
 
     startup_timeout_s: float = 1800.0  # process group start-up through the first completed step (compile, loads)
     step_timeout_s: float = 300.0  # every collective after the first step: longer than the slowest save/validation
-    sigterm_grace_s: float = 3.0  # SIGTERM: leave within this many seconds, even with a stuck main thread
+    sigterm_grace_s: float = 2.5  # SIGTERM: leave within this many seconds, even with a stuck main thread
 
 
 @dataclass
@@ -581,8 +581,8 @@ def _node_health_rules(cfg: RunConfig) -> list[tuple[str, Any, bool, str]]:
     return [
         ("distributed.startup_timeout_s", d.startup_timeout_s, d.startup_timeout_s > 0, "> 0"),
         ("distributed.step_timeout_s", d.step_timeout_s, d.step_timeout_s > 0, "> 0"),
-        ("distributed.sigterm_grace_s", d.sigterm_grace_s, 0 < d.sigterm_grace_s <= 4.5,
-         "in (0, 4.5] (a SIGTERM'd trainer must be gone within 5 s)"),
+        ("distributed.sigterm_grace_s", d.sigterm_grace_s, 0 < d.sigterm_grace_s <= 3.5,
+         "in (0, 3.5] (a SIGTERM'd trainer must be gone within 5 s; faulthandler's backstop fires 1 s later)"),
         ("node_check.matmul_size", n.matmul_size, n.matmul_size > 0, "> 0"),
         ("node_check.allreduce_mb", n.allreduce_mb, n.allreduce_mb > 0, "> 0"),
         ("node_check.min_allreduce_gb_s", n.min_allreduce_gb_s, n.min_allreduce_gb_s >= 0, ">= 0 (0 = report only)"),

@@ -13,7 +13,10 @@ must end the process within 5 s. It raises the same flag, so a step boundary rea
 as usual, and starts a watcher thread: if the process is still there ``grace_s`` seconds later (a step or a
 save still running, a main thread stuck in a long C++ op or a blocked collective, which no Python handler can
 interrupt), the watcher appends every thread's stack to ``{dump_dir}/stacks_{host}_rank{r}.txt``, flushes
-stdout/stderr and leaves with ``os._exit(128 + SIGTERM)`` (143). A save it cuts short never touches ``latest``:
+stdout/stderr and leaves with ``os._exit(128 + SIGTERM)`` (143). The watcher learns of SIGTERM through
+``signal.set_wakeup_fd`` (written by the C-level handler at once; the Python handler only runs when the main
+thread is back in Python code), and arms ``faulthandler.dump_traceback_later`` (a C thread: it needs no GIL) one
+second after the grace, for a main thread that holds the GIL in C code (stacks dumped, exit code 1). A save it cuts short never touches ``latest``:
 checkpoint folders are built under a staging name and ``latest`` is replaced last (``pixeldit.train.checkpoint``),
 so ``latest`` keeps naming the previous complete checkpoint. A second SIGTERM changes nothing.
 
@@ -26,6 +29,7 @@ the watcher never waits for an import.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import multiprocessing
 import os
 import signal
@@ -54,38 +58,82 @@ class StopFlag:
         self.grace_s = grace_s
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self._watcher: threading.Thread | None = None
+        self.terminated = False  # SIGTERM was received
 
     def install(self, signals: Iterable[signal.Signals] = STOP_SIGNALS) -> "StopFlag":
-        """Make each of ``signals`` set the flag (replacing their previous handlers); returns self."""
+        """Make each of ``signals`` set the flag (replacing their previous handlers); returns self. With a
+        ``grace_s`` and SIGTERM among ``signals``, also start the watcher (call from the main thread)."""
+        signals = list(signals)
         for sig in signals:
             signal.signal(sig, self._handle)
+        if self.grace_s is not None and signal.SIGTERM in signals and self._watcher is None:
+            # the C-level handler writes each signal's number into this pipe at once, whatever the main thread
+            # is doing; the Python handler would only run once the main thread is back in Python code
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            self._watcher = threading.Thread(target=self._watch, args=(read_fd,), name="sigterm-watcher", daemon=True)
+            self._watcher.start()
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
         self._event.set()
-        if signum == signal.SIGTERM and self.grace_s is not None and self._watcher is None:
-            self._watcher = threading.Thread(target=self._leave_after_grace, name="sigterm-watcher", daemon=True)
-            self._watcher.start()
+        if signum == signal.SIGTERM:
+            self.terminated = True
 
-    def _leave_after_grace(self) -> None:
-        """The watcher: sleep ``grace_s``, then dump stacks, flush and leave (the process is still running)."""
-        threading.Event().wait(self.grace_s)
+    def leave_if_terminated(self) -> None:
+        """After a run that SIGTERM stopped in time: flush and leave at once with exit code 143, skipping the
+        interpreter's teardown (a full garbage collection of the trainer's heap holds the GIL for seconds on a
+        loaded machine, past the grace)."""
+        if self.terminated:
+            _kill_children()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(TERM_EXIT_CODE)
+
+    def _watch(self, read_fd: int) -> None:
+        """The watcher: wait for SIGTERM, then ``grace_s``; then dump the stacks, flush and leave."""
+        while signal.SIGTERM not in os.read(read_fd, 64):
+            pass
+        gc.disable()  # a collection of the trainer's heap, run by this thread, takes seconds on a loaded machine
+        self.terminated = True
+        self._event.set()  # also when the main thread cannot run its handler (stuck in C++ code)
+        rank = int(os.environ.get("RANK", "0"))
         reason = (f"SIGTERM: still running {self.grace_s:g} s later (distributed.sigterm_grace_s); leaving with "
                   f"exit code {TERM_EXIT_CODE}, a save in progress is abandoned (latest unchanged)")
+        backstop = self._arm_backstop(rank)
+        time.sleep(self.grace_s)
         try:
+            faulthandler.cancel_dump_traceback_later()
             if self.dump_dir is not None:
-                dump_stacks(self.dump_dir, int(os.environ.get("RANK", "0")), reason)
+                dump_stacks(self.dump_dir, rank, reason)
             print(f"pixeldit-train: {reason}", file=sys.stderr, flush=True)
         except Exception:  # noqa: BLE001 (leaving matters more than the dump: a full disk must not keep us here)
             pass
         finally:
             _kill_children()
-            for stream in (sys.stdout, sys.stderr):
+            for stream in (sys.stdout, sys.stderr, backstop):
                 try:
                     stream.flush()
                 except Exception:  # noqa: BLE001 (a closed stream)
                     pass
             os._exit(TERM_EXIT_CODE)
+
+    def _arm_backstop(self, rank: int):
+        """faulthandler's C watchdog (it needs no GIL): should this thread not get to run (a main thread holding
+        the GIL in C code), it dumps every stack and exits (code 1) one second after the grace."""
+        out = sys.stderr
+        try:
+            if self.dump_dir is not None:
+                self.dump_dir.mkdir(parents=True, exist_ok=True)
+                out = open(stack_file(self.dump_dir, rank), "a")
+                out.write(f"=== pid {os.getpid()} rank {rank}: SIGTERM; armed: if the process is still there "
+                          f"{self.grace_s + 1:g} s later, faulthandler dumps the stacks below and exits\n")
+                out.flush()
+        except OSError:
+            out = sys.stderr
+        faulthandler.dump_traceback_later(self.grace_s + 1.0, exit=True, file=out)
+        return out
 
     def __call__(self) -> bool:
         return self._event.is_set()

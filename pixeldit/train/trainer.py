@@ -409,7 +409,8 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
             batches.close()
             bundle.engine.destroy()
             del bundle, ema, loader, validator, batches
-            gc.collect()
+            if status == "finished":  # the next stage's engine needs the memory (a stop skips it: seconds under load)
+                gc.collect()
         dist.barrier()
     finally:
         metrics.close()

@@ -17,7 +17,6 @@ model, 32 px, a few steps; the faults come from the test hooks of ``pixeldit.tra
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -101,8 +100,8 @@ def test_preflight_on_start_and_resume_and_straggler_flag(dataset, tmp_path):
     first_run = [w for w in windows if w["step"] <= 6]
     assert [w["step"] for w in first_run] == [2, 4, 6]
     assert all(f["rank"] != 0 for w in windows for f in w["flagged"])  # the fast rank: never
-    assert first_run[-1]["flagged"] == [{"rank": 1, "host": HOST, "slower_by": first_run[-1]["flagged"][0]["slower_by"]}]
-    assert first_run[-1]["flagged"][0]["slower_by"] > 0.2
+    [flag] = first_run[-1]["flagged"]
+    assert (flag["rank"], flag["host"]) == (1, HOST) and flag["slower_by"] > 0.2
     assert all(w["ranks"][1]["p50_s"] > w["ranks"][0]["p50_s"] + 1.5 for w in first_run)
     assert f"STRAGGLER: rank 1 on host {HOST}" in text and "STRAGGLER: rank 0" not in text
     assert all(not w["flagged"] for w in windows if w["step"] > 6)  # after the resume nobody is slowed

@@ -25,8 +25,8 @@ import torch
 from pixeldit.errors import ConfigError
 from pixeldit.train.collectives import CollectiveError, is_collective_error
 from pixeldit.train.config import load_config
-from pixeldit.train.signals import stack_file
 from pixeldit.train.node_check import check_disk, check_matmul, check_read, checkpoint_bytes, summary_lines
+from pixeldit.train.signals import stack_file
 from pixeldit.train.stragglers import slow_ranks, window_stats
 from train_helpers import ROOT, free_port, write_tiny_dataset
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .config import RunConfig
-from .signals import dump_stacks, stack_file  # noqa: F401 (stack_file: the dump's name, for callers)
+from .signals import dump_stacks
 
 LOG_DIR_VAR = "PIXELDIT_LOG_DIR"  # the job's log folder (set by a launcher); else {run_dir}/logs
 NCCL_TRACE_ENTRIES = 2000  # collectives the NCCL flight recorder keeps per rank
@@ -116,5 +116,5 @@ class CollectiveGuard:
         first = " ".join(str(err).split())[:300]
         return CollectiveError(
             f"rank {self.rank} on {host}: a collective failed {when} (timeout {self.timeout_key}): {first}. "
-            f"{where}{nccl}. A rank that stalled or died is named in its stacks and log; raise {self.timeout_key.split('=')[0]} "
-            f"if its steps are legitimately slower, else exclude that node and resume")
+            f"{where}{nccl}. A rank that stalled or died is named in its stacks and log; raise "
+            f"{self.timeout_key.split('=')[0]} if its steps are legitimately slower, else exclude that node and resume")

@@ -123,8 +123,9 @@ def check_disk(run_dir: Path, estimate: int, warn: float, fail: float) -> Check:
     ratio = free / estimate if estimate else math.inf
     detail = f"{free / 1e9:.1f} GB free for {run_dir}, one checkpoint ~{estimate / 1e9:.3f} GB ({ratio:.1f} x)"
     if ratio < fail:
-        return Check("disk", "fail", free / 1e9, f"{detail} < node_check.disk_fail_checkpoints={fail:g}: free space "
-                                                 f"there (lower checkpoint.keep, delete old runs) or lower the threshold")
+        return Check("disk", "fail", free / 1e9, f"{detail} < node_check.disk_fail_checkpoints={fail:g}: free "
+                                                 f"space there (lower checkpoint.keep, delete old runs) or lower the "
+                                                 f"threshold")
     if ratio < warn:
         return Check("disk", "warn", free / 1e9, f"{detail} < node_check.disk_warn_checkpoints={warn:g}")
     return Check("disk", "ok", free / 1e9, detail)

@@ -16,8 +16,8 @@ interrupt), the watcher appends every thread's stack to ``{dump_dir}/stacks_{hos
 stdout/stderr and leaves with ``os._exit(128 + SIGTERM)`` (143). The watcher learns of SIGTERM through
 ``signal.set_wakeup_fd`` (written by the C-level handler at once; the Python handler only runs when the main
 thread is back in Python code), and arms ``faulthandler.dump_traceback_later`` (a C thread: it needs no GIL) one
-second after the grace, for a main thread that holds the GIL in C code (stacks dumped, exit code 1). A save it cuts short never touches ``latest``:
-checkpoint folders are built under a staging name and ``latest`` is replaced last (``pixeldit.train.checkpoint``),
+second after the grace, for a main thread that holds the GIL in C code (stacks dumped, exit code 1). A save it
+cuts short never touches ``latest``: checkpoint folders are built under a staging name and ``latest`` is replaced last (``pixeldit.train.checkpoint``),
 so ``latest`` keeps naming the previous complete checkpoint. A second SIGTERM changes nothing.
 
 A submitit job (``launchers.job``) installs the flag on its preemption signal only (USR2 unless submitit is

@@ -134,12 +134,12 @@ def check_disk(run_dir: Path, estimate: int, warn: float, fail: float) -> Check:
 def check_read(root: str, storage_options: dict[str, Any], mb: float, rank: int, min_mb_s: float,
                where: str) -> Check:
     """Read up to ``mb`` MiB of one shard of ``root`` (``where``: the config key naming the root)."""
-    from data_pipeline.dataset_format import read_manifest
+    from data_pipeline.dataset_format import MANIFEST, read_manifest
 
     try:
         manifest = read_manifest(root, storage_options)
         if manifest is None or manifest.num_rows == 0:
-            raise FileNotFoundError(f"no shards listed in {storage.join(root, 'manifest.parquet')}")
+            raise FileNotFoundError(f"no shards listed in {storage.join(root, MANIFEST)}")
         shards, sizes = manifest.column("shard").to_pylist(), manifest.column("bytes").to_pylist()
         i = rank % len(shards)
         url, n = storage.join(root, shards[i]), min(int(sizes[i]), int(mb * MIB))

@@ -112,11 +112,14 @@ def test_failing_node_check_stops_the_run_with_one_line(dataset, tmp_path):
     config = write_config(tmp_path / "run.yaml", run_dir, dataset, steps=4,
                           node_check={"disk_warn_checkpoints": 1e12, "disk_fail_checkpoints": 1e12})
     assert run(config, log) != 0, log.read_text()[-3000:]
-    assert log.read_text().count("exitcode  : 2") == 2  # torchrun's report: both ranks left with the user-error code
+    # torchrun's report: the first rank to leave used the user-error code (the other may still be tearing down
+    # when torchrun SIGTERMs it, after printing the same line)
+    assert "exitcode  : 2" in log.read_text()
     errors = [line for line in log.read_text().splitlines() if "pixeldit-train: error:" in line]
     assert errors and len(set(e.split("error:", 1)[1] for e in errors)) == 1  # every rank: the same one line
     assert f"node check disk failed on host {HOST} rank 0" in errors[0]
-    assert "node_check.disk_fail_checkpoints=1e+12" in errors[0] and "Traceback" not in log.read_text()
+    assert "node_check.disk_fail_checkpoints=1e+12" in errors[0]
+    assert "pixeldit/train" not in log.read_text()  # no trainer traceback (torchrun prints its own)
     [record] = metrics(run_dir, "preflight")
     assert record["ok"] is False and [r["disk_level"] for r in record["ranks"]] == ["fail", "fail"]
     assert not (run_dir / "checkpoints").exists() and steps_logged(run_dir) == []  # no engine was built

@@ -9,7 +9,9 @@ release tools and launchers read it, tests build fixtures through it. Imports to
     {run_dir}/trainer.lock                       the trainer holding the run folder (``pixeldit.train.run_lock``)
     {run_dir}/samples/step_{N:08d}.png           EMA preview grids
     {run_dir}/metrics.jsonl                      evaluation records keyed by step: the trainer's validation loss
-                                                 (kind "val") and eval jobs' results (kind "eval"); ``read_metrics``
+                                                 (kind "val"), eval jobs' results (kind "eval"), the runtime
+                                                 preflight (kind "preflight") and straggler windows (kind
+                                                 "straggler"); ``read_metrics``
     {run_dir}/evals/step_{N:08d}/                an eval job of that checkpoint: its pinned weights (checkpoint/),
                                                  images and results.json (launchers.eval_jobs)
     {run_dir}/checkpoints/latest                 text: the name of the newest complete step folder
@@ -72,7 +74,9 @@ HASH = "sha256"
 VERIFY_MODES = ("size", "full")  # checkpoint_problem: sizes only (a stat per file), or sizes and SHA-256
 METRICS = "metrics.jsonl"
 EVALS = "evals"
-METRIC_KINDS = ("val", "eval")  # metrics.jsonl "kind": the trainer's validation loss, an eval job's results
+# metrics.jsonl "kind": the trainer's validation loss, an eval job's results, the runtime preflight of every start
+# (pixeldit.train.node_check), a straggler window (pixeldit.train.stragglers)
+METRIC_KINDS = ("val", "eval", "preflight", "straggler")
 LOCK = "trainer.lock"  # {run_dir}/trainer.lock: the trainer holding the run folder (pixeldit.train.run_lock)
 _LATEST_MAX_BYTES = 256
 _log = logging.getLogger(__name__)

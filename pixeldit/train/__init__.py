@@ -22,6 +22,9 @@ One concern per module, each with a ``build_*`` factory or a small stateful obje
 - ``conditioning``: class ids / text encoder / embedding cache, REPA teacher
 - ``metrics`` + ``preview``: JSONL, tqdm, wandb, MFU; EMA image grids
 - ``signals``: ``StopFlag``, the one stop-signal mechanism (the CLI's and the launcher job's)
+- node health (issue 17): ``collectives`` (timeouts for start-up / after the first step, stack dumps on a failed
+  collective), ``node_check`` (the runtime preflight of every start: matmul, all-reduce, disk, data read),
+  ``stragglers`` (per-rank step-time windows, slow ranks flagged), ``fault_hooks`` (the tests' fault injection)
 - ``trainer``: ``run_training(cfg, stop_requested) -> TrainResult``; ``cli``: ``pixeldit-train``
 
 Releases are made from the checkpoints on disk; training reads a release folder only in ``warm_start``, through

@@ -34,6 +34,8 @@ from pixeldit import run_folder
 from pixeldit.errors import CheckpointError
 from pixeldit.storage import replace_dir
 
+from .fault_hooks import save_delay
+
 # the rank number in a file name: DeepSpeed's zero_pp_rank_{r}_..., our ema_rank{r:05d} / rng_rank{r:05d}
 _RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|_rank)(\d+)")
 
@@ -185,6 +187,7 @@ class CheckpointManager:
             gathered = [digests]
         if self.rank == 0:
             run_folder.write_manifest(tmp, {k: v for part in gathered for k, v in part.items()})
+            save_delay(step)  # a test hook (pixeldit.train.fault_hooks): a save interrupted before it is published
             if self.lock is not None:
                 self.lock.check()  # another trainer took the run folder over: publish nothing
             replace_dir(tmp, final)  # the same step saved again (e.g. stop right after a save) replaces it

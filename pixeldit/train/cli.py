@@ -5,9 +5,11 @@
 
 The whole run is checked before anything starts (``pixeldit.train.preflight``: config keys, datasets, model
 folders, ZeRO JSON); a mistake is one line naming the key or file, exit code 2 (``--traceback`` or
-PIXELDIT_TRACEBACK=1 shows the traceback). SIGTERM, SIGUSR1 or SIGUSR2 (e.g. SLURM's warning signal before the
-time limit) asks the run to stop: all ranks save a checkpoint together at the next step boundary and the
-command returns; running it again resumes.
+PIXELDIT_TRACEBACK=1 shows the traceback). SIGUSR1 or SIGUSR2 (e.g. SLURM's warning signal before the time
+limit) asks the run to stop: all ranks save a checkpoint together at the next step boundary and the command
+returns; running it again resumes. SIGTERM (torchrun forwards it; SLURM's cancel) asks the same, and the
+process is gone within ``distributed.sigterm_grace_s`` seconds even if the step or the save is not done
+(``pixeldit.train.signals``: ``latest`` keeps naming the last complete checkpoint; exit code 143).
 """
 from __future__ import annotations
 
@@ -41,12 +43,15 @@ def _main(argv: list[str]) -> int:
         print(yaml.safe_dump(to_saved_dict(cfg), sort_keys=False))
         return 0
     preflight(cfg)  # before deepspeed is even imported: a mistake costs no process group, run folder or wandb run
+    from .collectives import log_dir
     from .trainer import run_training
 
-    result = run_training(cfg, StopFlag().install())
+    stop = StopFlag(grace_s=cfg.distributed.sigterm_grace_s, dump_dir=log_dir(cfg)).install()
+    result = run_training(cfg, stop)
     if os.environ.get("RANK", "0") == "0":
         print(f"{PROG}: {result.status} at step {result.step} (stage {result.stage}); "
               f"checkpoint {result.checkpoint}", flush=True)
+    stop.leave_if_terminated()  # SIGTERM: exit code 143 now, without the interpreter's slow teardown
     return 0
 
 

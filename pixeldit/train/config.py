@@ -21,6 +21,14 @@ Example (YAML)::
       - {name: s1024, steps: 30000, resolution: 1024, buckets: aspect, micro_batch: 8, lr: 5.0e-5, shift: 4.0,
          grad_checkpointing: true, sources: [{path: s3://bkt/data, weight: 3}, {path: s3://bkt/hq, weight: 1}]}
     data: {num_workers: 8, cache_dir: /local/nvme/pixeldit-cache, cache_max_gb: 500, s3: {read_timeout_s: 30}}
+    distributed: {startup_timeout_s: 1800, step_timeout_s: 300, sigterm_grace_s: 3}
+    node_check: {enabled: true, allreduce_mb: 64, read_mb: 16, disk_fail_checkpoints: 1.5}
+    straggler: {every: 50, threshold: 0.2, windows: 3}
+
+Node-health sections (issue 17): ``distributed`` (collective timeouts for start-up / after the first step, the
+SIGTERM grace: ``pixeldit.train.collectives``, ``pixeldit.train.signals``), ``node_check`` (the runtime preflight
+on every start: matmul, all-reduce bandwidth, free disk, data read rate; ``pixeldit.train.node_check``) and
+``straggler`` (per-rank step-time windows; ``pixeldit.train.stragglers``); each key is commented at its field.
 """
 from __future__ import annotations
 
@@ -178,6 +186,38 @@ class DataSection:
 
 
 @dataclass
+class DistributedSection:
+    """Collective timeouts and SIGTERM handling (``pixeldit.train.collectives``, ``pixeldit.train.signals``)."""
+
+    startup_timeout_s: float = 1800.0  # process group start-up through the first completed step (compile, loads)
+    step_timeout_s: float = 300.0  # every collective after the first step: longer than the slowest save/validation
+    sigterm_grace_s: float = 2.5  # SIGTERM: leave within this many seconds, even with a stuck main thread
+
+
+@dataclass
+class NodeCheckSection:
+    """The runtime preflight on every start and restart (``pixeldit.train.node_check``)."""
+
+    enabled: bool = True
+    matmul_size: int = 256  # n x n device matmul against a float64 CPU reference
+    allreduce_mb: float = 16.0  # MiB of the timed all-reduce
+    min_allreduce_gb_s: float = 0.0  # fail below this all-reduce bus bandwidth (0: report only)
+    read_mb: float = 4.0  # MiB read from a shard of the first remaining stage's data root
+    min_read_mb_s: float = 0.0  # fail below this read rate (0: report only)
+    disk_warn_checkpoints: float = 3.0  # warn when run_dir's free disk holds fewer estimated checkpoints
+    disk_fail_checkpoints: float = 1.0  # fail below this many
+
+
+@dataclass
+class StragglerSection:
+    """Per-rank step-time report (``pixeldit.train.stragglers``)."""
+
+    every: int = 50  # window in optimizer steps; one all_gather of a few floats per window (0: off)
+    threshold: float = 0.2  # slower than the median of ranks by more than this fraction: a slow window
+    windows: int = 3  # consecutive slow windows before the rank is flagged with its host
+
+
+@dataclass
 class ConditioningConfig:
     text_mode: TextMode = "online"  # online: run the frozen TextEncoder per batch; cached: embedding cache
     text_encoder: str = ""  # path of the text encoder (HF folder)
@@ -261,6 +301,9 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     spike: SpikeSection = field(default_factory=SpikeSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    node_check: NodeCheckSection = field(default_factory=NodeCheckSection)
+    straggler: StragglerSection = field(default_factory=StragglerSection)
     ema_decay: float = 0.9999
     max_consecutive_nonfinite: int = 20  # non-finite losses in a row before the run stops
 
@@ -541,6 +584,7 @@ def validate(cfg: RunConfig) -> None:
         ("spike.window", cfg.spike.window, cfg.spike.window >= cfg.spike.min_history,
          f">= spike.min_history={cfg.spike.min_history}"),
         ("spike.max_rollbacks", cfg.spike.max_rollbacks, cfg.spike.max_rollbacks >= 0, ">= 0"),
+        *_node_health_rules(cfg),
     ):
         if not ok:
             raise ConfigError(f"{key}={value} must be {rule}")
@@ -559,6 +603,28 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.storage_options holds {REDACTED!r} values: this config was read back from a run "
                           f"folder, where credentials are never saved; remove them and give the credentials as AWS_* "
                           f"environment variables or an AWS profile")
+
+
+def _node_health_rules(cfg: RunConfig) -> list[tuple[str, Any, bool, str]]:
+    """(key, value, ok, rule) of the distributed / node_check / straggler sections."""
+    d, n, s = cfg.distributed, cfg.node_check, cfg.straggler
+    return [
+        ("distributed.startup_timeout_s", d.startup_timeout_s, d.startup_timeout_s > 0, "> 0"),
+        ("distributed.step_timeout_s", d.step_timeout_s, d.step_timeout_s > 0, "> 0"),
+        ("distributed.sigterm_grace_s", d.sigterm_grace_s, 0 < d.sigterm_grace_s <= 3.5,
+         "in (0, 3.5] (a SIGTERM'd trainer must be gone within 5 s; faulthandler's backstop fires 1 s later)"),
+        ("node_check.matmul_size", n.matmul_size, n.matmul_size > 0, "> 0"),
+        ("node_check.allreduce_mb", n.allreduce_mb, n.allreduce_mb > 0, "> 0"),
+        ("node_check.min_allreduce_gb_s", n.min_allreduce_gb_s, n.min_allreduce_gb_s >= 0, ">= 0 (0 = report only)"),
+        ("node_check.read_mb", n.read_mb, n.read_mb > 0, "> 0"),
+        ("node_check.min_read_mb_s", n.min_read_mb_s, n.min_read_mb_s >= 0, ">= 0 (0 = report only)"),
+        ("node_check.disk_fail_checkpoints", n.disk_fail_checkpoints, n.disk_fail_checkpoints >= 0, ">= 0"),
+        ("node_check.disk_warn_checkpoints", n.disk_warn_checkpoints,
+         n.disk_warn_checkpoints >= n.disk_fail_checkpoints, ">= node_check.disk_fail_checkpoints"),
+        ("straggler.every", s.every, s.every >= 0, ">= 0 (0 = off)"),
+        ("straggler.threshold", s.threshold, s.threshold > 0, "> 0"),
+        ("straggler.windows", s.windows, s.windows > 0, "> 0"),
+    ]
 
 
 def _leaves(tree: Any) -> list[Any]:

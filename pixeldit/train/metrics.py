@@ -173,6 +173,30 @@ class StepPhases:
         self.cuda = device.type == "cuda"
         self._host = dict.fromkeys(self.PHASES, 0.0)
         self._events: list[tuple[str, Any, Any]] = []
+        # the step's start and its first wait for the other ranks (``mark_sync``; pixeldit.train.stragglers)
+        self._start: Any = time.perf_counter()
+        self._sync: Any = None
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+
+    def mark_sync(self) -> None:
+        """Here the step first waits for the other ranks (its stats all-reduce); once per step."""
+        if self.cuda:
+            self._sync = torch.cuda.Event(enable_timing=True)
+            self._sync.record()
+        else:
+            self._sync = time.perf_counter()
+
+    def until_sync_s(self) -> float | None:
+        """Seconds from the step's start to ``mark_sync`` (None without a mark); on CUDA it waits for that event,
+        so read it late (with the step's record)."""
+        if self._sync is None:
+            return None
+        if self.cuda:
+            self._sync.synchronize()
+            return self._start.elapsed_time(self._sync) / 1000.0
+        return self._sync - self._start
 
     @contextlib.contextmanager
     def phase(self, name: str):

@@ -119,6 +119,7 @@ def train_step(engine, batches: DevicePrefetcher, objective, teacher, *, device:
             if last:
                 if stop:
                     local[STOP] = 1.0
+                phases.mark_sync()  # this rank's own part of the step ends here (pixeldit.train.stragglers)
                 if dist.is_initialized():
                     dist.all_reduce(local)
                 host_stats = _HostCopy(local)

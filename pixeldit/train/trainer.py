@@ -5,7 +5,9 @@
 
 Outline:
  0. ``preflight``: the config and every file it names are checked before anything starts;
- 1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1); rank 0 takes the
+ 1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1) with the start-up
+    collective timeout, tightened after the first completed step; a failed collective dumps every rank's stacks
+    into the log folder and raises ``CollectiveError`` (collectives.py); rank 0 takes the
     run-folder lock (``run_lock``: one trainer per run folder) and every rank learns the outcome, so all
     ranks stop together when another trainer holds it;
  2. apply the S3 timeouts and retries of ``data.s3``; rank 0 saves the config into the run folder (credentials
@@ -13,7 +15,8 @@ Outline:
     intact step folder, said in one line); a run with no checkpoint yet and ``checkpoint.init_from`` starts from
     that release's weights (warm_start.py; checked in preflight); rank 0 checks every shard of every remaining
     stage against its manifest and all ranks stop with one error naming the damaged ones (before any engine is
-    built);
+    built); the runtime preflight checks every node (node_check.py: matmul, all-reduce bandwidth, free disk,
+    data read rate; into metrics.jsonl; a failure names host and rank);
  3. for each curriculum stage from the one the checkpoint is in: build the engine (engine.py; compiled per
     block on CUDA), the EMA, the loader; load the checkpoint (the same path serves a resume and a stage
     boundary, so both are exact; the loader's state is world-size independent); print the stage's buckets and
@@ -25,7 +28,8 @@ Outline:
     later, when its device timings and gradient norm are ready without waiting); the validation loss on the
     held-out split every ``validation.every`` steps (validation.py: into metrics.jsonl and wandb); checkpoint
     every N steps and at the end of the stage (then ``on_checkpoint`` on rank 0: the launcher's eval jobs);
-    stop after the step if any rank asked to;
+    stop after the step if any rank asked to; every ``straggler.every`` steps the per-rank step-time windows
+    (stragglers.py: one all_gather, slow ranks flagged with their host);
  5. skipped steps (the contract, ``skip_reason``): a step counts as applied only when the optimizer applied
     it. A non-finite loss (its NaN-gated last backward makes DeepSpeed drop the step's gradients), a
     non-finite gradient norm, or an update DeepSpeed did not apply (its overflow check) is a skipped step:
@@ -40,6 +44,7 @@ Outline:
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import math
 import os
@@ -59,14 +64,17 @@ from pixeldit.s3 import configure_s3
 from pixeldit.storage import is_local
 
 from .checkpoint import CheckpointManager, untie_optimizer_steps
+from .collectives import CollectiveGuard, is_collective_error
 from .conditioning import (TextConditioner, build_conditioner, build_teacher, load_text_encoder,
                            resolved_system_prompt)
 from .config import RunConfig, save_config
 from .curriculum import Curriculum
 from .ema import EMA
 from .engine import EngineBundle, build_engine
+from .fault_hooks import inject_step_faults
 from .loader import build_loader, build_node_cache, data_rate_line
 from .metrics import FlopCounter, MetricsLogger, StepPhases, device_peak_tflops
+from .node_check import run_node_check
 from .preflight import preflight
 from .prefetch import DevicePrefetcher
 from .preview import write_preview
@@ -75,6 +83,7 @@ from .validation import build_validator, validation_record, wandb_values
 from .sources import check_stage_data, damaged_shards_error
 from .spikes import CLIENT_KEY as SPIKE_KEY, SpikeLimitError, build_spike_guard
 from .step import StepOutcome, agree, train_step
+from .stragglers import StragglerMonitor
 from .warm_start import read_init_weights
 
 # why a step was skipped (losses.jsonl "skip_reason"); see skip_reason
@@ -126,8 +135,9 @@ class DistInfo:
     owns_group: bool  # this call created the process group (and destroys it at the end)
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (single rank if unset)."""
+def init_distributed(timeout: datetime.timedelta | None = None) -> DistInfo:
+    """Join the process group from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (single rank if unset);
+    ``timeout``: of its collectives (None: DeepSpeed's default, 10 minutes)."""
     import deepspeed
     import deepspeed.comm
 
@@ -139,7 +149,8 @@ def init_distributed() -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if owns:
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
+                                   **({"timeout": timeout} if timeout is not None else {}))
     elif not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_init_required=False, verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns)
@@ -168,12 +179,17 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
     launcher submits eval jobs from it)."""
     # 0. nothing started yet: a bad config or a missing file leaves no process group, run folder or wandb run
     preflight(cfg)
-    # 1. process group, run-folder lock
-    info = init_distributed()
+    # 1. process group (collective timeouts: pixeldit.train.collectives), run-folder lock
+    guard = CollectiveGuard(cfg, int(os.environ.get("RANK", "0")))
+    info = init_distributed(guard.startup_timeout)
     lock = None
     try:
         lock, lock_note = _take_run_lock(Path(cfg.run_dir), info.rank)
-        return _run(cfg, info, lock, lock_note, stop_requested, on_checkpoint)
+        return _run(cfg, info, lock, lock_note, stop_requested, on_checkpoint, guard)
+    except Exception as err:
+        if is_collective_error(err):  # every rank dumps its stacks; the error names the timeout and the folder
+            raise guard.failure(err) from err
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -207,7 +223,7 @@ def _take_run_lock(run_dir: Path, rank: int) -> tuple[RunLock | None, str | None
 
 def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | None,
          stop_requested: Callable[[], bool] | None,
-         on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
+         on_checkpoint: Callable[[int, Path], None] | None = None, guard: CollectiveGuard | None = None) -> TrainResult:
     # 2. run folder, resume point
     rank, world = info.rank, info.world_size
     configure_s3(cfg.data.s3)
@@ -245,6 +261,10 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
     for note in (lock_note, resume_note):
         if note:
             metrics.write(f"note: {note}")
+    if cfg.node_check.enabled:  # is every node fit? (pixeldit.train.node_check; every start and restart)
+        run_node_check(cfg, rank, world, device, step, curriculum.stage_of(min(step, curriculum.total_steps - 1)),
+                       metrics.write)
+    stragglers = StragglerMonitor(cfg.straggler, rank, world, device)
     flops = FlopCounter(args)
     losses: list[float] = []
     nonfinite = {"consecutive": 0, "total": 0}
@@ -320,6 +340,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     record, done = pending
                     pending = None
                     norm = done.grad_norm()
+                    stragglers.add(done.phases.until_sync_s())
                     if done.applied:
                         skip_reason(True, True, norm)  # an update applied with a non-finite norm: raises
                     metrics.log_step({**record, "grad_norm": norm, **done.phases.seconds()})
@@ -341,6 +362,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 lr = bundle.schedule.apply(bundle.engine.optimizer, step - span.start)
                 phases = StepPhases(bundle.device)
                 waited, t0 = batches.wait_s, time.perf_counter()
+                inject_step_faults(rank, step)  # test hooks only (pixeldit.train.fault_hooks)
                 source = guard.begin_step(step + 1, stage_index, batches)  # where its data is (+ the test hook)
                 out = train_step(bundle.engine, source, objective, teacher, device=bundle.device, seed=cfg.seed,
                                  rank=rank, step=step, stop=stop_requested is not None and stop_requested(),
@@ -359,12 +381,16 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 phases.add("data", batches.wait_s - waited)
                 if bundle.monitor is not None and first:  # what compiled so far is the stage's warm-up
                     bundle.monitor.first_step_done()
+                if first and guard is not None:  # tight collective timeouts from now on
+                    guard.first_step_done()
                 first = False
                 step += 1
                 stop = out.stop
                 flush()  # the previous step's record: its device work is complete by now
                 if rollback is not None:  # the previous step spiked: this one is undone too
                     break
+                if stragglers.due(step):  # per-rank step-time windows (one all_gather per window)
+                    metrics.log_metrics(*stragglers.report(step))
                 losses.append(out.loss)
                 images = stage.micro_batch * stage.grad_accum * world
                 model_flops = sum(flops.train_flops(h, w) for h, w in out.sizes) * stage.micro_batch * world
@@ -421,7 +447,8 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
             batches.close()
             bundle.engine.destroy()
             del bundle, ema, loader, validator, batches
-            gc.collect()
+            if status == "finished":  # the next stage's engine needs the memory (a stop skips it: seconds under load)
+                gc.collect()
         dist.barrier()
     finally:
         metrics.close()

@@ -268,7 +268,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
     flops = FlopCounter(args)
     losses: list[float] = []
     nonfinite = {"consecutive": 0, "total": 0}
-    guard = build_spike_guard(cfg, rank, world)  # loss spikes: detection, skip list, rollback (spikes.py)
+    spike_guard = build_spike_guard(cfg, rank, world)  # loss spikes: detection, skip list, rollback (spikes.py)
     status: Literal["finished", "stopped"] = "finished"
     try:
         # 3. stages
@@ -300,7 +300,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     notes.append(note)
                     continued = note is None
                 nonfinite = dict(client.get("nonfinite", nonfinite))
-            guard.start_stage(loader, stage_index, client)  # the skip list, applied to the loader
+            spike_guard.start_stage(loader, stage_index, client)  # the skip list, applied to the loader
             if not continued:  # a stage start, or a resume the plan does not continue exactly
                 segments.append(loader.segment(step))
             metrics.write(f"stage {stage_index} ({stage.name}): steps {span.start}..{span.end - 1}, "
@@ -329,7 +329,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 if record["step"] != judged:
                     judged = record["step"]
                     try:
-                        rollback = guard.judge({**record, "grad_norm": done.grad_norm()}, loader, ckpt.latest)
+                        rollback = spike_guard.judge({**record, "grad_norm": done.grad_norm()}, loader, ckpt.latest)
                     except SpikeLimitError:
                         flush()
                         raise
@@ -349,8 +349,8 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
             def save() -> Path:
                 client_state = {"stage_index": stage_index, "step": step, "loader": batches.state_dict(),
                                 "lr_schedule": bundle.schedule.state_dict(), "nonfinite": dict(nonfinite),
-                                SPIKE_KEY: guard.state_dict()}
-                meta = {**_checkpoint_meta(cfg, stage_index, world), "data_segments": segments, **guard.meta()}
+                                SPIKE_KEY: spike_guard.state_dict()}
+                meta = {**_checkpoint_meta(cfg, stage_index, world), "data_segments": segments, **spike_guard.meta()}
                 path = ckpt.save(bundle.engine, step, client_state, meta, ema)
                 if on_checkpoint is not None and rank == 0:
                     on_checkpoint(step, path)
@@ -363,7 +363,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 phases = StepPhases(bundle.device)
                 waited, t0 = batches.wait_s, time.perf_counter()
                 inject_step_faults(rank, step)  # test hooks only (pixeldit.train.fault_hooks)
-                source = guard.begin_step(step + 1, stage_index, batches)  # where its data is (+ the test hook)
+                source = spike_guard.begin_step(step + 1, stage_index, batches)  # where its data is (+ the test hook)
                 out = train_step(bundle.engine, source, objective, teacher, device=bundle.device, seed=cfg.seed,
                                  rank=rank, step=step, stop=stop_requested is not None and stop_requested(),
                                  phases=phases)
@@ -414,7 +414,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                         f"is step {step}, {reason}, stage {stage.name}); stopping. The last good "
                         f"checkpoint is {_latest_or_none(ckpt)}; lower stages[{stage_index}].lr or check the "
                         f"data, then resume")
-                if guard.enabled and (stop or step == span.end or step % cfg.checkpoint.every == 0
+                if spike_guard.enabled and (stop or step == span.end or step % cfg.checkpoint.every == 0
                                       or (validator is not None and validator.due(step))
                                       or (cfg.logging.image_every and step % cfg.logging.image_every == 0)):
                     judge(*pending)  # before a checkpoint, validation or preview is made from this step
@@ -436,7 +436,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     flush()  # the save synchronised: write the record now
             flush()
             if rollback is not None:  # back to the last checkpoint through the resume path (exact), data skipped
-                metrics.write(guard.describe(rollback))
+                metrics.write(spike_guard.describe(rollback))
                 latest = rollback
                 meta = read_meta(latest)
                 step, segments = meta["step"], list(meta.get("data_segments", []))

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_status_shows_each_attempt_under_its_job():
 
 
 def test_heartbeat_record_and_watchdog_limits(tmp_path):
-    beat = Heartbeat(tmp_path / "hb.json", rank=3)
+    beat = Heartbeat(tmp_path / "hb.json", rank=3, min_interval_s=0)
     beat.beat("start", 0)
     limits = WatchdogLimits(floor_s=10, factor=5, startup_s=100)
     assert limits.limit(read_heartbeat(tmp_path / "hb.json")) == 100  # before the first step: start-up window
@@ -144,6 +145,12 @@ def test_heartbeat_record_and_watchdog_limits(tmp_path):
     with pytest.raises(ValueError, match="valid values: start, step, save, validation, done"):
         beat.beat("resting", 4)
     Heartbeat(None, 0).beat("step", 1, 1.0)  # PIXELDIT_HEARTBEAT unset: nothing written, no error
+    throttled = Heartbeat(tmp_path / "fast.json", rank=0, min_interval_s=3600)
+    for step in range(1, 5):
+        throttled.beat("step", step, 0.5)  # fast steps: only the first is written, all enter the median
+    assert read_heartbeat(tmp_path / "fast.json")["step"] == 1 and throttled.median_step_s() == 0.5
+    throttled.beat("save", 4)  # any other phase is written at once
+    assert read_heartbeat(tmp_path / "fast.json")["phase"] == "save"
     assert read_heartbeat(tmp_path / "none.json") is None
 
 
@@ -160,9 +167,9 @@ def test_stack_dump_tells_a_collective_wait_from_other_work():
 
 CHILD = """
 import faulthandler, sys, time
-from pixeldit.train.heartbeat import build_heartbeat
+from pixeldit.train.heartbeat import Heartbeat
 faulthandler.register({sig}, file=open(sys.argv[1], "a"), all_threads=True)
-beat = build_heartbeat(0)
+beat = Heartbeat(sys.argv[2], 0, min_interval_s=0)
 for step in range(1, 4):
     time.sleep(0.05)
     beat.beat("step", step, 0.05)
@@ -175,9 +182,8 @@ train_forever()
 
 def child_supervisor(tmp_path: Path, floor_s: float) -> Supervisor:
     paths = ChildPaths(tmp_path / "hb.json", tmp_path / "result.json", tmp_path / "stacks.txt")
-    cmd = [sys.executable, "-c", CHILD.format(sig=int(STACK_DUMP_SIGNAL)), str(paths.stacks)]
-    env = {**os.environ, "PIXELDIT_HEARTBEAT": str(paths.heartbeat),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-c", CHILD.format(sig=int(STACK_DUMP_SIGNAL)), str(paths.stacks), str(paths.heartbeat)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return Supervisor(cmd, env, paths, WatchdogLimits(floor_s, 1.0, startup_s=60), rank=1, host="n2")
 
 
@@ -194,8 +200,6 @@ def stop_child_after_step_3(sup: Supervisor, sig: int) -> None:
 
 def test_supervisor_dumps_and_kills_a_stopped_trainer(tmp_path):
     sup = child_supervisor(tmp_path, floor_s=2.0)
-    import threading
-
     threading.Thread(target=stop_child_after_step_3, args=(sup, signal.SIGSTOP), daemon=True).start()
     out = sup.run()
     assert (out.outcome, out.primary, out.step, out.signal) == ("failed", True, 3, signal.SIGKILL)
@@ -208,8 +212,6 @@ def test_supervisor_dumps_and_kills_a_stopped_trainer(tmp_path):
 
 def test_supervisor_reports_a_kill_9(tmp_path):
     sup = child_supervisor(tmp_path, floor_s=60.0)
-    import threading
-
     threading.Thread(target=stop_child_after_step_3, args=(sup, signal.SIGKILL), daemon=True).start()
     out = sup.run()
     assert (out.outcome, out.primary, out.signal) == ("failed", True, 9)
@@ -289,7 +291,7 @@ def test_two_node_job_survives_a_kill_and_a_hang(local_reference, dataset, tmp_p
     assert stall["time"] - t_stop < 20 + 60, "the watchdog noticed the stall within its limit (plus load slack)"
     dump = Path(stall["stack_dump"]).read_text()
     assert "most recent call first" in dump and "pixeldit/train/" in dump  # the trainer's own Python frames
-    assert stopped["pid"] and sacct_runs(job_id).count("REQUEUED") == 2
+    assert stopped["host"] == "n1" and sacct_runs(job_id).count("REQUEUED") == 2  # requeued twice, then done
     lines = "\n".join(status(run)[-1]["attempts"])
     assert "attempt 0: trainer killed by signal 9 (SIGKILL) on n2 (rank 1)" in lines and "final: finished" in lines
 

@@ -13,8 +13,10 @@ The file (the path in ``PIXELDIT_HEARTBEAT``) holds ONE record, rewritten atomic
      "median_step_s": 0.84}
 
 ``median_step_s`` is the median wall time of the last ``WINDOW`` steps (None before the first step). A beat costs
-one small local write: no collective, no device synchronisation (the step's time is the host time the trainer
-measures anyway). The launcher's supervisor (``launchers.supervisor``) reads it with ``read_heartbeat``; this
+one small write and a rename, without fsync (a crash may lose a beat, a reader never sees half of one): no
+collective, no device synchronisation (the step's time is the host time the trainer measures anyway). A rename
+over a file can still take milliseconds on a busy disk, so "step" beats are written at most every
+``MIN_INTERVAL_S`` (every step's time still enters the median); every other phase is written at once. The launcher's supervisor (``launchers.supervisor``) reads it with ``read_heartbeat``; this
 module owns the record's fields.
 """
 from __future__ import annotations
@@ -35,14 +37,16 @@ Phase = Literal["start", "step", "save", "validation", "done"]
 PHASES: tuple[str, ...] = get_args(Phase)
 FIELDS = ("rank", "host", "pid", "step", "time", "phase", "median_step_s")
 WINDOW = 32  # steps in the median
+MIN_INTERVAL_S = 1.0  # between two written "step" beats (the watchdog's limits are much longer)
 
 
 class Heartbeat:
     """Writes the heartbeat record of one rank; with ``path=None`` every call does nothing."""
 
-    def __init__(self, path: str | os.PathLike | None, rank: int):
+    def __init__(self, path: str | os.PathLike | None, rank: int, min_interval_s: float = MIN_INTERVAL_S):
         self.path = Path(path) if path else None
-        self.rank = rank
+        self.rank, self.min_interval_s = rank, min_interval_s
+        self.written_at = float("-inf")  # time.monotonic() of the last write
         self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # several slurmd may share a host
         self.step_seconds: deque[float] = deque(maxlen=WINDOW)
 
@@ -55,9 +59,13 @@ class Heartbeat:
             raise ValueError(f"heartbeat phase {phase!r}; valid values: {', '.join(PHASES)}")
         if step_seconds is not None:
             self.step_seconds.append(float(step_seconds))
+        now = time.monotonic()
+        if phase == "step" and now - self.written_at < self.min_interval_s:
+            return
+        self.written_at = now
         record = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "step": int(step), "time": time.time(),
                   "phase": phase, "median_step_s": self.median_step_s()}
-        write_text_atomic(self.path, json.dumps(record))
+        write_text_atomic(self.path, json.dumps(record), durable=False)  # atomic, no fsync: a beat is cheap
 
     def median_step_s(self) -> float | None:
         return statistics.median(self.step_seconds) if self.step_seconds else None

@@ -39,6 +39,7 @@ and has no nodes to exclude.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def write_requeues(folder: str | Path, job_id: str, count: int) -> None:
     write_history(folder, job_id, {**read_history(folder, job_id), "requeues": count})
 
 
+def _ignore_late_preemption(signum: int, frame: object) -> None:
+    os.write(2, b"[launcher] preemption signal after the trainer ended: ignored (the attempt's reports decide)\n")
+
+
 def node_name() -> str:
     """The node this task runs on: SLURM's name for it (several slurmd may share one host), else the host."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -133,6 +138,9 @@ class TrainJob:
     def __call__(self) -> dict[str, Any]:
         os.environ.update(self.launch.env)
         os.environ.setdefault("OMP_NUM_THREADS", str(self.launch.cpus_per_task))
+        # submitit's own USR2 handler would requeue from inside the handler; the supervisor forwards the signal to
+        # the trainer while it runs, and after it the reports decide
+        signal.signal(PREEMPT_SIGNAL, _ignore_late_preemption)
         dist_env = set_distributed_env(self.launch)
         env = JobEnvironment()
         folder = Path(os.environ["SUBMITIT_FOLDER"])  # set by submitit for every task

@@ -122,7 +122,6 @@ class Supervisor:
         self.rank, self.host = rank, host
         self.child: subprocess.Popen | None = None
         self.terminated = False  # SIGTERM reached the supervisor: the job is cancelled or requeued by SLURM
-        self.preempted = False
 
     def where(self) -> str:
         return f"on {self.host} (rank {self.rank})"
@@ -130,8 +129,6 @@ class Supervisor:
     def _forward(self, signum: int, frame: object) -> None:
         if signum == signal.SIGTERM:
             self.terminated = True
-        elif signum == PREEMPT_SIGNAL:
-            self.preempted = True
         if self.child is not None and self.child.poll() is None:
             try:
                 self.child.send_signal(signum)

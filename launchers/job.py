@@ -56,7 +56,7 @@ from pixeldit.train.heartbeat import HEARTBEAT_VAR, read_heartbeat
 from .attempts import (TaskReport, decide, history_path, read_history, record_decision, wait_for_reports,
                        write_history, write_report)
 from .config import LaunchConfig
-from .supervisor import PREEMPT_SIGNAL, ChildPaths, Supervisor, WatchdogLimits
+from .supervisor import PREEMPT_SIGNAL, Supervisor, WatchdogLimits, child_paths
 from .train_child import command
 
 __all__ = ["JobFailed", "PREEMPT_SIGNAL", "Requeued", "TrainJob", "port_from_job_id", "read_requeues",
@@ -150,8 +150,7 @@ class TrainJob:
         rank, world = env.global_rank, env.num_tasks
         from pixeldit.train.run_lock import JOB_ATTEMPT_VAR, JOB_ID_VAR
 
-        paths = ChildPaths(folder / f"{env.job_id}_{rank}_heartbeat.json", folder / f"{env.job_id}_{rank}_child_result.json",
-                           folder / f"{env.job_id}_{rank}_stacks_attempt{attempt}.txt")
+        paths = child_paths(folder, str(env.job_id), rank, attempt)
         child_env = {**os.environ, JOB_ID_VAR: str(env.job_id), JOB_ATTEMPT_VAR: str(attempt),
                      HEARTBEAT_VAR: str(paths.heartbeat)}
         print(f"[launcher] job {env.job_id} rank {dist_env['RANK']}/{dist_env['WORLD_SIZE']} master "
@@ -175,7 +174,7 @@ class TrainJob:
         if out.outcome == "cancelled":  # SLURM/the user is ending the job: no decision to make
             waited, reports = 0.0, {0: report}
         else:
-            waited = limits.limit(read_heartbeat(paths.heartbeat) if paths.heartbeat.exists() else None) + REPORT_GRACE_S
+            waited = limits.limit(read_heartbeat(paths.heartbeat)) + REPORT_GRACE_S
             reports = wait_for_reports(folder, str(env.job_id), attempt, world, waited)
         decision = decide(history, reports, world, self.launch, waited)
         write_history(folder, env.job_id, record_decision(history, attempt, reports, decision))

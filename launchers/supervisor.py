@@ -69,6 +69,13 @@ class ChildPaths:
     stacks: Path  # faulthandler's stack dumps
 
 
+def child_paths(folder: str | Path, job_id: str, rank: int, attempt: int) -> ChildPaths:
+    """The child's files of one task in the submission folder (next to submitit's ``{job_id}_{rank}_log.*``)."""
+    base = Path(folder) / f"{job_id}_{rank}"
+    return ChildPaths(Path(f"{base}_heartbeat.json"), Path(f"{base}_child_result.json"),
+                      Path(f"{base}_stacks_attempt{attempt}.txt"))
+
+
 @dataclass
 class ChildOutcome:
     outcome: str  # launchers.attempts.Outcome

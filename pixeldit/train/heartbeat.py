@@ -16,8 +16,9 @@ The file (the path in ``PIXELDIT_HEARTBEAT``) holds ONE record, rewritten atomic
 one small write and a rename, without fsync (a crash may lose a beat, a reader never sees half of one): no
 collective, no device synchronisation (the step's time is the host time the trainer measures anyway). A rename
 over a file can still take milliseconds on a busy disk, so "step" beats are written at most every
-``MIN_INTERVAL_S`` (every step's time still enters the median); every other phase is written at once. The launcher's supervisor (``launchers.supervisor``) reads it with ``read_heartbeat``; this
-module owns the record's fields.
+``MIN_INTERVAL_S`` (every step's time still enters the median); every other phase is written at once.
+The launcher's supervisor (``launchers.supervisor``) reads it with ``read_heartbeat``; this module owns the
+record's fields.
 """
 from __future__ import annotations
 

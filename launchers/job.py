@@ -89,6 +89,10 @@ def write_requeues(folder: str | Path, job_id: str, count: int) -> None:
     write_history(folder, job_id, {**read_history(folder, job_id), "requeues": count})
 
 
+def _ignore_sigterm() -> None:  # in a child between fork and exec: SIG_IGN survives the exec
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _ignore_late_preemption(signum: int, frame: object) -> None:
     os.write(2, b"[launcher] preemption signal after the trainer ended: ignored (the attempt's reports decide)\n")
 
@@ -207,8 +211,11 @@ class TrainJob:
         update = ([f"StartTime=now+{int(round(decision.backoff_s))}"] if decision.backoff_s >= 1 else []) + (
             [f"ExcNodeList={','.join(decision.exclude)}"] if decision.exclude else [])
         if update:
-            out = subprocess.run(["scontrol", "update", f"JobId={job}", *update], capture_output=True, text=True,
-                                 timeout=60)
+            for _ in range(3):  # SLURM is sending SIGTERM to this step's processes now: the update ignores it
+                out = subprocess.run(["scontrol", "update", f"JobId={job}", *update], capture_output=True, text=True,
+                                     timeout=60, preexec_fn=_ignore_sigterm)
+                if out.returncode == 0:
+                    break
             if out.returncode != 0:
                 print(f"[launcher] warning: `scontrol update JobId={job} {' '.join(update)}` failed "
                       f"({out.stderr.strip()}): the requeued job may start at once or on an excluded node; set it "

@@ -1,33 +1,49 @@
-"""What runs inside a submitted job: distributed environment from SLURM/submitit, then the trainer.
+"""What runs inside a submitted job: a supervisor per task, the trainer as its child process.
 
 Every task of the job (one per GPU; SLURM starts them with ``srun``, the local executor with its controller)
-runs ``TrainJob.__call__``:
+runs ``TrainJob.__call__``, the task's *supervisor*:
 
-1. set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from ``submitit.JobEnvironment``;
-2. replace submitit's USR2 handler by the trainer's ``StopFlag`` (``pixeldit.train.signals``), which only
-   raises a flag (submitit's own handler would pickle the callable and requeue at once, from inside the
-   signal handler, in the middle of a step); SIGTERM keeps submitit's handler (there it means "cancelled");
-3. ``run_training(cfg, stop_requested=flag)``: the trainer all-reduces the flag at the next step boundary,
-   every rank saves the DeepSpeed checkpoint together, and it returns ``status="stopped"``;
-4. after a stop, if the job was requeued fewer than ``max_requeues`` times, it is requeued (SLURM: rank 0
-   runs ``scontrol requeue``; local executor: every task exits with submitit's requeue code) and every task
-   leaves without a submitit result, so the job is not "done";
-5. the requeued job runs the same pickled ``TrainJob``; the trainer resumes from
-   ``{run_dir}/checkpoints/latest`` on disk, so no checkpoint path is frozen into the pickle.
+1. set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from ``submitit.JobEnvironment``, the job id
+   and attempt (``PIXELDIT_JOB_ID``, ``PIXELDIT_JOB_ATTEMPT``: SLURM's restart count, else the attempts so far;
+   the trainer's run-folder lock uses them, so a later attempt takes over the lock a killed one left behind) and
+   ``PIXELDIT_HEARTBEAT``;
+2. start the trainer as a child process (``launchers.train_child``: ``run_training`` with the ``StopFlag`` on
+   the preemption signal and, on rank 0, the eval-job hook) and watch it (``launchers.supervisor``): the
+   preemption signal (USR2) is forwarded to it (it saves at the next step boundary and returns "stopped"), a
+   child with no heartbeat for the watchdog's limit gets its Python stacks dumped into the submission folder
+   and is killed;
+3. write the task's attempt report (``launchers.attempts``: reason, exit code or signal, node) into the
+   submission folder. A task of global rank > 0 then leaves: its summary when its trainer finished, else exit
+   code 0 without a result (a non-zero exit could make srun kill rank 0 in the middle of its decision);
+4. the global-rank-0 task waits (bounded: the watchdog limit plus ``REPORT_GRACE_S``) for every report and
+   decides (``attempts.decide``): finished; a saved stop -> requeue while ``requeues < max_requeues``; a
+   failure (a trainer killed by a signal, crashed, or hung) -> requeue while ``failures <= max_failures``,
+   after a growing backoff (SLURM: ``scontrol update StartTime=now+N`` on the requeued job; local: a sleep),
+   with any node that had a primary failure in two attempts added to the job's ``ExcNodeList``; with the
+   budget spent (or a user error, which a restart repeats) the job fails with the reason (``JobFailed``).
+   Each decision goes into the job's history ``{job_id}_requeues.json``; ``pixeldit-submit status`` shows it;
+5. a requeued job runs the same pickled ``TrainJob``; the trainer resumes from ``{run_dir}/checkpoints/latest``
+   on disk, so no checkpoint path is frozen into the pickle.
 
-The job id and attempt (``PIXELDIT_JOB_ID``, ``PIXELDIT_JOB_ATTEMPT``: SLURM's restart count, else the
-requeues so far) go into the trainer's run-folder lock, so a requeued job takes over the lock its earlier
-attempt left behind after a hard kill, on any host (``pixeldit.train.run_lock``).
-
-The requeue count of a job lives next to its logs (``{submission folder}/{job_id}_requeues.json``): it is per
-job, survives the requeue, and a new submission of the same run starts again from zero.
+What is covered and what is not: a lost child (killed, OOM-killed, hung, crashed) on any node is handled by
+its own supervisor and rank 0's decision. A lost *supervisor* is not watched by anyone in the job: its child
+dies with it (``PR_SET_PDEATHSIG``), the peers' trainers then fail and report, and rank 0 decides without the
+lost task's report once its wait runs out (counted as a failure, its node not blamed). If the rank-0 supervisor
+itself (or its node) dies, nobody decides: the job's tasks end, and SLURM's own ``--requeue`` (submitit asks
+for it) requeues the job only for a node failure, outside the failure budget and without backoff or
+exclusion; otherwise the job ends FAILED without a final state in its history. A requeue done by SLURM or by
+hand counts in SLURM's restart count, so attempt numbers (and report files) never collide. The local executor
+restarts a job at most ``LOCAL_MAX_REQUEUES`` times in all (``LaunchConfig`` checks the two budgets against it)
+and has no nodes to exclude.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
+import socket
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,37 +51,55 @@ from typing import Any
 from submitit import JobEnvironment
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE  # a task exiting with it makes the controller rerun the job
 
-from pixeldit.storage import write_text_atomic
-from pixeldit.train.signals import StopFlag
+from pixeldit.train.heartbeat import HEARTBEAT_VAR, read_heartbeat
 
+from .attempts import (TaskReport, decide, history_path, read_history, record_decision, wait_for_reports,
+                       write_history, write_report)
 from .config import LaunchConfig
+from .supervisor import PREEMPT_SIGNAL, Supervisor, WatchdogLimits, child_paths
+from .train_child import command
 
-# what SLURM sends --signal-delay-s before the limit (sbatch --signal=USR2@delay; submitit's choice, USR2
-# unless SUBMITIT_PREEMPT_SIGNAL says otherwise)
-PREEMPT_SIGNAL = getattr(signal, "SIG" + JobEnvironment.USR_SIG)
+__all__ = ["JobFailed", "PREEMPT_SIGNAL", "Requeued", "TrainJob", "port_from_job_id", "read_requeues",
+           "requeue_count_path", "set_distributed_env", "write_requeues"]
 PORT_BASE, PORT_SPAN = 20000, 20000
+REPORT_GRACE_S = 60.0  # rank 0 waits this long beyond the watchdog limit for the other tasks' reports
 
 
 class Requeued(SystemExit):
-    """Leave the task without a submitit result after a saved stop (the job was requeued).
+    """Leave the task without a submitit result (the job was requeued, or another task decides).
 
     A ``SystemExit`` on purpose: submitit's ``process_job`` pickles a result for ``Exception`` only, so the
     job stays unfinished and the requeued run writes the result.
     """
 
 
+class JobFailed(RuntimeError):
+    """The job failed for good (failure budget spent, or a user error): rank 0's result is this error."""
+
+
 def requeue_count_path(folder: str | Path, job_id: str) -> Path:
-    return Path(folder) / f"{job_id}_requeues.json"
+    return history_path(folder, job_id)
 
 
 def read_requeues(folder: str | Path, job_id: str) -> int:
-    path = requeue_count_path(folder, job_id)
-    return int(json.loads(path.read_text())["requeues"]) if path.exists() else 0
+    return int(read_history(folder, job_id)["requeues"])
 
 
 def write_requeues(folder: str | Path, job_id: str, count: int) -> None:
-    path = requeue_count_path(folder, job_id)
-    write_text_atomic(path, json.dumps({"requeues": count}))
+    write_history(folder, job_id, {**read_history(folder, job_id), "requeues": count})
+
+
+def _ignore_sigterm() -> None:  # in a child between fork and exec: SIG_IGN survives the exec
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _ignore_late_preemption(signum: int, frame: object) -> None:
+    os.write(2, b"[launcher] preemption signal after the trainer ended: ignored (the attempt's reports decide)\n")
+
+
+def node_name() -> str:
+    """The node this task runs on: SLURM's name for it (several slurmd may share one host), else the host."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def port_from_job_id(job_id: str | int) -> int:
@@ -96,7 +130,7 @@ def set_distributed_env(launch: LaunchConfig) -> dict[str, str]:
 
 @dataclass
 class TrainJob:
-    """The submitit callable: ``run_training`` of a run config, with launcher-managed preemption.
+    """The submitit callable: the supervisor of one task (module docstring).
 
     ``config_path`` is the run config saved in the submission folder (overrides applied, run_dir absolute).
     """
@@ -108,44 +142,83 @@ class TrainJob:
     def __call__(self) -> dict[str, Any]:
         os.environ.update(self.launch.env)
         os.environ.setdefault("OMP_NUM_THREADS", str(self.launch.cpus_per_task))
-        stop = StopFlag().install([PREEMPT_SIGNAL])
+        # submitit's own USR2 handler would requeue from inside the handler; the supervisor forwards the signal to
+        # the trainer while it runs, and after it the reports decide
+        signal.signal(PREEMPT_SIGNAL, _ignore_late_preemption)
         dist_env = set_distributed_env(self.launch)
         env = JobEnvironment()
         folder = Path(os.environ["SUBMITIT_FOLDER"])  # set by submitit for every task
-        requeues = read_requeues(folder, env.job_id)  # read before training: every rank decides alike
-        from pixeldit.train.config import load_config
+        history = read_history(folder, env.job_id)  # read before training: every rank sees the same counts
+        restarts = os.environ.get("SLURM_RESTART_COUNT") if self.launch.cluster == "slurm" else None
+        attempt = int(restarts) if restarts else len(history["attempts"])
+        rank, world = env.global_rank, env.num_tasks
         from pixeldit.train.run_lock import JOB_ATTEMPT_VAR, JOB_ID_VAR
-        from pixeldit.train.trainer import run_training
 
-        os.environ[JOB_ID_VAR] = str(env.job_id)
-        os.environ[JOB_ATTEMPT_VAR] = os.environ.get("SLURM_RESTART_COUNT") or str(requeues)
-        cfg = load_config(self.config_path, [])
+        paths = child_paths(folder, str(env.job_id), rank, attempt)
+        child_env = {**os.environ, JOB_ID_VAR: str(env.job_id), JOB_ATTEMPT_VAR: str(attempt),
+                     HEARTBEAT_VAR: str(paths.heartbeat)}
         print(f"[launcher] job {env.job_id} rank {dist_env['RANK']}/{dist_env['WORLD_SIZE']} master "
-              f"{dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']}, requeues so far {requeues}", flush=True)
-        hook = None
-        if self.evals is not None and env.global_rank == 0:
-            from .eval_jobs import EvalJobConfig, EvalScheduler
-
-            hook = EvalScheduler(cfg.run_dir, EvalJobConfig(**self.evals), cfg.checkpoint.every, cfg.total_steps)
-        result = run_training(cfg, stop_requested=stop, on_checkpoint=hook)
-        summary = {"status": result.status, "step": result.step, "stage": result.stage,
-                   "checkpoint": result.checkpoint, "requeues": requeues, "job_id": env.job_id}
-        if result.status == "stopped":
-            if requeues >= self.launch.max_requeues:
-                summary["status"] = "stopped: max requeues reached (submit the run again to continue)"
-            else:
-                self._requeue(env, folder, requeues + 1)
-        return summary
-
-    def _requeue(self, env: Any, folder: Path, count: int) -> None:
-        """Requeue the job after the saved stop; every task leaves without a result."""
-        if env.global_rank == 0:
-            write_requeues(folder, env.job_id, count)
-            print(f"[launcher] requeueing job {env.job_id} ({count}/{self.launch.max_requeues})", flush=True)
-        if self.launch.cluster == "slurm":
-            if env.global_rank == 0:
-                # raw id: for an array task "A_T" scontrol also accepts the task's own SLURM_JOB_ID
-                subprocess.check_call(["scontrol", "requeue", str(env.raw_job_id)], timeout=60)
-            # exit code 0: a non-zero exit of one task could make srun (KillOnBadExit) kill rank 0 mid-requeue
+              f"{dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']}, attempt {attempt}, requeues so far "
+              f"{history['requeues']}, failures so far {history['failures']}", flush=True)
+        limits = WatchdogLimits.from_launch(self.launch)
+        sup = Supervisor(command(self.config_path, str(paths.result), str(paths.stacks), self.evals), child_env,
+                         paths, limits, rank, node_name())
+        out = sup.run()
+        report = TaskReport(str(env.job_id), attempt, rank, node_name(), out.outcome, out.reason, out.exit_code,
+                            out.signal, out.primary, out.step, out.stack_dump)
+        write_report(folder, report)
+        print(f"[launcher] attempt {attempt} rank {rank}: {out.reason}", flush=True)
+        summary = {**(out.result or {}), "requeues": history["requeues"], "failures": history["failures"],
+                   "job_id": env.job_id, "attempt": attempt}
+        if rank != 0:
+            if out.outcome == "finished" or (out.outcome == "stopped"
+                                              and history["requeues"] >= self.launch.max_requeues):
+                return summary  # rank 0 finishes (or stops) alike; submitit wants every task's result
             raise Requeued(0)
-        raise Requeued(LOCAL_REQUEUE_RETURN_CODE)  # the local controller restarts every task
+        if out.outcome == "cancelled":  # SLURM/the user is ending the job: no decision to make
+            waited, reports = 0.0, {0: report}
+        else:
+            waited = limits.limit(read_heartbeat(paths.heartbeat)) + REPORT_GRACE_S
+            reports = wait_for_reports(folder, str(env.job_id), attempt, world, waited)
+        decision = decide(history, reports, world, self.launch, waited)
+        write_history(folder, env.job_id, record_decision(history, attempt, reports, decision))
+        print(f"[launcher] attempt {attempt} of job {env.job_id}: {decision.action} ({decision.reason})", flush=True)
+        if decision.action == "finish":
+            return summary
+        if decision.action == "stop":
+            return {**summary, "status": decision.reason}
+        if decision.action == "cancel":
+            raise Requeued(0)
+        if decision.action == "fail":
+            raise JobFailed(f"job {env.job_id} failed: {decision.reason}")
+        self._requeue(env, history, decision)
+        raise AssertionError("unreachable: _requeue leaves the task")
+
+    def _requeue(self, env: Any, history: dict[str, Any], decision: Any) -> None:
+        """Requeue the job (after its backoff, without its excluded nodes); the task leaves without a result."""
+        count = history["failures"] + 1 if decision.failure else history["requeues"] + 1
+        budget = self.launch.max_failures if decision.failure else self.launch.max_requeues
+        what = "failure" if decision.failure else "requeue"
+        print(f"[launcher] requeueing job {env.job_id} ({what} {count}/{budget}, backoff {decision.backoff_s:.0f} s"
+              + (f", excluding {','.join(decision.exclude)}" if decision.exclude else "") + ")", flush=True)
+        if self.launch.cluster != "slurm":
+            time.sleep(decision.backoff_s)
+            raise Requeued(LOCAL_REQUEUE_RETURN_CODE)  # the local controller restarts every task
+        # raw id: for an array task "A_T" scontrol also accepts the task's own SLURM_JOB_ID. The job is pending
+        # only after the requeue, and SLURM kills this task KillWait seconds later: update it at once.
+        job = str(env.raw_job_id)
+        subprocess.check_call(["scontrol", "requeue", job], timeout=60)
+        update = ([f"StartTime=now+{int(round(decision.backoff_s))}"] if decision.backoff_s >= 1 else []) + (
+            [f"ExcNodeList={','.join(decision.exclude)}"] if decision.exclude else [])
+        if update:
+            for _ in range(3):  # SLURM is sending SIGTERM to this step's processes now: the update ignores it
+                out = subprocess.run(["scontrol", "update", f"JobId={job}", *update], capture_output=True, text=True,
+                                     timeout=60, preexec_fn=_ignore_sigterm)
+                if out.returncode == 0:
+                    break
+            if out.returncode != 0:
+                print(f"[launcher] warning: `scontrol update JobId={job} {' '.join(update)}` failed "
+                      f"({out.stderr.strip()}): the requeued job may start at once or on an excluded node; set it "
+                      f"by hand while it is pending", file=sys.stderr, flush=True)
+        # exit code 0: a non-zero exit of one task could make srun (KillOnBadExit) kill rank 0 mid-requeue
+        raise Requeued(0)

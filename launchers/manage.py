@@ -1,6 +1,8 @@
 """status / tail / cancel for the jobs of a run folder (SLURM or local).
 
-    status(run_dir)  every job of the run: id, cluster, state, rank 0's result, requeues, folder
+    status(run_dir)  every job of the run: id, cluster, state, rank 0's result, requeues, folder, and below it
+                     each attempt's reason (preempted, killed by signal 9 on n2, watchdog stall ...) and the
+                     job's final state (launchers.attempts)
     tail(run_dir)    the last lines of every task's stdout/stderr of the newest job (or a given job)
     cancel(run_dir)  stop the run's unfinished jobs (SLURM: scancel; local: SIGINT to the job's controller)
 
@@ -27,7 +29,8 @@ STATUS_COLUMNS = (("job", "job_id", ">"), ("cluster", "cluster", "<"), ("state",
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:
-    """A table of ``status`` rows; every column as wide as its longest value (nothing is cut), folder last."""
+    """A table of ``status`` rows; every column as wide as its longest value (nothing is cut), folder last; under
+    a job, its attempts' lines (``attempts``), indented."""
     cells = [[str(r[key] if r[key] not in ("", None) else "-") for _, key, _ in STATUS_COLUMNS] for r in rows]
     widths = [max([len(title), *(len(c[i]) for c in cells)]) for i, (title, _, _) in enumerate(STATUS_COLUMNS)]
 
@@ -35,8 +38,10 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         parts = [f"{v:{align}{w}}" for v, w, (_, _, align) in zip(values, widths, STATUS_COLUMNS)]
         return "  ".join([*parts, folder])
 
-    return "\n".join([line([t for t, _, _ in STATUS_COLUMNS], "folder"),
-                      *(line(c, str(r["folder"])) for c, r in zip(cells, rows))])
+    out = [line([t for t, _, _ in STATUS_COLUMNS], "folder")]
+    for c, r in zip(cells, rows):
+        out += [line(c, str(r["folder"])), *(f"    {text}" for text in r.get("attempts", []))]
+    return "\n".join(out)
 
 
 def tail(run_dir: str | Path, lines: int = 20, job_id: str | None = None) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from pixeldit.cluster import LOCAL_ACTIVE, SLURM_ACTIVE, local_job_alive, slurm_state
 from pixeldit.storage import write_text_atomic
 
-from .job import read_requeues
+from .attempts import attempt_lines, read_history
 
 def jobs_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "launcher" / "jobs.jsonl"
@@ -75,11 +75,13 @@ def is_active(entry: dict[str, Any], state: str | None = None) -> bool:
 
 
 def job_row(entry: dict[str, Any]) -> dict[str, Any]:
-    """The entry with its state, rank 0's result status and the requeues done so far."""
+    """The entry with its state, rank 0's result status, the requeues done so far, one line per decided attempt
+    (its reason and what followed) and the final state ({state, reason}; None while the job may still run)."""
     result = read_result(entry)
     outcome = "" if result is None else (result[1]["status"] if result[0] == "success" else "error")
-    return {**entry, "state": job_state(entry), "result": outcome,
-            "requeues": read_requeues(entry["folder"], entry["job_id"])}
+    history = read_history(entry["folder"], entry["job_id"])
+    return {**entry, "state": job_state(entry), "result": outcome, "requeues": history["requeues"],
+            "failures": history["failures"], "attempts": attempt_lines(history), "final": history["final"]}
 
 
 def log_files(entry: dict[str, Any]) -> list[Path]:

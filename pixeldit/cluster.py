@@ -58,6 +58,18 @@ class LaunchConfig:
     time_min: int = 0  # wall-clock limit of one job (sbatch --time); 0: none (local only, required on SLURM)
     job_name: str = "pixeldit"
     max_requeues: int = 3  # requeues after a saved stop (USR2: preemption / time limit), per job
+    # failures (a trainer killed, crashed or hung; launchers.supervisor): requeues after them, per job, apart
+    # from max_requeues; the n-th waits failure_backoff_s * 2**(n-1) (at most failure_backoff_max_s) to start
+    max_failures: int = 2
+    failure_backoff_s: float = 30.0
+    failure_backoff_max_s: float = 600.0
+    # the watchdog: a trainer with no new heartbeat for max(watchdog_floor_s, watchdog_factor x its median step
+    # time) is hung (its stacks are dumped, it is killed: a failure); before its first step (each stage's
+    # start-up: engine, checkpoint load, compilation) it gets watchdog_startup_s. The floor covers the longest
+    # checkpoint save or validation pass.
+    watchdog_floor_s: float = 600.0
+    watchdog_factor: float = 10.0
+    watchdog_startup_s: float = 1800.0
     signal_delay_s: int = 120  # USR2 comes this long before the limit: > one step + one checkpoint save
     master_port: int = 0  # 0: derived from the job id (same on every task, differs between jobs)
     extra_sbatch: dict[str, Any] = field(default_factory=dict)  # other sbatch options, e.g. {"exclusive": True}
@@ -69,9 +81,16 @@ class LaunchConfig:
         for name in ("nodes", "cpus_per_task"):
             if getattr(self, name) < 1:
                 raise ValueError(f"launch config: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("gpus_per_node", "tasks_per_node", "time_min", "max_requeues", "signal_delay_s", "mem_gb"):
+        for name in ("gpus_per_node", "tasks_per_node", "time_min", "max_requeues", "signal_delay_s", "mem_gb",
+                     "max_failures", "failure_backoff_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"launch config: {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("watchdog_floor_s", "watchdog_factor", "watchdog_startup_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"launch config: {name} must be > 0, got {getattr(self, name)}")
+        if self.failure_backoff_max_s < self.failure_backoff_s:
+            raise ValueError(f"launch config: failure_backoff_max_s ({self.failure_backoff_max_s}) must be >= "
+                             f"failure_backoff_s ({self.failure_backoff_s}), the first backoff")
         secret_env = credential_env_names(self.env)
         if secret_env:
             raise ValueError(f"launch config: env sets {secret_env}, which look like credentials; launch.json and the "
@@ -90,6 +109,10 @@ class LaunchConfig:
             if self.max_requeues > LOCAL_MAX_REQUEUES:
                 raise ValueError(f"launch config: the local executor requeues a job at most "
                                  f"{LOCAL_MAX_REQUEUES} times, got max_requeues={self.max_requeues}")
+            if self.max_requeues + self.max_failures > LOCAL_MAX_REQUEUES:
+                raise ValueError(f"launch config: the local executor requeues a job at most {LOCAL_MAX_REQUEUES} "
+                                 f"times in all, got max_requeues={self.max_requeues} + max_failures="
+                                 f"{self.max_failures}; lower one of them")
 
     @property
     def ntasks_per_node(self) -> int:
@@ -182,7 +205,9 @@ def _sbatch(text: str) -> tuple[str, str | bool]:
 RESOURCE_FLAGS = ("cluster", "cpus_per_task", "mem_gb", "partition", "account", "qos", "constraint", "time_min",
                   "job_name", "sbatch", "env")
 # flags only a training job has (several nodes and GPUs, requeue after a saved stop, rendezvous port)
-TRAINING_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "max_requeues", "signal_delay_s", "master_port")
+TRAINING_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "max_requeues", "signal_delay_s", "master_port",
+                  "max_failures", "failure_backoff_s", "failure_backoff_max_s", "watchdog_floor_s", "watchdog_factor",
+                  "watchdog_startup_s")
 
 
 def add_launch_flags(parser: argparse.ArgumentParser | Any, names: tuple[str, ...] = RESOURCE_FLAGS + TRAINING_FLAGS,
@@ -213,6 +238,20 @@ def add_launch_flags(parser: argparse.ArgumentParser | Any, names: tuple[str, ..
                                                        help="USR2 this long before the time limit")),
         "master_port": (("--master-port",), dict(type=int, default=d.master_port,
                                                  help="default: derived from the job id")),
+        "max_failures": (("--max-failures",), dict(type=int, default=d.max_failures,
+                                                   help="requeues after a failed attempt (killed, crashed, hung), "
+                                                        "per job")),
+        "failure_backoff_s": (("--failure-backoff-s",), dict(type=float, default=d.failure_backoff_s,
+                                                             help="wait before the first restart after a failure "
+                                                                  "(doubled after each further one)")),
+        "failure_backoff_max_s": (("--failure-backoff-max-s",), dict(type=float, default=d.failure_backoff_max_s)),
+        "watchdog_floor_s": (("--watchdog-floor-s",), dict(type=float, default=d.watchdog_floor_s,
+                                                           help="a trainer silent this long is hung (at least; "
+                                                                "> the longest checkpoint save)")),
+        "watchdog_factor": (("--watchdog-factor",), dict(type=float, default=d.watchdog_factor,
+                                                         help="... or this many median step times, if longer")),
+        "watchdog_startup_s": (("--watchdog-startup-s",), dict(type=float, default=d.watchdog_startup_s,
+                                                               help="allowed before the first step of a stage")),
         "sbatch": (("--sbatch",), dict(type=_sbatch, action="append", default=[], metavar="KEY[=VALUE]",
                                        help="any other sbatch option, e.g. --sbatch exclusive --sbatch mail-type=END")),
         "env": (("--env",), dict(type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",

@@ -112,8 +112,10 @@ def _fsync_dir(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_local_file(path: str | os.PathLike) -> Iterator[str]:
+def atomic_local_file(path: str | os.PathLike, durable: bool = True) -> Iterator[str]:
     """Yield a temp path to write; on success it is fsynced and renamed to ``path``, on error removed.
+    ``durable=False`` skips the fsyncs: readers still never see a partial file, but a machine crash may lose the
+    write (for a file rewritten every second or so, like the trainer's heartbeat).
 
     For writers that need a file name (``torch.save``, ``PIL.Image.save``, ``tarfile``)::
 
@@ -125,29 +127,34 @@ def atomic_local_file(path: str | os.PathLike) -> Iterator[str]:
     tmp = tmp_path(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    _fsync_dir(os.path.dirname(path))
+    if durable:
+        _fsync_dir(os.path.dirname(path))
 
 
-def write_bytes_atomic(url: str | os.PathLike, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write ``data`` so that ``url`` holds either its old content or all of ``data``, never a prefix."""
+def write_bytes_atomic(url: str | os.PathLike, data: bytes, storage_options: dict[str, Any] | None = None,
+                       durable: bool = True) -> None:
+    """Write ``data`` so that ``url`` holds either its old content or all of ``data``, never a prefix
+    (``durable``: see ``atomic_local_file``)."""
     fs, path = fs_and_path(os.fspath(url), storage_options)
     if isinstance(fs, LocalFileSystem):
-        with atomic_local_file(path) as tmp:
+        with atomic_local_file(path, durable) as tmp:
             with open(tmp, "wb") as f:
                 f.write(data)
     else:
         fs.pipe_file(path, data)  # one object upload: invisible until complete
 
 
-def write_text_atomic(url: str | os.PathLike, text: str, storage_options: dict[str, Any] | None = None) -> None:
-    write_bytes_atomic(url, text.encode(), storage_options)
+def write_text_atomic(url: str | os.PathLike, text: str, storage_options: dict[str, Any] | None = None,
+                      durable: bool = True) -> None:
+    write_bytes_atomic(url, text.encode(), storage_options, durable)
 
 
 def write_json_atomic(url: str | os.PathLike, obj: Any, storage_options: dict[str, Any] | None = None) -> None:

@@ -70,6 +70,7 @@ from .conditioning import (TextConditioner, build_conditioner, build_teacher, lo
 from .config import RunConfig, save_config
 from .curriculum import Curriculum
 from .ema import EMA
+from .heartbeat import build_heartbeat
 from .engine import EngineBundle, build_engine
 from .fault_hooks import inject_step_faults
 from .loader import build_loader, build_node_cache, data_rate_line
@@ -266,6 +267,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                        metrics.write)
     stragglers = StragglerMonitor(cfg.straggler, rank, world, device)
     flops = FlopCounter(args)
+    heartbeat = build_heartbeat(rank)  # PIXELDIT_HEARTBEAT: the launcher's supervisor watches it
     losses: list[float] = []
     nonfinite = {"consecutive": 0, "total": 0}
     spike_guard = build_spike_guard(cfg, rank, world)  # loss spikes: detection, skip list, rollback (spikes.py)
@@ -358,6 +360,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
 
             # 4. steps of this stage (the stop flag of later steps travels in each step's all-reduce)
             stop, first = agree(stop_requested is not None and stop_requested(), device), True
+            heartbeat.beat("start", step)
             while step < span.end and not stop:
                 lr = bundle.schedule.apply(bundle.engine.optimizer, step - span.start)
                 phases = StepPhases(bundle.device)
@@ -386,6 +389,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 first = False
                 step += 1
                 stop = out.stop
+                heartbeat.beat("step", step, seconds)
                 flush()  # the previous step's record: its device work is complete by now
                 if rollback is not None:  # the previous step spiked: this one is undone too
                     break
@@ -425,6 +429,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     metrics.log_metrics(validation_record(step, stage_index, val), wandb_values(val),
                                         f"step {step}: validation loss {val['val_loss']:.5f} "
                                         f"({val['val_samples']} held-out samples x 8 timesteps)")
+                    heartbeat.beat("validation", step)
                 if cfg.logging.image_every and step % cfg.logging.image_every == 0:
                     write_preview(cfg, bundle, ema, conditioner, stage, step, metrics, device)
                 periodic = step % cfg.checkpoint.every == 0 and nonfinite["consecutive"] == 0  # none mid-streak
@@ -433,6 +438,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                     latest = save()
                     saved_at = step
                     phases.add("checkpoint", time.perf_counter() - t_save)
+                    heartbeat.beat("save", step)
                     flush()  # the save synchronised: write the record now
             flush()
             if rollback is not None:  # back to the last checkpoint through the resume path (exact), data skipped
@@ -450,6 +456,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
             if status == "finished":  # the next stage's engine needs the memory (a stop skips it: seconds under load)
                 gc.collect()
         dist.barrier()
+        heartbeat.beat("done", step)
     finally:
         metrics.close()
     final = ckpt.latest()

@@ -70,9 +70,9 @@ from .conditioning import (TextConditioner, build_conditioner, build_teacher, lo
 from .config import RunConfig, save_config
 from .curriculum import Curriculum
 from .ema import EMA
-from .heartbeat import build_heartbeat
 from .engine import EngineBundle, build_engine
 from .fault_hooks import inject_step_faults
+from .heartbeat import build_heartbeat
 from .loader import build_loader, build_node_cache, data_rate_line
 from .metrics import FlopCounter, MetricsLogger, StepPhases, device_peak_tflops
 from .node_check import run_node_check

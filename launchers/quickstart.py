@@ -30,7 +30,8 @@ bucket the two axes are scaled differently and the same centred shape has a diff
 space in every bucket (in a 24 x 80 bucket 16 units tall and 4.8 wide, in 48 x 48 16 x 16), a blend the tiny
 model does not sort out in 150 steps. Measured from the same step-1500 checkpoint (tools/BENCHMARKS.md, "The
 quickstart's proof"): 48 px shape accuracy 62.5% after aspect buckets, 68.8% after square crops, with cleaner
-outlines; the horizontal streaks below large squares remain with both.
+outlines. What limits both is the 32 -> 48 px change itself (the step-1500 model: 93.8% at 32 px, 58.3% at 48 px,
+with horizontal streaks that 150 steps of stage 2 reduce but do not remove).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
         --time-min 2880 --max-requeues 10 run_dir=/shared/runs/t2i stages.0.lr=2e-4
     pixeldit-submit submit --config run.yaml --array seed=1,2,3      # job array: {run_dir}/seed-1, seed-2, ...
     pixeldit-submit submit --config a.yaml --config b.yaml           # job array: one task per config
-    pixeldit-submit status runs/t2i
+    pixeldit-submit status runs/t2i                                  # + eval jobs: step, state, metrics
     pixeldit-submit tail runs/t2i -n 50
     pixeldit-submit cancel runs/t2i
 
@@ -22,7 +22,7 @@ import sys
 from pixeldit.cluster import LaunchConfig, add_launch_flags, launch_config_from_args, parse_key_value
 from pixeldit.errors import CliParser, UserError, cli_main
 
-from .manage import cancel, format_status, status, tail
+from .manage import cancel, eval_status, format_eval_status, format_status, status, tail
 from .submit import job_result, prepare_run, submit, submit_array, sweep_overrides
 
 PROG = "pixeldit-submit"
@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="submit even if a job of the run is still active")
     s.add_argument("--wait", action="store_true", help="block until the job(s) end and print rank 0's result")
     s.add_argument("overrides", nargs="*", help="run config overrides a.b=c (CLI > file > defaults)")
-    p = sub.add_parser("status", help="the run's jobs, their state, result and requeues")
+    p = sub.add_parser("status", help="the run's jobs (state, result, requeues), then its eval jobs (the "
+                                      "checkpoint step, state, metrics or error)")
     p.add_argument("run_dir")
-    p.add_argument("--json", action="store_true", help="one JSON object per job")
+    p.add_argument("--json", action="store_true", help="one JSON object per job (eval jobs: kind \"eval\")")
     p = sub.add_parser("tail", help="last log lines of every task of the newest job")
     p.add_argument("run_dir")
     p.add_argument("-n", "--lines", type=int, default=20)
@@ -97,8 +98,10 @@ def _run(a: argparse.Namespace) -> int:
     if a.command == "submit":
         return _submit(a)
     if a.command == "status":
-        rows = status(a.run_dir)
-        print("\n".join(json.dumps(r) for r in rows) if a.json else format_status(rows))
+        rows, evals = status(a.run_dir), eval_status(a.run_dir)
+        print("\n".join(json.dumps(r) for r in rows + evals) if a.json else format_status(rows))
+        if evals and not a.json:  # eval jobs (launchers.eval_jobs), below the training jobs
+            print(f"\neval jobs:\n{format_eval_status(evals)}")
     elif a.command == "tail":
         print(tail(a.run_dir, a.lines, a.job))
     else:  # cancel (argparse enforces the choices)

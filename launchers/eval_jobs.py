@@ -28,6 +28,7 @@ removes the pinned weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -198,3 +199,28 @@ def log_eval_to_wandb(run_dir: Path, step: int, metrics: dict[str, float]) -> bo
 def eval_results(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
     """{step: the last eval record of that step} of a run (``run_folder.read_metrics``)."""
     return {r["step"]: r for r in run_folder.read_metrics(run_dir) if r.get("kind") == "eval"}
+
+
+RECORD_FIELDS = ("step", "kind", "protocol_key", "sampling", "images", "results")  # an eval record's non-metrics
+
+
+def submitted_evals(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every eval job submitted for the run, by step: ``{run_dir}/evals/step_N/job.json`` (job_id, cluster,
+    folder, submitted) plus its ``step``; [] when none was."""
+    out = []
+    for folder in run_folder.step_dirs(Path(run_dir) / run_folder.EVALS):
+        path = folder / JOB_FILE
+        if path.exists():
+            try:
+                entry = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON ({err}); delete it to let the step's eval be "
+                                 f"submitted again") from None
+            out.append({**entry, "step": run_folder.step_of(folder)})
+    return out
+
+
+def metrics_text(record: dict[str, Any]) -> str:
+    """``fid=12.3 clip_score=0.312`` of an eval record (its metrics, 4 significant digits)."""
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(record.items())
+                    if k not in RECORD_FIELDS and isinstance(v, (int, float)))

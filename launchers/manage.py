@@ -3,6 +3,8 @@
     status(run_dir)  every job of the run: id, cluster, state, rank 0's result, requeues, folder, and below it
                      each attempt's reason (preempted, killed by signal 9 on n2, watchdog stall ...) and the
                      job's final state (launchers.attempts)
+    eval_status(run_dir)  every eval job of the run (launchers.eval_jobs): id, the checkpoint step it
+                     evaluates, state, its metrics or its error, folder
     tail(run_dir)    the last lines of every task's stdout/stderr of the newest job (or a given job)
     cancel(run_dir)  stop the run's unfinished jobs (SLURM: scancel; local: SIGINT to the job's controller)
 
@@ -16,7 +18,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .registry import interrupt_local, is_active, job_row, job_state, log_files, read_jobs
+from .eval_jobs import eval_results, metrics_text, submitted_evals
+from .registry import interrupt_local, is_active, job_row, job_state, log_files, read_jobs, read_result
 
 
 def status(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -42,6 +45,43 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     for c, r in zip(cells, rows):
         out += [line(c, str(r["folder"])), *(f"    {text}" for text in r.get("attempts", []))]
     return "\n".join(out)
+
+
+# eval jobs (launchers.eval_jobs): one row per checkpoint step that got an eval job
+
+
+def eval_status(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every eval job of the run, by step: job_id, step (the checkpoint it evaluates), cluster, state, result
+    (its metrics from metrics.jsonl, ``error: <the exception line>`` when it failed, else empty), folder."""
+    results = eval_results(run_dir)
+    rows = []
+    for entry in submitted_evals(run_dir):
+        record, outcome = results.get(entry["step"]), read_result(entry)
+        if record is not None:
+            result = metrics_text(record)
+        elif outcome is not None and outcome[0] == "error":
+            lines = [ln for ln in str(outcome[1]).splitlines() if ln.strip()]
+            result = "error: " + (lines[-1].strip() if lines else "(no traceback)")
+        else:
+            result = ""
+        rows.append({"kind": "eval", "job_id": entry["job_id"], "step": entry["step"], "cluster": entry["cluster"],
+                     "state": job_state(entry), "result": result, "folder": entry["folder"]})
+    return rows
+
+
+EVAL_COLUMNS = (("eval job", "job_id", ">"), ("step", "step", ">"), ("cluster", "cluster", "<"),
+                ("state", "state", "<"), ("result", "result", "<"))
+
+
+def format_eval_status(rows: list[dict[str, Any]]) -> str:
+    """A table of ``eval_status`` rows (nothing cut, folder last); "no eval job" when there are none."""
+    if not rows:
+        return "no eval job"
+    cells = [[str(r[key]) if r[key] not in ("", None) else "-" for _, key, _ in EVAL_COLUMNS] for r in rows]
+    widths = [max([len(title), *(len(c[i]) for c in cells)]) for i, (title, _, _) in enumerate(EVAL_COLUMNS)]
+    return "\n".join("  ".join([*(f"{v:{a}{w}}" for v, w, (_, _, a) in zip(values, widths, EVAL_COLUMNS)), folder])
+                     for values, folder in [([t for t, _, _ in EVAL_COLUMNS], "folder"),
+                                            *((c, str(r["folder"])) for c, r in zip(cells, rows))])
 
 
 def tail(run_dir: str | Path, lines: int = 20, job_id: str | None = None) -> str:

@@ -4,7 +4,9 @@ A 1-task debug run that checkpoints every 2 steps (keep 1: the step-2 folder is 
 eval job may still wait) is submitted with an eval config (every checkpoint; FID of 4 generated images
 against the dataset with a tiny random-weight Inception in clean-fid's file format). With no manual step,
 metrics.jsonl gets an eval record at steps 2 and 4, each eval folder its results.json, and the pinned weights
-are gone afterwards. Local executor always; the real SLURM on this machine when it runs.
+are gone afterwards. ``pixeldit-submit status RUN`` lists the eval jobs below the training job: job id, the
+checkpoint step, state, metrics; an eval job that fails (its reference set is missing) shows its error line.
+Local executor always; the real SLURM on this machine when it runs.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import yaml
 from eval_fixtures import save_tiny_inception
 from launchers.cli import main as submit_cli
 from launchers.config import LaunchConfig
-from launchers.eval_jobs import PINNED, EvalJobConfig, due, eval_results
+from launchers.eval_jobs import JOB_FILE, PINNED, EvalJobConfig, due, eval_results, submit_eval
 from launchers.submit import job_result, submit
 from pixeldit import run_folder
 from test_launchers import SLURM_REASON, TASK_ENV, launch, run_config, wait_for
@@ -74,7 +76,22 @@ def submit_with_evals(tmp_path: Path, data: Path, cluster: str) -> Path:
     return run
 
 
-def check_eval_results(run: Path) -> None:
+def status_output(run: Path, capsys, *flags: str) -> str:
+    capsys.readouterr()
+    assert submit_cli(["status", str(run), *flags]) == 0
+    return capsys.readouterr().out
+
+
+def eval_table(run: Path, capsys) -> dict[int, list[str]]:
+    """{step: [job id, step, cluster, state, result...]} of the eval table of ``pixeldit-submit status``."""
+    out = status_output(run, capsys)
+    assert "\neval jobs:\n" in out, out
+    lines = out.split("\neval jobs:\n")[1].splitlines()
+    assert lines[0].split() == ["eval", "job", "step", "cluster", "state", "result", "folder"], out
+    return {int(line.split()[1]): line.split() for line in lines[1:]}
+
+
+def check_eval_results(run: Path, cluster: str, capsys) -> None:
     wait_for(lambda: sorted(eval_results(run)) == [2, 4], "eval records at steps 2 and 4", timeout=600)
     for step, record in eval_results(run).items():
         assert math.isfinite(record["fid"]) and record["images"] == 4
@@ -83,17 +100,42 @@ def check_eval_results(run: Path) -> None:
         wait_for(lambda: not (folder / PINNED).exists(), "the pinned weights removed", timeout=60)
     assert [p.name for p in run_folder.step_dirs(run / "checkpoints")] == ["step_00000004"]  # keep 1
 
+    # pixeldit-submit status: the eval jobs below the training job, with their step, state and metrics
+    done = "COMPLETED" if cluster == "slurm" else "FINISHED"
+    wait_for(lambda: [r[3] for r in eval_table(run, capsys).values()] == [done, done], "eval jobs ended",
+             timeout=120)
+    table = eval_table(run, capsys)
+    assert sorted(table) == [2, 4]
+    for step, row in table.items():
+        submitted = json.loads((run_folder.eval_dir(run, step) / JOB_FILE).read_text())
+        assert row[0] == submitted["job_id"] and row[2] == cluster
+        assert row[4] == f"fid={eval_results(run)[step]['fid']:.4g}" and row[-1] == submitted["folder"]
+    rows = [json.loads(line) for line in status_output(run, capsys, "--json").splitlines()]
+    assert [(r.get("kind"), r.get("step")) for r in rows[1:]] == [("eval", 2), ("eval", 4)]
+
 
 @pytest.mark.slow
-def test_local_run_gets_eval_results_at_its_checkpoints(dataset, tmp_path, monkeypatch):
+def test_local_run_gets_eval_results_at_its_checkpoints(dataset, tmp_path, monkeypatch, capsys):
     for key, value in TASK_ENV.items():
         monkeypatch.setenv(key, value)
-    check_eval_results(submit_with_evals(tmp_path, dataset, "local"))
+    run = submit_with_evals(tmp_path, dataset, "local")
+    check_eval_results(run, "local", capsys)
+
+    # a failing eval job (its reference set is gone): status shows its state and the error's last line
+    evals = eval_config(tmp_path, dataset, "local")
+    missing = tmp_path / "no_such_set"
+    broken = dataclasses.replace(evals, protocol={**evals.protocol, "reference": str(missing)})
+    job = submit_eval(run, 3, run / "checkpoints" / "step_00000004", broken)
+    with pytest.raises(Exception):
+        job.result()
+    row = eval_table(run, capsys)[3]
+    assert row[:4] == [job.job_id, "3", "local", "FAILED"], row
+    assert f"error: FileNotFoundError: reference '{missing}'" in " ".join(row), row
 
 
 @pytest.mark.slurm
 @pytest.mark.skipif(SLURM_REASON is not None, reason=str(SLURM_REASON))
-def test_slurm_run_gets_eval_results_at_its_checkpoints(dataset, tmp_path, monkeypatch):
+def test_slurm_run_gets_eval_results_at_its_checkpoints(dataset, tmp_path, monkeypatch, capsys):
     for key, value in TASK_ENV.items():
         monkeypatch.setenv(key, value)
-    check_eval_results(submit_with_evals(tmp_path, dataset, "slurm"))
+    check_eval_results(submit_with_evals(tmp_path, dataset, "slurm"), "slurm", capsys)

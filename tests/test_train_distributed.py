@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from train_helpers import free_port, torchrun, write_tiny_dataset
+from train_helpers import free_port, kill_tree, torchrun, write_tiny_dataset
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,20 +79,6 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (torchrun starts its workers in their own sessions)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*") if Path(f"/proc/{p}").exists() else []:
-            try:
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-            except FileNotFoundError:
-                pass
-    return out
-
-
 def run_and_kill(config: Path, log: Path, run_dir: Path, kill_after_step: int) -> None:
     """Launch, and SIGKILL every process of the job as soon as step ``kill_after_step`` is logged."""
     proc = launch(config, log)
@@ -102,12 +87,7 @@ def run_and_kill(config: Path, log: Path, run_dir: Path, kill_after_step: int) -
         assert proc.poll() is None, f"run ended before step {kill_after_step}:\n{log.read_text()[-3000:]}"
         assert time.time() < deadline, "run too slow to reach the kill step"
         time.sleep(0.005)
-    for pid in reversed(process_tree(proc.pid)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+    kill_tree(proc)
 
 
 def final_state(run_dir: Path) -> tuple[dict, dict]:

@@ -6,7 +6,10 @@
 - the training loader never plans a held-out row;
 - the validation loss (pixeldit.train.validation) is the same on 1 rank and on 2 gloo ranks;
 - in the trainer (single rank, in process): logged into metrics.jsonl every N steps, and the same after a
-  stop and resume as without; ``pixeldit-release --best`` picks the step of the best recorded metric.
+  stop and resume as without; ``pixeldit-release --best`` picks the step of the best recorded metric;
+- a 2-rank torchrun run SIGKILLed (every process) after the validation of a step between two checkpoints,
+  then resumed, re-runs those steps and writes every validation record (val_loss, per bucket, per timestep)
+  bit for bit equal to the uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from data_pipeline import dataset_format as fmt
 from data_pipeline.holdout import assign_splits, key_uniform, split_counts
@@ -29,7 +34,7 @@ from pixeldit.models import build_model, get_model_args
 from pixeldit.run_folder import read_metrics
 from pixeldit.train.config import RunConfig, StageConfig
 from pixeldit.train.validation import build_validation_set, sample_noise, validation_loss, validation_times
-from train_helpers import ROOT, free_port, write_tiny_dataset
+from train_helpers import ROOT, free_port, kill_tree, torchrun, write_tiny_dataset
 
 
 def _rows(n: int, offset: int = 0) -> pa.Table:
@@ -239,3 +244,67 @@ def test_trainer_logs_validation_resume_gives_the_same_values_and_release_best(s
     assert release_main([str(run), str(tmp_path / "r4"), "--best", "fid"]) == 0
     out = capsys.readouterr().out
     assert "best fid: 7 at step 2" in out and "better fid at steps 1 (best 5) but their checkpoints were pruned" in out
+
+
+KILL_STEPS, KILL_EVERY, KILL_AFTER_VAL = 8, 4, 5  # checkpoints 4 and 8; killed once step 5's validation is logged
+
+
+def _torchrun_config(tmp: Path, data: Path) -> Path:
+    stage = {"name": "s", "steps": KILL_STEPS, "data_path": str(data), "resolution": 32, "bucket_align": 16,
+             "micro_batch": 2, "lr": 1e-3, "buckets": "aspect"}
+    cfg = {"run_dir": str(tmp / "run"), "seed": 5, "model": {"size": "debug"},
+           "deepspeed": {"zero": "zero2", "precision": "fp32"}, "data": {"num_workers": 0},
+           "logging": {"wandb": "disabled", "progress_bar": False},
+           "checkpoint": {"every": KILL_EVERY, "keep": 2}, "validation": {"every": 1, "batch_size": 16},
+           "stages": [stage]}
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _launch(config: Path, log: Path) -> subprocess.Popen:
+    cmd, env = torchrun(config)
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT)
+
+
+def _run_to_end(config: Path, log: Path) -> None:
+    proc = _launch(config, log)
+    assert proc.wait(timeout=900) == 0, f"training failed (rc {proc.returncode}):\n{log.read_text()[-3000:]}"
+
+
+def _val_by_step(run_dir: Path) -> dict[int, list[dict]]:
+    """Every val record of each step, in file order (a re-run step has several)."""
+    out: dict[int, list[dict]] = {}
+    for r in read_metrics(run_dir):
+        if r["kind"] == "val":
+            out.setdefault(r["step"], []).append(r)
+    return out
+
+
+@pytest.mark.slow
+def test_validation_is_bit_identical_after_a_sigkill_and_resume(data, tmp_path):
+    from pixeldit.run_folder import resolve_checkpoint, step_of
+
+    (tmp_path / "ref").mkdir()
+    _run_to_end(_torchrun_config(tmp_path / "ref", data), tmp_path / "ref.log")
+    reference = _val_by_step(tmp_path / "ref" / "run")
+    assert sorted(reference) == list(range(1, KILL_STEPS + 1)) and all(len(v) == 1 for v in reference.values())
+
+    (tmp_path / "killed").mkdir()
+    config, log, run = _torchrun_config(tmp_path / "killed", data), tmp_path / "killed.log", tmp_path / "killed" / "run"
+    proc = _launch(config, log)
+    deadline = time.time() + 900  # start-up alone can take minutes on a loaded machine
+    while KILL_AFTER_VAL not in _val_by_step(run):
+        assert proc.poll() is None, f"run ended before step {KILL_AFTER_VAL}'s validation:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, "run too slow to reach the kill step"
+        time.sleep(0.005)
+    kill_tree(proc)  # steps 6-8 and checkpoint 8 take seconds: the kill lands before checkpoint 8
+    assert step_of(resolve_checkpoint(run)) == KILL_EVERY, "the kill came after the next checkpoint: nothing re-runs"
+    _run_to_end(config, log)
+
+    got = _val_by_step(run)
+    assert sorted(got) == sorted(reference)
+    assert len(got[KILL_AFTER_VAL]) == 2, "step 5's validation ran before the kill and again after the resume"
+    for step, records in got.items():
+        for record in records:  # every key: val_loss, val_loss_bucket, val_loss_t, val_samples, stage
+            assert record == reference[step][0], f"step {step}: {record} != {reference[step][0]}"

@@ -15,9 +15,7 @@ real trainer on 2 CPU ranks (torchrun, gloo, debug model, 32 px) with a spike in
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -30,8 +28,8 @@ from pixeldit.train.config import RunConfig, StageConfig, validate
 from pixeldit.train.spikes import (SKIPS_FILE, TEST_SPIKE_ENV, SpikeDetector, SpikeLimitError, parse_injection,
                                    read_skips, robust_zscore, skip_forward, spikes_dir)
 from test_launchers import TASK_ENV, needs_slurm
-from test_train_distributed import final_state, launch, process_tree, records, run_to_end
-from train_helpers import write_tiny_dataset
+from test_train_distributed import final_state, launch, records, run_to_end
+from train_helpers import kill_tree, write_tiny_dataset
 
 STEPS, EVERY, SPIKE_STEP = 10, 4, 6
 INJECT = f"step={SPIKE_STEP},scale=50"
@@ -201,12 +199,7 @@ def test_kill_after_rollback_and_resume_repeats_the_decision(spiked, dataset, tm
         assert proc.poll() is None, f"run ended early:\n{log.read_text()[-3000:]}"
         assert time.time() < deadline, "run too slow to reach the rollback"
         time.sleep(0.005)
-    for pid in reversed(process_tree(proc.pid)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+    kill_tree(proc)
     assert max(r["step"] for r in records(run_dir)) < STEPS
     resumed_from = (run_dir / "checkpoints" / "latest").read_text().strip()
     run_to_end(config, log, PIXELDIT_TEST_SPIKE=INJECT)

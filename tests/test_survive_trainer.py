@@ -29,7 +29,8 @@ import yaml
 
 from pixeldit import run_folder
 from pixeldit.train.fault_hooks import HANG_VAR, SAVE_DELAY_VAR, SLOW_RANK_VAR
-from train_helpers import ROOT, torchrun, write_tiny_dataset
+from test_train_distributed import launch
+from train_helpers import process_tree, write_tiny_dataset
 
 pytestmark = pytest.mark.slow
 SIGTERM_BOUND_S = 4.5  # < 5 s, the requirement; grace 2 s + torchrun's forwarding + process exit under load
@@ -56,11 +57,6 @@ def write_config(path: Path, run_dir: Path, data: Path, steps: int, every: int =
         cfg.setdefault(key, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def launch(config: Path, log: Path, **env_extra: str) -> subprocess.Popen:
-    cmd, env = torchrun(config)
-    return subprocess.Popen(cmd, env={**env, **env_extra}, cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT)
 
 
 def run(config: Path, log: Path, timeout: float = 900, **env_extra: str) -> int:
@@ -152,7 +148,7 @@ def test_collective_timeout_dumps_stacks_on_every_rank(dataset, tmp_path):
 def _gone_within(proc: subprocess.Popen) -> tuple[float, float]:
     """SIGTERM torchrun (as SLURM or a user would); (seconds until every trainer process is gone, seconds until
     torchrun is gone too), asserted against ``SIGTERM_BOUND_S`` and ``TORCHRUN_BOUND_S``."""
-    tree = _process_tree(proc.pid)
+    tree = process_tree(proc.pid)
     workers = [p for p in tree if p != proc.pid]
     assert len(workers) >= 2, tree
     t0 = time.monotonic()
@@ -168,19 +164,6 @@ def _gone_within(proc: subprocess.Popen) -> tuple[float, float]:
     assert workers_s < SIGTERM_BOUND_S, f"trainer processes still there {workers_s:.1f} s after SIGTERM"
     assert total < TORCHRUN_BOUND_S, f"torchrun still there {total:.1f} s after SIGTERM"
     return workers_s, total
-
-
-def _process_tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-            except FileNotFoundError:
-                pass
-    return out
 
 
 def _alive(pid: int) -> bool:

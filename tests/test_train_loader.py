@@ -16,7 +16,8 @@ from data_pipeline.dataset_format import MANIFEST, read_sample_index
 from pixeldit.errors import DataError
 from pixeldit.train.bucket_sampler import PlanTable, StagePlan, merge_small_buckets, mix_counts
 from pixeldit.train.config import DataSource, RunConfig, StageConfig
-from pixeldit.train.loader import build_loader, decode_and_crop
+from pixeldit.train.loader import build_loader
+from pixeldit.train.sample_reader import decode_and_crop
 from train_helpers import write_tiny_dataset
 
 RATIOS = ["0.25", "0.33", "0.50", "0.67", "0.75", "1.00", "1.33", "1.50", "2.00", "3.00", "4.00"]
@@ -302,7 +303,7 @@ def test_a_stuck_read_in_a_worker_becomes_an_error(tiny, monkeypatch):
     import time
 
     from pixeldit.errors import StorageError
-    from pixeldit.train.loader import SampleReader
+    from pixeldit.train.sample_reader import SampleReader
 
     monkeypatch.setattr(SampleReader, "read", lambda self, row: time.sleep(60))  # inherited by the forked worker
     loader = build_loader(_cfg(tiny, workers=1, worker_timeout_s=1.0), 0, rank=0, world_size=1)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from data_pipeline.dataset_format import MANIFEST, SAMPLES, read_sample_index
 from pixeldit.diffusion import to_uint8
 from pixeldit.storage import exists, join, read_bytes, write_bytes_atomic
-from pixeldit.train.loader import BatchDataset, decode_and_crop
+from pixeldit.train.sample_reader import BatchDataset, decode_and_crop
 from pixeldit.train.sources import SourceSet
 
 from .frechet import FeatureStats, StatsAccumulator

@@ -34,7 +34,7 @@ from pixeldit.diffusion.flow import interpolate, velocity_target
 
 from .bucket_sampler import FIXED_BUCKET, BatchSpec
 from .config import RunConfig
-from .loader import BatchDataset
+from .sample_reader import BatchDataset
 from .sources import open_sources
 
 VAL_TIMESTEPS = 8

@@ -51,6 +51,7 @@ from typing import Any
 from submitit import JobEnvironment
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE  # a task exiting with it makes the controller rerun the job
 
+from pixeldit.train.collectives import LOG_DIR_VAR
 from pixeldit.train.heartbeat import HEARTBEAT_VAR, read_heartbeat
 
 from .attempts import (TaskReport, decide, history_path, read_history, record_decision, wait_for_reports,
@@ -156,7 +157,7 @@ class TrainJob:
 
         paths = child_paths(folder, str(env.job_id), rank, attempt)
         child_env = {**os.environ, JOB_ID_VAR: str(env.job_id), JOB_ATTEMPT_VAR: str(attempt),
-                     HEARTBEAT_VAR: str(paths.heartbeat)}
+                     HEARTBEAT_VAR: str(paths.heartbeat), LOG_DIR_VAR: str(folder)}  # collective-timeout stacks
         print(f"[launcher] job {env.job_id} rank {dist_env['RANK']}/{dist_env['WORLD_SIZE']} master "
               f"{dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']}, attempt {attempt}, requeues so far "
               f"{history['requeues']}, failures so far {history['failures']}", flush=True)

@@ -6,7 +6,8 @@ runs ``TrainJob.__call__``, the task's *supervisor*:
 1. set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from ``submitit.JobEnvironment``, the job id
    and attempt (``PIXELDIT_JOB_ID``, ``PIXELDIT_JOB_ATTEMPT``: SLURM's restart count, else the attempts so far;
    the trainer's run-folder lock uses them, so a later attempt takes over the lock a killed one left behind) and
-   ``PIXELDIT_HEARTBEAT``;
+   ``PIXELDIT_HEARTBEAT``; MASTER_PORT is checked free on rank 0's host and told to the other tasks
+   (``launchers.rendezvous``);
 2. start the trainer as a child process (``launchers.train_child``: ``run_training`` with the ``StopFlag`` on
    the preemption signal and, on rank 0, the eval-job hook) and watch it (``launchers.supervisor``): the
    preemption signal (USR2) is forwarded to it (it saves at the next step boundary and returns "stopped"), a
@@ -57,12 +58,12 @@ from pixeldit.train.heartbeat import HEARTBEAT_VAR, read_heartbeat
 from .attempts import (TaskReport, decide, history_path, read_history, record_decision, wait_for_reports,
                        write_history, write_report)
 from .config import LaunchConfig
+from .rendezvous import agree_master_port, port_from_job_id
 from .supervisor import PREEMPT_SIGNAL, Supervisor, WatchdogLimits, child_paths
 from .train_child import command
 
 __all__ = ["JobFailed", "PREEMPT_SIGNAL", "Requeued", "TrainJob", "port_from_job_id", "read_requeues",
            "requeue_count_path", "set_distributed_env", "write_requeues"]
-PORT_BASE, PORT_SPAN = 20000, 20000
 REPORT_GRACE_S = 60.0  # rank 0 waits this long beyond the watchdog limit for the other tasks' reports
 
 
@@ -103,17 +104,12 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def port_from_job_id(job_id: str | int) -> int:
-    """A port every task of one job derives alike; jobs (array tasks too) have distinct numeric SLURM ids."""
-    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
-    return PORT_BASE + int(digits) % PORT_SPAN
-
-
 def set_distributed_env(launch: LaunchConfig) -> dict[str, str]:
     """RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from submitit's JobEnvironment (SLURM or local).
 
     MASTER_ADDR is the job's first host; MASTER_PORT is ``launch.master_port`` or derived from the raw job id
-    (SLURM_JOB_ID is unique per array task, so array tasks sharing a node get different ports).
+    (SLURM_JOB_ID is unique per array task, so array tasks sharing a node get different ports); ``TrainJob``
+    then replaces a derived one by the port rank 0 agreed (``launchers.rendezvous``).
     """
     env = JobEnvironment()
     hosts = env.hostnames if env.cluster == "slurm" else []
@@ -155,6 +151,12 @@ class TrainJob:
         rank, world = env.global_rank, env.num_tasks
         from pixeldit.train.run_lock import JOB_ATTEMPT_VAR, JOB_ID_VAR
 
+        if not self.launch.master_port:  # rank 0 checks the derived port and tells the others the one to use
+            port, note = agree_master_port(folder, str(env.job_id), str(env.raw_job_id), attempt, rank,
+                                           self.launch.watchdog_startup_s)
+            os.environ["MASTER_PORT"] = dist_env["MASTER_PORT"] = str(port)
+            if note:
+                print(f"[launcher] {note}", flush=True)
         paths = child_paths(folder, str(env.job_id), rank, attempt)
         child_env = {**os.environ, JOB_ID_VAR: str(env.job_id), JOB_ATTEMPT_VAR: str(attempt),
                      HEARTBEAT_VAR: str(paths.heartbeat), LOG_DIR_VAR: str(folder)}  # collective-timeout stacks

@@ -49,8 +49,21 @@ def run_job(job: TrainJob) -> dict[str, Any]:
     return job()
 
 
-def job_result(job: Any) -> dict[str, Any]:
-    """Wait for a job; rank 0's summary (status, step, stage, checkpoint, requeues, job_id)."""
+class JobWaitTimeout(TimeoutError):
+    """A job was not done within the time given to ``job_result``."""
+
+
+def job_result(job: Any, timeout_s: float | None = None, poll_s: float = 1.0) -> dict[str, Any]:
+    """Wait for a job; rank 0's summary (status, step, stage, checkpoint, requeues, job_id).
+    ``timeout_s``: wait at most this long (``JobWaitTimeout`` naming the job and its state; the job is left
+    as it is), None: as long as it takes."""
+    if timeout_s is not None:
+        deadline = time.monotonic() + timeout_s
+        while not job.done():
+            if time.monotonic() > deadline:
+                raise JobWaitTimeout(f"job {job.job_id} not done after {timeout_s:.0f} s (state {job.state}); "
+                                     f"`pixeldit-submit status RUN_DIR` shows its attempts")
+            time.sleep(poll_s)
     return job.results()[0]
 
 

@@ -18,14 +18,18 @@ Protocol (no coordinator; safe between the ranks and DataLoader workers of one n
  * temp files of crashed fetches are removed by the eviction pass once they are an hour old.
 Downloads go through ``pixeldit.storage.fetch_to_file``: ranged GETs of 32 MB, each with the S3 timeouts
 and retries of ``pixeldit.s3.S3Settings``; the size from the dataset manifest is checked.
+``ShardPrefetcher``: the thread of one training rank that keeps the cache ahead of its loader.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
 import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
 
@@ -168,3 +172,55 @@ class NodeCache:
                 freed += size
             total -= size
         return freed
+
+
+class ShardPrefetcher:
+    """A thread that keeps the node cache ``horizon`` global batches ahead of this rank's consumption.
+
+    ``batches``: this rank's upcoming global batches, each as the remote files it reads, starting at the
+    batch the loader is at; ``consumed()`` is called once per finished global batch."""
+
+    def __init__(self, cache: NodeCache, batches: Iterator[list[RemoteFile]], horizon: int, threads: int):
+        self.cache, self.batches, self.horizon = cache, batches, horizon
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-fetch")
+        self.error: BaseException | None = None
+        self._scheduled = self._consumed = 0
+        self._stop = False
+        self._cond = threading.Condition()
+        self._recent: collections.OrderedDict[RemoteFile, Future] = collections.OrderedDict()
+        self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
+        self._thread.start()
+
+    def consumed(self) -> None:
+        with self._cond:
+            self._consumed += 1
+            self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            for files in self.batches:
+                with self._cond:
+                    while not self._stop and self._scheduled - self._consumed >= self.horizon:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    self._scheduled += 1
+                for f in files:
+                    if f not in self._recent:
+                        future = self.pool.submit(self.cache.fetch, f)
+                        future.add_done_callback(self._check)
+                        self._recent[f] = future
+                        while len(self._recent) > 4 * self.horizon + 64:
+                            self._recent.popitem(last=False)
+        except BaseException as err:  # noqa: BLE001 (handed to the training thread, which raises it)
+            self.error = self.error or err
+
+    def _check(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is not None and self.error is None:
+            self.error = future.exception()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -97,7 +97,7 @@ def run(zero: str, out: Path) -> None:
 
 
 def main() -> None:
-    from pixeldit.train.trainer import init_distributed
+    from pixeldit.train.startup import init_distributed
 
     out = Path(sys.argv[1])
     info = init_distributed()

@@ -5,7 +5,6 @@ single-process CAME on the same batches (fp32; the worker is tests/came_zero_wor
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch

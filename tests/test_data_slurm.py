@@ -14,7 +14,6 @@ import subprocess
 import time
 from collections import Counter
 
-import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.build import BuildOptions, load_plan, part_dir, read_records, read_submissions, task_slices, \

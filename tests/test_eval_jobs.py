@@ -22,9 +22,9 @@ from eval_fixtures import save_tiny_inception
 from launchers.cli import main as submit_cli
 from launchers.config import LaunchConfig
 from launchers.eval_jobs import JOB_FILE, PINNED, EvalJobConfig, due, eval_results, submit_eval
-from launchers.submit import job_result, submit
+from launchers.submit import submit
 from pixeldit import run_folder
-from test_launchers import SLURM_REASON, TASK_ENV, launch, run_config, wait_for
+from launch_helpers import SLURM_REASON, TASK_ENV, finished, launch, run_config, wait_for
 from train_helpers import write_tiny_dataset
 
 
@@ -72,7 +72,7 @@ def submit_with_evals(tmp_path: Path, data: Path, cluster: str) -> Path:
     evals = eval_config(tmp_path, data, cluster)
     extra = {"partition": "debug"} if cluster == "slurm" else {}
     sub = submit(str(cfg), dataclasses.replace(launch(cluster, **extra), tasks_per_node=1), evals=evals)
-    assert job_result(sub.jobs[0])["status"] == "finished"
+    assert finished(sub.jobs[0])["status"] == "finished"
     return run
 
 

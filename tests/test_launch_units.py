@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import pickle
+import socket
 from pathlib import Path
 
 import pytest
 
 from launchers.cli import build_parser, launch_config
 from launchers.config import LaunchConfig, executor_parameters
-from launchers.job import port_from_job_id, read_requeues, set_distributed_env, write_requeues
+from launchers.job import read_requeues, set_distributed_env, write_requeues
 from launchers.manage import format_status
 from launchers.registry import job_row, local_state, read_jobs, record_jobs
+from launchers.rendezvous import PORT_FILE, agree_master_port, port_from_job_id
 from launchers.submit import make_executor, sweep_overrides
 
 
@@ -72,7 +74,34 @@ def test_distributed_env_comes_from_slurm(monkeypatch):
 
 def test_ports_differ_between_jobs_and_array_tasks():
     ports = {port_from_job_id(j) for j in range(1000, 1100)}
-    assert len(ports) == 100 and all(20000 <= p < 40000 for p in ports)
+    assert len(ports) == 100 and all(20000 <= p < 32000 for p in ports)  # below the ephemeral range
+    assert port_from_job_id("77_3") != port_from_job_id("77_4")
+
+
+def test_rank_0_moves_off_a_taken_port_and_the_others_follow(tmp_path):
+    job = next(j for j in range(5000, 6000) if _bindable(port_from_job_id(j)))
+    with socket.socket() as taken:  # another program listens on the derived port
+        taken.bind(("", port_from_job_id(job)))
+        taken.listen()
+        port, note = agree_master_port(tmp_path, str(job), str(job), 0, rank=0, wait_s=1)
+        assert port != port_from_job_id(job) and f"MASTER_PORT {port_from_job_id(job)} (derived from job id {job}) " \
+            f"is in use" in note
+    assert agree_master_port(tmp_path, str(job), str(job), 0, rank=1, wait_s=1) == (port, None)
+    # the next attempt: the derived port is free again, and rank 0 says nothing
+    assert agree_master_port(tmp_path, str(job), str(job), 1, rank=0, wait_s=1) == (port_from_job_id(job), None)
+    assert (tmp_path / PORT_FILE.format(job_id=job, attempt=1)).read_text() == str(port_from_job_id(job))
+    with pytest.raises(TimeoutError, match=r"rank 2: rank 0 did not write the master port into .*_attempt7 within "
+                                           r"0 s .*set launch.master_port"):
+        agree_master_port(tmp_path, str(job), str(job), 7, rank=2, wait_s=0.3)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def test_sweep_gives_every_array_task_its_own_run_dir():

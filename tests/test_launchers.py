@@ -5,90 +5,25 @@ two-stage curriculum. SLURM: CI starts it with `.ci/slurm.sh start` (../shared/s
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from launch_helpers import (STEPS, TASK_ENV, finished, launch, logged_steps, needs_slurm, reached_step,
+                            run_config, wait_for)
 from launchers.cli import main as submit_cli
-from launchers.config import LaunchConfig
 from launchers.manage import cancel, status, tail
 from launchers.registry import read_jobs
-from launchers.submit import RunBusyError, job_result, last_result, submit
-from train_helpers import write_tiny_dataset
-
-STEPS = (4, 4)
-TASK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-
-
-def slurm_reason() -> str | None:
-    if not shutil.which("sinfo") or not shutil.which("sbatch"):
-        return "SLURM not installed: start it with ../shared/slurm/start_slurm.sh (CI: .ci/slurm.sh start)"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return "SLURM not running: slurmctld does not answer (sinfo timed out); start ../shared/slurm/start_slurm.sh"
-    if out.returncode != 0 or not out.stdout.strip():
-        return f"SLURM not running ({out.stderr.strip() or 'no nodes'}): start ../shared/slurm/start_slurm.sh"
-    states = set(out.stdout.split())
-    if not states & {"idle", "mixed", "allocated", "completing"}:
-        return f"SLURM has no usable node (node states: {', '.join(sorted(states))}); restart it"
-    return None
-
-
-SLURM_REASON = slurm_reason()
-needs_slurm = pytest.mark.skipif(SLURM_REASON is not None, reason=str(SLURM_REASON))
+from launchers.submit import RunBusyError, last_result, submit
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return write_tiny_dataset(tmp_path_factory.mktemp("data"), {"1.00": 8, "0.50": 8}, per_shard=4)
-
-
-def run_config(path: Path, run_dir: Path, data: Path, steps: tuple[int, ...] = STEPS) -> Path:
-    """A debug-size CPU run: stage "fixed" (32 px squares), then stage "aspect" (32 px buckets) if two steps."""
-    stage = {"data_path": str(data), "resolution": 32, "bucket_align": 16, "micro_batch": 2, "lr": 1e-3}
-    cfg = {
-        "run_dir": str(run_dir), "seed": 1, "ema_decay": 0.9,
-        "model": {"size": "debug"},
-        "deepspeed": {"zero": "zero2", "precision": "fp32"},
-        "data": {"num_workers": 0},
-        "logging": {"wandb": "disabled", "progress_bar": False},
-        "checkpoint": {"every": 100, "keep": 2},
-        "stages": [{"name": "fixed", "steps": steps[0], "buckets": "fixed", **stage},
-                   {"name": "aspect", "steps": steps[-1], "buckets": "aspect", "shift": 2.0, **stage}][:len(steps)],
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def launch(cluster: str, **kw) -> LaunchConfig:
-    return LaunchConfig(cluster=cluster, tasks_per_node=2, cpus_per_task=1, time_min=10, env=TASK_ENV,
-                        max_requeues=2, **kw)
-
-
-def logged_steps(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, loss) of every line of losses.jsonl, in order: a restart from scratch would repeat steps."""
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "losses.jsonl").read_text().splitlines())]
-
-
-def wait_for(predicate, what: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.2)
-
-
-def reached_step(run_dir: Path, step: int) -> bool:
-    path = run_dir / "losses.jsonl"
-    return path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines())
+def dataset(launch_dataset) -> Path:
+    return launch_dataset
 
 
 def assert_resumed_once(run: Path, reference: Path, result: dict) -> None:
@@ -97,17 +32,6 @@ def assert_resumed_once(run: Path, reference: Path, result: dict) -> None:
     log = tail(run, 10_000)
     assert "[launcher] requeueing job" in log and "requeues so far 1" in log
     assert status(run)[-1]["requeues"] == 1
-
-
-@pytest.fixture(scope="module")
-def local_reference(dataset, tmp_path_factory) -> Path:
-    """An uninterrupted 2-task run submitted through the CLI (local executor)."""
-    tmp = tmp_path_factory.mktemp("local_ref")
-    cfg = run_config(tmp / "run.yaml", tmp / "run", dataset)
-    env = [x for k, v in TASK_ENV.items() for x in ("--env", f"{k}={v}")]
-    assert submit_cli(["submit", "--config", str(cfg), "--cluster", "local", "--tasks-per-node", "2", *env,
-                       "--wait"]) == 0
-    return tmp / "run"
 
 
 def test_local_two_task_job_runs_the_whole_curriculum(local_reference, capsys):
@@ -138,7 +62,7 @@ def test_local_preemption_saves_requeues_and_resumes_identically(local_reference
     assert len(tasks) == 2
     for pid in tasks:
         os.kill(pid, signal.SIGUSR2)  # what SLURM sends before preemption / the time limit
-    assert_resumed_once(run, local_reference, job_result(sub.jobs[0]))
+    assert_resumed_once(run, local_reference, finished(sub.jobs[0]))
 
 
 def test_local_cancel_busy_guard_and_a_clean_resubmission(dataset, tmp_path):
@@ -152,7 +76,7 @@ def test_local_cancel_busy_guard_and_a_clean_resubmission(dataset, tmp_path):
     wait_for(lambda: status(run)[-1]["state"] == "INTERRUPTED", "the cancelled job to end", timeout=30)
     # submitted again (shorter): a new submission folder, its own result, the old job's files untouched
     second = submit(cfg, launch("local"), ["stages.0.steps=1"])
-    assert job_result(second.jobs[0])["status"] == "finished"
+    assert finished(second.jobs[0])["status"] == "finished"
     rows = status(run)
     assert [r["state"] for r in rows] == ["INTERRUPTED", "FINISHED"]
     assert rows[0]["folder"] != rows[1]["folder"] and second.folder.parent == run / "slurm"
@@ -163,7 +87,7 @@ def test_slurm_two_task_job_finishes(local_reference, dataset, tmp_path):
     run = tmp_path / "run"
     sub = submit(str(run_config(tmp_path / "run.yaml", run, dataset)),
                  launch("slurm", partition="debug", extra_sbatch={"comment": "pixeldit-launcher-test"}))
-    result = job_result(sub.jobs[0])
+    result = finished(sub.jobs[0])
     assert result["status"] == "finished", tail(run, 100)
     assert logged_steps(run) == logged_steps(local_reference)  # the same run, same numbers, whoever launches it
     job = subprocess.run(["scontrol", "show", "job", sub.jobs[0].job_id], capture_output=True, text=True).stdout
@@ -182,7 +106,7 @@ def test_slurm_usr2_saves_requeues_and_resumes_identically(local_reference, data
     job_id = sub.jobs[0].job_id
     wait_for(lambda: reached_step(run, 3), "step 3")
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # as SLURM does before preemption/limit
-    assert_resumed_once(run, local_reference, job_result(sub.jobs[0]))
+    assert_resumed_once(run, local_reference, finished(sub.jobs[0]))
     runs = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-j", job_id, "-o", "State"],
                           capture_output=True, text=True).stdout.split()
     assert len(runs) >= 2 and "REQUEUED" in runs, runs  # the same job id ran twice: requeued, then completed

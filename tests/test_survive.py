@@ -34,12 +34,11 @@ from launchers.attempts import (EXCLUDE_AFTER, TaskReport, attempt_lines, backof
 from launchers.cli import main as submit_cli
 from launchers.config import LaunchConfig
 from launchers.manage import format_status, status, tail
-from launchers.submit import job_result, submit
+from launchers.submit import submit
 from launchers.supervisor import (STACK_DUMP_SIGNAL, ChildPaths, Supervisor, WatchdogLimits, child_paths,
                                   process_state, waiting_in_collective)
 from pixeldit.train.heartbeat import Heartbeat, read_heartbeat
-from test_launchers import (TASK_ENV, dataset, local_reference, logged_steps, needs_slurm,  # noqa: F401 (fixtures)
-                            run_config, wait_for)
+from launch_helpers import TASK_ENV, finished, logged_steps, needs_slurm, run_config, wait_for
 from train_helpers import ROOT
 
 # ---- the decision, without SLURM ---------------------------------------------------------------------------
@@ -222,6 +221,11 @@ def test_supervisor_reports_a_kill_9(tmp_path):
 # ---- true two-node SLURM jobs -------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def dataset(launch_dataset) -> Path:
+    return launch_dataset
+
+
 def two_node_launch(**kw) -> LaunchConfig:
     kw = {"max_failures": 2, "watchdog_floor_s": 60.0, "watchdog_startup_s": 300.0, **kw}
     return LaunchConfig(cluster="slurm", nodes=2, tasks_per_node=1, cpus_per_task=1, time_min=10, env=TASK_ENV,
@@ -279,7 +283,7 @@ def test_two_node_job_survives_a_kill_and_a_hang(local_reference, dataset, tmp_p
     # "save" beat counts too)
     stopped = signal_trainer(sub, "n1", signal.SIGSTOP, done, min_step=5, phases=("step", "save"))
     t_stop = time.time()
-    result = job_result(sub.jobs[0])
+    result = finished(sub.jobs[0])
     assert (result["status"], result["failures"], result["step"]) == ("finished", 2, 8), tail(run, 200)
     assert_same_losses(run, local_reference)  # a: the 2-node job's numbers = the 2-rank run on one node
     history = read_history(sub.folder, job_id)

@@ -155,7 +155,7 @@ def test_zero3_compiled_blocks_train_like_eager(single_rank):
     from pixeldit.train.metrics import StepPhases
     from pixeldit.train.prefetch import DevicePrefetcher
     from pixeldit.train.step import train_step
-    from pixeldit.train.trainer import init_distributed
+    from pixeldit.train.startup import init_distributed
 
     info = init_distributed()
     stage = StageConfig(name="z3", steps=3, data_path="unused", resolution=32, bucket_align=16, micro_batch=2,

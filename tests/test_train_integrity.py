@@ -30,7 +30,8 @@ from pixeldit.train.config import RunConfig, StageConfig
 from pixeldit.train.ema import EMA
 from pixeldit.train.metrics import json_record
 from pixeldit.train.run_lock import RunFolderLocked, RunLock
-from pixeldit.train.trainer import NonFiniteLossError, run_training, skip_reason
+from pixeldit.train.step import NonFiniteLossError, skip_reason
+from pixeldit.train.trainer import run_training
 from train_helpers import set_single_rank, write_tiny_dataset
 
 

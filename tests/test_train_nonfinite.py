@@ -11,7 +11,8 @@ import torch
 import pixeldit.train.engine as engine_module
 from pixeldit.release.zero import consolidate_model
 from pixeldit.train.config import RunConfig, StageConfig
-from pixeldit.train.trainer import NonFiniteLossError, run_training
+from pixeldit.train.step import NonFiniteLossError
+from pixeldit.train.trainer import run_training
 from train_helpers import write_tiny_dataset
 
 

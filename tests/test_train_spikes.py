@@ -27,7 +27,7 @@ from pixeldit.errors import ConfigError
 from pixeldit.train.config import RunConfig, StageConfig, validate
 from pixeldit.train.spikes import (SKIPS_FILE, TEST_SPIKE_ENV, SpikeDetector, SpikeLimitError, parse_injection,
                                    read_skips, robust_zscore, skip_forward, spikes_dir)
-from test_launchers import TASK_ENV, needs_slurm
+from launch_helpers import TASK_ENV, finished, needs_slurm
 from test_train_distributed import final_state, launch, records, run_to_end
 from train_helpers import kill_tree, write_tiny_dataset
 
@@ -215,13 +215,13 @@ def test_slurm_two_node_job_makes_the_same_decision(spiked, dataset, tmp_path):
     """The spiked run as a true 2-node SLURM job (one task per node): the same rollback, skip and losses."""
     from launchers.config import LaunchConfig
     from launchers.manage import tail
-    from launchers.submit import job_result, submit
+    from launchers.submit import submit
 
     run_dir = tmp_path / "run"
     launch_cfg = LaunchConfig(cluster="slurm", nodes=2, tasks_per_node=1, cpus_per_task=1, time_min=15,
                               env={**TASK_ENV, TEST_SPIKE_ENV: INJECT})
     sub = submit(str(spike_config(tmp_path / "run.yaml", run_dir, dataset)), launch_cfg)
-    result = job_result(sub.jobs[0])
+    result = finished(sub.jobs[0])
     assert result["status"] == "finished", tail(run_dir, 100)
     assert [r["step"] for r in records(run_dir)] == [r["step"] for r in records(spiked)]
     assert final_losses(run_dir) == final_losses(spiked) and read_skips(run_dir) == read_skips(spiked)

@@ -121,7 +121,7 @@ def zero_state(a: argparse.Namespace) -> None:
     from pixeldit.train.came import CAME, is_factored
     from pixeldit.train.config import RunConfig, StageConfig
     from pixeldit.train.engine import build_engine
-    from pixeldit.train.trainer import init_distributed
+    from pixeldit.train.startup import init_distributed
 
     info = init_distributed()
     for zero in ("zero1", "zero2", "zero3"):

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    from pixeldit.train.trainer import init_distributed
+    from pixeldit.train.startup import init_distributed
 
     info = init_distributed()
     rows = []

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     from pixeldit.train.config import RunConfig, StageConfig
     from pixeldit.train.engine import build_engine
     from pixeldit.train.step import step_generator
-    from pixeldit.train.trainer import init_distributed
+    from pixeldit.train.startup import init_distributed
     from tools.bench_loader import make_dataset
 
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:

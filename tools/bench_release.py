@@ -45,7 +45,7 @@ def make_checkpoint(run_dir: Path, size: str, zero: str, precision: str) -> dict
     from pixeldit.train.checkpoint import CheckpointManager
     from pixeldit.train.config import load_config
     from pixeldit.train.engine import build_engine
-    from pixeldit.train.trainer import _checkpoint_meta, init_distributed
+    from pixeldit.train.startup import checkpoint_meta, init_distributed
 
     info = init_distributed()
     cfg = load_config(None, [f"run_dir={run_dir}", f"model.size={size}", f"deepspeed.zero={zero}",
@@ -60,7 +60,7 @@ def make_checkpoint(run_dir: Path, size: str, zero: str, precision: str) -> dict
     params = sum(getattr(p, "ds_numel", p.numel()) for p in bundle.model.parameters())
     client = {"stage_index": 0, "step": 1000, "loader": {"epoch": 0, "position": 0}}
     ckpt = CheckpointManager(run_dir, keep=1, rank=info.rank, world_size=info.world_size)
-    path = ckpt.save(bundle.engine, 1000, client, _checkpoint_meta(cfg, 0, info.world_size), ema=None)
+    path = ckpt.save(bundle.engine, 1000, client, checkpoint_meta(cfg, 0, info.world_size), ema=None)
     torch.distributed.destroy_process_group()
     return {"params": params, "checkpoint": str(path), "seed": cfg.seed, "decay": cfg.ema_decay}
 

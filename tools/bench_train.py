@@ -41,7 +41,7 @@ from pixeldit.train.engine import build_engine
 from pixeldit.train.metrics import StepPhases, device_peak_tflops
 from pixeldit.train.prefetch import DevicePrefetcher
 from pixeldit.train.step import train_step
-from pixeldit.train.trainer import init_distributed
+from pixeldit.train.startup import init_distributed
 from tools.bench_cases import Case
 
 GPU_CASES = ["XL/16@256:bs=64", "T2I@512:bs=64:ckpt", "T2I@1024:bs=16:ckpt"]

@@ -8,7 +8,7 @@ Stages of the stream (what it holds at each point):
  2. ``StagePlan`` (bucket_sampler.py): the global batches of every epoch, one bucket each, the same for any
     world size with the same global batch; ``TrainLoader`` walks it from its state (epoch, global batch,
     micro step) and gives rank r its slice of each global batch (``BatchSpec``);
- 3. ``ShardPrefetcher`` (remote roots): a thread per rank that fetches the whole shards (and their caption-
+ 3. ``ShardPrefetcher`` (remote roots; ``pixeldit.node_cache``): a thread per rank that fetches the whole shards (and their caption-
     embedding files) of the next ``data.prefetch_batches`` global batches of this rank into the node cache
     (``pixeldit.node_cache``: one folder per node shared by its ranks and workers, size-bounded, LRU);
  4. torch DataLoader (``num_workers`` workers, each builds whole micro-batches, sample_reader.py;
@@ -27,13 +27,11 @@ nothing from the global RNGs (the DataLoader gets its own generator), so saved R
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -43,7 +41,7 @@ from data_pipeline.buckets import bucket_table
 from data_pipeline.captions import DEFAULT_CAPTION_TEMPERATURE
 from data_pipeline.dataset_format import ShardProblem
 from pixeldit.errors import DataError, StorageError
-from pixeldit.node_cache import NodeCache, RemoteFile
+from pixeldit.node_cache import NodeCache, RemoteFile, ShardPrefetcher
 
 from .bucket_sampler import FIXED_BUCKET, BatchSpec, StagePlan, stable_salt
 from .config import RunConfig
@@ -52,61 +50,6 @@ from .sources import SourceSet, open_sources
 from .spikes import skip_forward
 
 RECORD_KEYS_ENV = "PIXELDIT_RECORD_KEYS"
-
-
-# ---- 3. prefetching --------------------------------------------------------------------------------------------
-
-
-class ShardPrefetcher:
-    """A thread that keeps the node cache ``horizon`` global batches ahead of this rank's consumption.
-
-    ``batches``: this rank's upcoming global batches, each as the remote files it reads, starting at the
-    batch the loader is at; ``consumed()`` is called once per finished global batch."""
-
-    def __init__(self, cache: NodeCache, batches: Iterator[list[RemoteFile]], horizon: int, threads: int):
-        self.cache, self.batches, self.horizon = cache, batches, horizon
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-fetch")
-        self.error: BaseException | None = None
-        self._scheduled = self._consumed = 0
-        self._stop = False
-        self._cond = threading.Condition()
-        self._recent: collections.OrderedDict[RemoteFile, Future] = collections.OrderedDict()
-        self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
-        self._thread.start()
-
-    def consumed(self) -> None:
-        with self._cond:
-            self._consumed += 1
-            self._cond.notify()
-
-    def _run(self) -> None:
-        try:
-            for files in self.batches:
-                with self._cond:
-                    while not self._stop and self._scheduled - self._consumed >= self.horizon:
-                        self._cond.wait()
-                    if self._stop:
-                        return
-                    self._scheduled += 1
-                for f in files:
-                    if f not in self._recent:
-                        future = self.pool.submit(self.cache.fetch, f)
-                        future.add_done_callback(self._check)
-                        self._recent[f] = future
-                        while len(self._recent) > 4 * self.horizon + 64:
-                            self._recent.popitem(last=False)
-        except BaseException as err:  # noqa: BLE001 (handed to the training thread, which raises it)
-            self.error = self.error or err
-
-    def _check(self, future: Future) -> None:
-        if not future.cancelled() and future.exception() is not None and self.error is None:
-            self.error = future.exception()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---- 2. the stateful loader ------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ GPU is ``python -m tools.bench_train --count-syncs`` (in ``tools.bench_gpu``; no
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,38 @@ import torch.distributed as dist
 
 from .metrics import StepPhases
 from .prefetch import DevicePrefetcher
+
+# why a step was skipped (losses.jsonl "skip_reason"); see skip_reason
+SKIP_NONFINITE_LOSS = "nonfinite_loss"  # a micro-batch loss was NaN/inf on some rank: no update
+SKIP_NONFINITE_GRAD = "nonfinite_grad"  # the global gradient norm was NaN/inf: DeepSpeed skipped the update
+SKIP_NOT_APPLIED = "not_applied"  # DeepSpeed reported the update as not applied (its overflow check)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many skipped steps (non-finite loss or gradient) in a row; the run stops and keeps its last good
+    checkpoint."""
+
+
+def skip_reason(loss_finite: bool, applied: bool, grad_norm: float | None) -> str | None:
+    """Why a step counts as skipped, or None when the optimizer applied it (the skip contract).
+
+    ``loss_finite``: every micro-batch loss of the step was finite on every rank (else there was no optimizer
+    step, or one that dropped the gradients); ``applied``: ``engine.was_step_applied()`` after ``engine.step()``;
+    ``grad_norm``: ``engine.get_global_grad_norm()`` (None when DeepSpeed does not compute it).
+    A skipped step leaves the weights and the EMA unchanged and joins the non-finite streak. An update that
+    WAS applied with a non-finite gradient norm would have written NaN/inf into the weights: that is a
+    configuration error (DeepSpeed's overflow check is off), raised as RuntimeError.
+    """
+    if not loss_finite:
+        return SKIP_NONFINITE_LOSS
+    norm_finite = grad_norm is None or math.isfinite(grad_norm)
+    if applied and not norm_finite:
+        raise RuntimeError(f"DeepSpeed applied an update with gradient norm {grad_norm}: the weights are no longer "
+                           f"finite; remove 'check_grad_overflow: false' from the ZeRO JSON")
+    if not norm_finite:
+        return SKIP_NONFINITE_GRAD
+    return None if applied else SKIP_NOT_APPLIED
+
 
 # the slots of the per-step stats vector (one all-reduce)
 NONFINITE, LOSS, FLOW, REPA, STOP = range(5)

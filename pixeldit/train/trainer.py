@@ -5,7 +5,7 @@
 
 Outline:
  0. ``preflight``: the config and every file it names are checked before anything starts;
- 1. join the process group (env vars set by the caller; a lone process becomes rank 0 of 1) with the start-up
+ 1. (startup.py) join the process group (env vars set by the caller; a lone process becomes rank 0 of 1) with the start-up
     collective timeout, tightened after the first completed step; a failed collective dumps every rank's stacks
     into the log folder and raises ``CollectiveError`` (collectives.py); rank 0 takes the
     run-folder lock (``run_lock``: one trainer per run folder) and every rank learns the outcome, so all
@@ -44,20 +44,17 @@ Outline:
 """
 from __future__ import annotations
 
-import datetime
 import gc
-import math
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
 
-from pixeldit.errors import USER_ERRORS, CheckpointError, DataError
+from pixeldit.errors import CheckpointError
 from pixeldit.models import ModelArgs
 from pixeldit.run_folder import RUN_CONFIG, read_meta
 from pixeldit.s3 import configure_s3
@@ -65,8 +62,7 @@ from pixeldit.storage import is_local
 
 from .checkpoint import CheckpointManager, untie_optimizer_steps
 from .collectives import CollectiveGuard, is_collective_error
-from .conditioning import (TextConditioner, build_conditioner, build_teacher, load_text_encoder,
-                           resolved_system_prompt)
+from .conditioning import TextConditioner, build_conditioner, build_teacher, load_text_encoder
 from .config import RunConfig, save_config
 from .curriculum import Curriculum
 from .ema import EMA
@@ -79,44 +75,13 @@ from .node_check import run_node_check
 from .preflight import preflight
 from .prefetch import DevicePrefetcher
 from .preview import write_preview
-from .run_lock import RunFolderLocked, RunLock
+from .run_lock import RunLock
 from .validation import build_validator, validation_record, wandb_values
-from .sources import check_stage_data, damaged_shards_error
 from .spikes import CLIENT_KEY as SPIKE_KEY, SpikeLimitError, build_spike_guard
-from .step import StepOutcome, agree, train_step
+from .startup import DistInfo, check_data, checkpoint_meta, init_distributed, take_run_lock
+from .step import NonFiniteLossError, StepOutcome, agree, skip_reason, train_step
 from .stragglers import StragglerMonitor
 from .warm_start import read_init_weights
-
-# why a step was skipped (losses.jsonl "skip_reason"); see skip_reason
-SKIP_NONFINITE_LOSS = "nonfinite_loss"  # a micro-batch loss was NaN/inf on some rank: no update
-SKIP_NONFINITE_GRAD = "nonfinite_grad"  # the global gradient norm was NaN/inf: DeepSpeed skipped the update
-SKIP_NOT_APPLIED = "not_applied"  # DeepSpeed reported the update as not applied (its overflow check)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many skipped steps (non-finite loss or gradient) in a row; the run stops and keeps its last good
-    checkpoint."""
-
-
-def skip_reason(loss_finite: bool, applied: bool, grad_norm: float | None) -> str | None:
-    """Why a step counts as skipped, or None when the optimizer applied it (the skip contract).
-
-    ``loss_finite``: every micro-batch loss of the step was finite on every rank (else there was no optimizer
-    step, or one that dropped the gradients); ``applied``: ``engine.was_step_applied()`` after ``engine.step()``;
-    ``grad_norm``: ``engine.get_global_grad_norm()`` (None when DeepSpeed does not compute it).
-    A skipped step leaves the weights and the EMA unchanged and joins the non-finite streak. An update that
-    WAS applied with a non-finite gradient norm would have written NaN/inf into the weights: that is a
-    configuration error (DeepSpeed's overflow check is off), raised as RuntimeError.
-    """
-    if not loss_finite:
-        return SKIP_NONFINITE_LOSS
-    norm_finite = grad_norm is None or math.isfinite(grad_norm)
-    if applied and not norm_finite:
-        raise RuntimeError(f"DeepSpeed applied an update with gradient norm {grad_norm}: the weights are no longer "
-                           f"finite; remove 'check_grad_overflow: false' from the ZeRO JSON")
-    if not norm_finite:
-        return SKIP_NONFINITE_GRAD
-    return None if applied else SKIP_NOT_APPLIED
 
 
 @dataclass
@@ -126,51 +91,6 @@ class TrainResult:
     stage: int  # index of the stage of the last step
     checkpoint: str | None  # path of the last checkpoint
     losses: list[float] = field(default_factory=list)  # mean loss of every step run by this call
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    owns_group: bool  # this call created the process group (and destroys it at the end)
-
-
-def init_distributed(timeout: datetime.timedelta | None = None) -> DistInfo:
-    """Join the process group from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (single rank if unset);
-    ``timeout``: of its collectives (None: DeepSpeed's default, 10 minutes)."""
-    import deepspeed
-    import deepspeed.comm
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(pick_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    owns = not dist.is_initialized()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    if owns:
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
-                                   **({"timeout": timeout} if timeout is not None else {}))
-    elif not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(dist_init_required=False, verbose=False)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns)
-
-
-def pick_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[str, Any]:
-    stage = cfg.stages[stage_index]
-    return {"stage_index": stage_index, "stage_name": stage.name, "model_args": cfg.model.args().to_dict(),
-            "resolution": stage.resolution, "shift": cfg.stage_objective(stage).shift, "buckets": stage.buckets,
-            "bucket_align": stage.bucket_align, "text_encoder": cfg.conditioning.text_encoder,
-            "system_prompt": resolved_system_prompt(cfg, cfg.model.args()), "zero": cfg.deepspeed.zero,
-            "precision": cfg.deepspeed.precision, "world_size": world_size,
-            "ema_decay": cfg.ema_decay, "optimizer": cfg.optim.name, "init_from": cfg.checkpoint.init_from}
 
 
 def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = None,
@@ -185,7 +105,7 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
     info = init_distributed(guard.startup_timeout)
     lock = None
     try:
-        lock, lock_note = _take_run_lock(Path(cfg.run_dir), info.rank)
+        lock, lock_note = take_run_lock(Path(cfg.run_dir), info.rank)
         return _run(cfg, info, lock, lock_note, stop_requested, on_checkpoint, guard)
     except Exception as err:
         if is_collective_error(err):  # every rank dumps its stacks; the error names the timeout and the folder
@@ -198,28 +118,6 @@ def run_training(cfg: RunConfig, stop_requested: Callable[[], bool] | None = Non
             import deepspeed.comm
 
             deepspeed.comm.destroy_process_group()
-
-
-def _take_run_lock(run_dir: Path, rank: int) -> tuple[RunLock | None, str | None]:
-    """Rank 0 takes the run-folder lock; every rank gets the outcome and raises the same error, so no rank
-    starts work on a folder another trainer holds. Returns (the lock on rank 0 else None, a takeover note)."""
-    lock, outcome, failure = None, [None], None
-    if rank == 0:
-        try:
-            lock = RunLock(run_dir)
-            outcome = [("ok", lock.acquire())]
-        except Exception as err:  # noqa: BLE001 (sent to every rank first: all stop together)
-            failure = err
-            outcome = [("locked" if isinstance(err, RunFolderLocked) else "error", str(err))]
-    dist.broadcast_object_list(outcome, src=0)
-    if failure is not None:
-        raise failure
-    kind, text = outcome[0]
-    if kind == "locked":
-        raise RunFolderLocked(text)
-    if kind == "error":
-        raise RuntimeError(f"rank 0 could not take the run-folder lock: {text}")
-    return lock, text
 
 
 def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | None,
@@ -245,7 +143,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
     step = meta["step"] if latest is not None else 0
     # where each stage's loader started (the ledger replays the plan from these; pixeldit.train.ledger)
     segments = list(meta.get("data_segments", []))
-    problems = _check_data(cfg, curriculum.stage_of(min(step, curriculum.total_steps - 1)), rank)
+    problems = check_data(cfg, curriculum.stage_of(min(step, curriculum.total_steps - 1)), rank)
     remote = any(not is_local(src.path) for s in cfg.stages for src in s.data_sources())
     node_cache = build_node_cache(cfg) if remote else None
     args = cfg.model.args()
@@ -352,7 +250,7 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
                 client_state = {"stage_index": stage_index, "step": step, "loader": batches.state_dict(),
                                 "lr_schedule": bundle.schedule.state_dict(), "nonfinite": dict(nonfinite),
                                 SPIKE_KEY: spike_guard.state_dict()}
-                meta = {**_checkpoint_meta(cfg, stage_index, world), "data_segments": segments, **spike_guard.meta()}
+                meta = {**checkpoint_meta(cfg, stage_index, world), "data_segments": segments, **spike_guard.meta()}
                 path = ckpt.save(bundle.engine, step, client_state, meta, ema)
                 if on_checkpoint is not None and rank == 0:
                     on_checkpoint(step, path)
@@ -461,40 +359,6 @@ def _run(cfg: RunConfig, info: DistInfo, lock: RunLock | None, lock_note: str | 
         metrics.close()
     final = ckpt.latest()
     return TrainResult(status, step, curriculum.stage_of(max(step - 1, 0)), str(final) if final else None, losses)
-
-
-def _check_data(cfg: RunConfig, first_stage: int, rank: int) -> dict[int, dict]:
-    """{stage: {root: damaged shards}} for the stages from ``first_stage`` on: rank 0 lists every root once
-    and broadcasts; every rank raises the same error (a damaged shard, an unreachable bucket) before any
-    engine is built."""
-    result: list[Any] = [None]
-    failure: Exception | None = None
-    if rank == 0:
-        try:
-            by_root: dict[str, Any] = {}
-            out: dict[int, dict] = {}
-            for i in range(first_stage, len(cfg.stages)):
-                done = {r: by_root[r] for r in (s.path for s in cfg.stages[i].data_sources()) if r in by_root}
-                fresh = check_stage_data(cfg, i, skip=set(done))
-                by_root.update(fresh)
-                out[i] = {**done, **fresh}
-            result = [("ok", out)]
-        except Exception as err:  # noqa: BLE001 (handed to every rank first: all stop with the same error)
-            failure = err
-            kind = type(err) if isinstance(err, USER_ERRORS) else RuntimeError
-            message = f"{err}" if kind is not RuntimeError else f"rank 0 failed checking the data: {err}"
-            result = [("error", kind, message)]
-    dist.broadcast_object_list(result, src=0)
-    if failure is not None:
-        raise failure
-    if result[0][0] == "error":
-        raise result[0][1](result[0][2])
-    problems = result[0][1]
-    for i, stage_problems in problems.items():
-        error = damaged_shards_error(cfg, i, stage_problems)
-        if error and not cfg.data.skip_damaged_shards:
-            raise DataError(error)
-    return problems
 
 
 def _latest_or_none(ckpt: CheckpointManager) -> str:

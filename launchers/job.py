@@ -52,8 +52,8 @@ from typing import Any
 from submitit import JobEnvironment
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE  # a task exiting with it makes the controller rerun the job
 
-from pixeldit.train.collectives import LOG_DIR_VAR
 from pixeldit.train.heartbeat import HEARTBEAT_VAR, read_heartbeat
+from pixeldit.train.signals import LOG_DIR_VAR
 
 from .attempts import (TaskReport, decide, history_path, read_history, record_decision, wait_for_reports,
                        write_history, write_report)

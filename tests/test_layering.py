@@ -268,6 +268,17 @@ def test_run_folder_imports_torch_stdlib_storage_errors_only():
                   if n.startswith("pixeldit.") and not n.startswith(allowed)) == []
 
 
+def test_job_supervisor_and_submit_cli_start_without_torch():
+    """A job's per-task supervisor (one per GPU, alive for the whole job) and ``pixeldit-submit`` never import
+    torch: hundreds of MB of memory per task and seconds of start-up for nothing."""
+    import subprocess
+
+    code = ("import sys, launchers.job, launchers.supervisor, launchers.train_child, launchers.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:500]
+
+
 def test_only_release_zero_uses_deepspeed():
     bad = [b for b in offenders("pixeldit/release", ("deepspeed",)) if not b.startswith("pixeldit/release/zero.py:")]
     assert bad == []

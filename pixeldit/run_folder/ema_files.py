@@ -1,12 +1,15 @@
 """EMA files of a step folder (the layouts are in the package docstring): ZeRO-3 partitions, one rank's file,
-and the full state dict rebuilt from either layout (``consolidate_ema``)."""
+and the full state dict rebuilt from either layout (``consolidate_ema``). torch is imported by the functions
+that need it: the run-folder format is read by processes that never touch a tensor (a job's per-task
+supervisor, ``pixeldit-submit status``)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from pixeldit.errors import CheckpointError
 from pixeldit.storage import atomic_local_file
@@ -23,6 +26,8 @@ def partition_bounds(numel: int, world_size: int, rank: int) -> tuple[int, int, 
 
 def partition_state(full: dict[str, torch.Tensor], world_size: int, rank: int) -> dict[str, torch.Tensor]:
     """The ZeRO-3 local partitions (1-D fp32, padded with zeros) of a full state dict."""
+    import torch
+
     out = {}
     for name, t in full.items():
         flat = t.detach().reshape(-1).float()
@@ -35,6 +40,8 @@ def partition_state(full: dict[str, torch.Tensor], world_size: int, rank: int) -
 
 def save_ema_file(folder: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write one rank's EMA file (``state`` as in the module docstring) atomically; returns its path."""
+    import torch
+
     if state["layout"] not in EMA_LAYOUTS:
         raise ValueError(f"EMA layout {state['layout']!r}; valid layouts: {', '.join(EMA_LAYOUTS)}")
     path = Path(folder) / EMA_FILE.format(rank=state["rank"])
@@ -45,12 +52,16 @@ def save_ema_file(folder: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 def read_ema_file(folder: str | os.PathLike, rank: int) -> dict[str, Any] | None:
     """One rank's EMA file of a step folder (tensors only, no pickled code), or None when absent."""
+    import torch
+
     path = Path(folder) / EMA_FILE.format(rank=rank)
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
 def consolidate_ema(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Full fp32 EMA state dict (model parameter names -> tensors) of a step folder, any layout and world size."""
+    import torch
+
     folder = Path(step_dir)
     sd0 = read_ema_file(folder, 0)
     if sd0 is None:

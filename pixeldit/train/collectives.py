@@ -30,9 +30,8 @@ import torch
 import torch.distributed as dist
 
 from .config import RunConfig
-from .signals import dump_stacks
+from .signals import LOG_DIR_VAR, dump_stacks
 
-LOG_DIR_VAR = "PIXELDIT_LOG_DIR"  # the job's log folder (set by a launcher); else {run_dir}/logs
 NCCL_TRACE_ENTRIES = 2000  # collectives the NCCL flight recorder keeps per rank
 # words of the RuntimeErrors gloo and NCCL raise for a failed collective (torch 2.13 raises some as plain
 # RuntimeError, not DistBackendError): a timeout, a peer that closed its connection or crashed

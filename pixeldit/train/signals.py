@@ -41,6 +41,8 @@ import traceback
 from pathlib import Path
 from typing import Iterable
 
+LOG_DIR_VAR = "PIXELDIT_LOG_DIR"  # where stack dumps go: the job's log folder (set by a launcher); else {run_dir}/logs
+
 # SIGTERM: torchrun / a scheduler stopping the run; SIGUSR1 / SIGUSR2: SLURM's warning before the time limit
 # (sbatch --signal=USR2@120, or scancel --signal=USR2 JOBID by hand)
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)

@@ -1,37 +1,44 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files; the grouping of tests on pytest-xdist workers; SLURM cleanup."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch_helpers import TASK_ENV, run_config
 from launchers.cli import main as submit_cli
 from train_helpers import set_single_rank, write_tiny_dataset
 
-# test files that submit SLURM jobs; a failed test of theirs (an assertion, a pytest-timeout) cancels every job
-# still queued or running, so a stuck job never takes the nodes from the tests after it
-SLURM_TEST_FILES = {"test_launchers.py", "test_survive.py", "test_train_spikes.py", "test_eval_jobs.py",
-                    "test_data_slurm.py"}
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one intra-op thread each (and in every process they start). Two threads per
+    # worker bought 7% of wall time alone and cost 25% more CPU (tests/test_model.py, idle machine), which the
+    # other worker then lacks.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks (its own modifyitems)
 def pytest_collection_modifyitems(config, items):
-    """For ``-n 2 --dist loadgroup`` (the README's test command): a test file runs on one worker (its module
-    fixtures are built once), and every SLURM test file on the same worker, one test at a time (the two
-    nodes of the local SLURM serve one job at a time)."""
+    """For ``-n 2 --dist loadgroup`` (the README's test command): the tests of a file run on one worker (its module
+    fixtures are built once), and every test marked ``slurm`` on the same worker, one at a time (the two nodes of
+    the local SLURM serve one job at a time); the SLURM group goes first, as it is the longest."""
     for item in items:
-        group = "slurm" if item.path.name in SLURM_TEST_FILES else item.path.stem
+        group = "slurm" if item.get_closest_marker("slurm") else item.path.stem
         item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # stable: the rest keeps its order
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.failed and item.path.name in SLURM_TEST_FILES and shutil.which("squeue"):
+    # a failed SLURM test (an assertion, a pytest-timeout) cancels every job still queued or running: a stuck job
+    # never takes the nodes from the next test
+    if report.failed and item.get_closest_marker("slurm") and shutil.which("squeue"):
         try:
             jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
                                   timeout=30).stdout.split()

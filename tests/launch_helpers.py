@@ -34,7 +34,12 @@ def slurm_reason() -> str | None:
 
 
 SLURM_REASON = slurm_reason()
-needs_slurm = pytest.mark.skipif(SLURM_REASON is not None, reason=str(SLURM_REASON))
+
+
+def needs_slurm(test):
+    """A test that submits jobs to the local SLURM: skipped without one; marked ``slurm``, so that every such test
+    runs on one pytest-xdist worker, one at a time (tests/conftest.py)."""
+    return pytest.mark.slurm(pytest.mark.skipif(SLURM_REASON is not None, reason=str(SLURM_REASON))(test))
 
 
 def run_config(path: Path, run_dir: Path, data: Path, steps: tuple[int, ...] = STEPS) -> Path:

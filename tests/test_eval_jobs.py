@@ -24,7 +24,7 @@ from launchers.config import LaunchConfig
 from launchers.eval_jobs import JOB_FILE, PINNED, EvalJobConfig, due, eval_results, submit_eval
 from launchers.submit import submit
 from pixeldit import run_folder
-from launch_helpers import SLURM_REASON, TASK_ENV, finished, launch, run_config, wait_for
+from launch_helpers import TASK_ENV, finished, launch, needs_slurm, run_config, wait_for
 from train_helpers import write_tiny_dataset
 
 
@@ -134,7 +134,7 @@ def test_local_run_gets_eval_results_at_its_checkpoints(dataset, tmp_path, monke
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(SLURM_REASON is not None, reason=str(SLURM_REASON))
+@needs_slurm
 def test_slurm_run_gets_eval_results_at_its_checkpoints(dataset, tmp_path, monkeypatch, capsys):
     for key, value in TASK_ENV.items():
         monkeypatch.setenv(key, value)

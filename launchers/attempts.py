@@ -8,7 +8,7 @@ Files next to the job's logs (the submission folder), every one written atomical
                                      attempts (one decision per attempt, below), final ({state, reason} or null)
     {job_id}_attempt{A}_task{R}.json one task's report of attempt A: job_id, attempt, rank, host, outcome
                                      ("finished" | "stopped" | "failed" | "cancelled"), reason, exit_code, signal,
-                                     primary, step, stack_dump, time
+                                     primary, step, stack_dump, time, certain
 
 ``decide`` (a pure function, unit-tested without SLURM) turns the reports of one attempt into a ``Decision``:
 
@@ -19,8 +19,10 @@ Files next to the job's logs (the submission folder), every one written atomical
   would only repeat) the decision is "fail" with the reason. Otherwise "requeue" after a backoff of
   ``failure_backoff_s * 2**(n-1)`` (at most ``failure_backoff_max_s``) for the n-th failure;
 - a *primary* failure is a task whose own trainer was killed by a signal or hung (see
-  ``launchers.supervisor``), not a peer that merely lost it (a collective error, exit code 1). A node with
-  primary failures in ``EXCLUDE_AFTER`` attempts of the job joins the job's exclude list before the requeue.
+  ``launchers.supervisor``), not a peer that merely lost it (a collective error, exit code 1). When one task's
+  failure is certain (killed by a signal, or found stopped), the stalls of the others in that attempt are taken
+  as its consequence and not blamed. A node with primary failures in ``EXCLUDE_AFTER`` attempts of the job joins
+  the job's exclude list before the requeue.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class TaskReport:
     step: int | None = None  # the trainer's last heartbeat step
     stack_dump: str | None = None
     time: float = field(default_factory=time.time)
+    certain: bool = False  # primary beyond doubt: killed by a signal not its watchdog's, or found stopped (SIGSTOP)
 
 
 @dataclass
@@ -157,6 +160,10 @@ def decide(history: dict[str, Any], reports: dict[int, TaskReport], world_size: 
     failed = [r for r in reports.values() if r.outcome == "failed"]
     if failed or missing:
         primary = [r for r in failed if r.primary]
+        # a cause beyond doubt (a kill, a stopped trainer) explains its peers' stalls in the same attempt: a peer
+        # stuck in the collective the dead or stopped rank never joined can show frames outside torch.distributed
+        # (DeepSpeed's ZeRO reduction waiting on its work), and must not be blamed for it
+        primary = [r for r in primary if r.certain] or primary
         reasons = [r.reason for r in (primary or failed)]
         reasons += [f"no report from rank {r} within {waited_s:.0f} s (its task or node was lost)" for r in missing]
         reason = "; ".join(reasons)

@@ -168,7 +168,7 @@ class TrainJob:
                          paths, limits, rank, node_name())
         out = sup.run()
         report = TaskReport(str(env.job_id), attempt, rank, node_name(), out.outcome, out.reason, out.exit_code,
-                            out.signal, out.primary, out.step, out.stack_dump)
+                            out.signal, out.primary, out.step, out.stack_dump, certain=out.certain)
         write_report(folder, report)
         print(f"[launcher] attempt {attempt} rank {rank}: {out.reason}", flush=True)
         summary = {**(out.result or {}), "requeues": history["requeues"], "failures": history["failures"],

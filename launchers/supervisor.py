@@ -83,6 +83,7 @@ class ChildOutcome:
     exit_code: int | None = None
     signal: int | None = None
     primary: bool = False
+    certain: bool = False  # primary beyond doubt: killed by a signal not its watchdog's, or found stopped
     step: int | None = None
     stack_dump: str | None = None
     result: dict[str, Any] | None = None
@@ -179,7 +180,7 @@ class Supervisor:
         if code < 0:
             name = signal_name(-code)
             return ChildOutcome("failed", f"trainer killed by signal {-code} ({name}) {self.where()} at step {step}",
-                                signal=-code, primary=True, step=step)
+                                signal=-code, primary=True, certain=True, step=step)
         if code != 0:
             return ChildOutcome("failed", f"trainer exited with code {code} {self.where()} at step {step}", code,
                                 step=step)
@@ -217,6 +218,6 @@ class Supervisor:
         reason = (f"watchdog stall {self.where()} after {silent:.0f} s without a heartbeat (limit {limit:.0f} s, "
                   f"{last}); trainer {how}; stacks in {self.paths.stacks.name}")
         print(f"[supervisor] {reason}", file=sys.stderr, flush=True)
-        return ChildOutcome("failed", reason, signal=signal.SIGKILL, primary=primary,
+        return ChildOutcome("failed", reason, signal=signal.SIGKILL, primary=primary, certain=state == "T",
                             step=beat["step"] if beat else None,
                             stack_dump=str(self.paths.stacks) if dump else None)

@@ -45,8 +45,25 @@ from train_helpers import ROOT
 
 
 def report(rank: int, host: str, outcome: str = "failed", primary: bool = False, code: int | None = 1,
-           reason: str = "") -> TaskReport:
-    return TaskReport("77", 0, rank, host, outcome, reason or f"{outcome} on {host}", code, None, primary, 3)
+           reason: str = "", certain: bool = False) -> TaskReport:
+    return TaskReport("77", 0, rank, host, outcome, reason or f"{outcome} on {host}", code, None, primary, 3,
+                      certain=certain)
+
+
+def test_a_certain_cause_clears_the_peers_stall():
+    """Seen in CI: n1's trainer stopped (SIGSTOP), n2's stuck in DeepSpeed's ZeRO reduction waiting for it, whose
+    frames are not under torch.distributed: both watchdogs fired, both looked primary, and n2 (killed in the
+    attempt before) was excluded from a job that needs both nodes. The stopped trainer is the cause."""
+    launch = slurm_launch(max_failures=3)
+    history = {**empty_history(), "failures": 1,
+               "attempts": [{"attempt": 0, "primary_hosts": ["n2"], "action": "requeue"}]}
+    stopped = report(0, "n1", primary=True, certain=True, code=None, reason="watchdog stall on n1; trainer stopped")
+    peer = report(1, "n2", primary=True, code=None, reason="watchdog stall on n2; trainer state R, not in a collective")
+    decision = decide(history, {0: stopped, 1: peer}, 2, launch)
+    assert decision.primary_hosts == ["n1"] and decision.exclude == [] and "stall on n2" not in decision.reason
+    # without a certain cause, both stalls count (and n2, primary twice, is excluded)
+    unsure = report(0, "n1", primary=True, code=None, reason="watchdog stall on n1; not in a collective")
+    assert decide(history, {0: unsure, 1: peer}, 2, launch).exclude == ["n2"]
 
 
 def slurm_launch(**kw) -> LaunchConfig:

@@ -79,6 +79,8 @@ def take_run_lock(run_dir: Path, rank: int) -> tuple[RunLock | None, str | None]
             failure = err
             outcome = [("locked" if isinstance(err, RunFolderLocked) else "error", str(err))]
     dist.broadcast_object_list(outcome, src=0)
+    if outcome[0][0] != "ok":  # every rank holds the outcome before any rank raises (and its launcher kills the rest)
+        dist.barrier()
     if failure is not None:
         raise failure
     kind, text = outcome[0]
@@ -111,6 +113,8 @@ def check_data(cfg: RunConfig, first_stage: int, rank: int) -> dict[int, dict]:
             message = f"{err}" if kind is not RuntimeError else f"rank 0 failed checking the data: {err}"
             result = [("error", kind, message)]
     dist.broadcast_object_list(result, src=0)
+    if result[0][0] != "ok":  # as in take_run_lock: all ranks have the error before one raises it
+        dist.barrier()
     if failure is not None:
         raise failure
     if result[0][0] == "error":

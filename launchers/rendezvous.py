@@ -16,6 +16,7 @@ import socket
 import time
 from pathlib import Path
 
+from pixeldit.cluster import free_port, port_is_free
 from pixeldit.storage import write_text_atomic
 
 PORT_BASE, PORT_SPAN = 20000, 12000  # 20000-31999
@@ -27,23 +28,6 @@ def port_from_job_id(job_id: str | int) -> int:
     """A port every task of one job derives alike; jobs (array tasks too) have distinct numeric SLURM ids."""
     digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
     return PORT_BASE + int(digits) % PORT_SPAN
-
-
-def port_is_free(port: int) -> bool:
-    """Whether a server socket can bind ``port`` on every address of this host (as the TCPStore does)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def port_file(folder: str | Path, job_id: str, attempt: int) -> Path:

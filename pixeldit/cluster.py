@@ -13,6 +13,9 @@ This module imports no trainer and no data code (submitit only when an executor 
 trains on a laptop, one 8-GPU machine or 64 SLURM nodes; only this object changes. The training launcher
 saves it as ``{run_dir}/launcher/launch.json`` at every submission.
 
+``free_port`` / ``port_is_free``: the TCP ports a job's process group may listen on (the trainer's single-rank
+default, the launcher's MASTER_PORT check).
+
 Job states, read from outside the job: ``slurm_states`` (``sacct``, then ``squeue -r`` for jobs and array tasks
 that accounting does not list yet) and ``local_job_alive`` (submitit's local controller process).
 """
@@ -22,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,3 +334,21 @@ def local_job_alive(job_id: str, folder: str) -> bool:
     except (OSError, ValueError):
         return False
     return "submitit.local._local" in cmdline and str(folder) in cmdline
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server socket can bind ``port`` on every address of this host (as the TCPStore does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port free on every address of this host now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

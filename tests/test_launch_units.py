@@ -15,6 +15,7 @@ from launchers.job import read_requeues, set_distributed_env, write_requeues
 from launchers.manage import format_status
 from launchers.registry import job_row, local_state, read_jobs, record_jobs
 from launchers.rendezvous import PORT_FILE, agree_master_port, port_from_job_id
+from pixeldit.cluster import port_is_free
 from launchers.submit import make_executor, sweep_overrides
 
 
@@ -79,7 +80,7 @@ def test_ports_differ_between_jobs_and_array_tasks():
 
 
 def test_rank_0_moves_off_a_taken_port_and_the_others_follow(tmp_path):
-    job = next(j for j in range(5000, 6000) if _bindable(port_from_job_id(j)))
+    job = next(j for j in range(5000, 6000) if port_is_free(port_from_job_id(j)))
     with socket.socket() as taken:  # another program listens on the derived port
         taken.bind(("", port_from_job_id(job)))
         taken.listen()
@@ -94,14 +95,6 @@ def test_rank_0_moves_off_a_taken_port_and_the_others_follow(tmp_path):
                                            r"0 s .*set launch.master_port"):
         agree_master_port(tmp_path, str(job), str(job), 7, rank=2, wait_s=0.3)
 
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
 
 
 def test_sweep_gives_every_array_task_its_own_run_dir():

@@ -19,7 +19,7 @@ from PIL import Image
 
 from data_pipeline.dataset_format import SampleRow, ShardRow, rows_to_table, shard_name, write_index
 from data_pipeline.tarshard import ShardWriter
-from pixeldit.train.startup import pick_free_port as free_port  # noqa: F401 (re-exported for tests)
+from pixeldit.cluster import free_port  # noqa: F401 (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 

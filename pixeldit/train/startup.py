@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pixeldit.cluster import free_port
 from pixeldit.errors import USER_ERRORS, DataError
 
 from .conditioning import resolved_system_prompt
@@ -38,7 +38,7 @@ def init_distributed(timeout: datetime.timedelta | None = None) -> DistInfo:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(pick_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     owns = not dist.is_initialized()
     if torch.cuda.is_available():
@@ -49,12 +49,6 @@ def init_distributed(timeout: datetime.timedelta | None = None) -> DistInfo:
     elif not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_init_required=False, verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns)
-
-
-def pick_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def checkpoint_meta(cfg: RunConfig, stage_index: int, world_size: int) -> dict[str, Any]:
